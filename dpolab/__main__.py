@@ -1,0 +1,5 @@
+import sys
+
+from dpolab.cli import main
+
+sys.exit(main())

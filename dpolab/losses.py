@@ -1,0 +1,278 @@
+"""The DPO family as pure functions of per-sequence log-probs.
+
+Notation (all tensors (B,), one entry per preference pair):
+    policy_chosen, policy_rejected   log pi_theta(y_w | x), log pi_theta(y_l | x)
+    ref_chosen, ref_rejected         log pi_ref(y_w | x),   log pi_ref(y_l | x)
+    logratio_chosen = policy_chosen - ref_chosen            (likewise rejected)
+    h = logratio_chosen - logratio_rejected                 the log-ratio margin
+    reward = beta * logratio                                the implicit reward (DPO Sec. 5)
+
+Every loss returns per-example (unreduced) losses (B,); hyperparameters are keyword-only.
+Whether the log-probs are sums or per-token means over the completion is the caller's
+choice (it changes what beta means); :class:`Objective` takes it as a named setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def logratio_margin(policy_chosen: Tensor, policy_rejected: Tensor,
+                    ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    """h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected), shape (B,)."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """-log sigma(beta h)   (Rafailov et al. 2023, Eq. 7).
+
+    With eps = label_smoothing > 0 this is conservative DPO (cDPO, Mitchell 2023): the label
+    is assumed flipped with probability eps,
+        (1 - eps) * (-log sigma(beta h)) + eps * (-log sigma(-beta h)).
+    """
+    _check_smoothing(label_smoothing, upper=1.0, name="dpo_loss")
+    z = beta * logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # logsigmoid, never log(sigmoid(z)): sigmoid underflows to 0 for z < -100 in float32.
+    loss = -F.logsigmoid(z)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (-F.logsigmoid(-z))
+    return loss
+
+
+def robust_dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                    ref_rejected: Tensor, *, beta: float, label_smoothing: float) -> Tensor:
+    """Unbiased loss under label noise eps (Chowdhury et al. 2024, rDPO Eq. 8):
+
+        [(1 - eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))] / (1 - 2 eps),  0 <= eps < 1/2.
+
+    Its expectation over the noisy label equals the clean DPO loss.
+    """
+    _check_smoothing(label_smoothing, upper=0.5, name="robust_dpo_loss")
+    z = beta * logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    eps = label_smoothing
+    return ((1.0 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, *, beta: float) -> Tensor:
+    """(h - 1/(2 beta))^2   (Azar et al. 2023, Eq. 17; their tau is our beta).
+
+    Minimised at h = 1/(2 beta): IPO regresses the margin to a target instead of pushing it
+    to infinity. The paper uses per-token mean log-probs; the caller decides.
+    """
+    if beta <= 0:
+        raise ValueError(f"ipo_loss: beta must be > 0 (target margin 1/(2 beta)), got {beta}")
+    h = logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def slic_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+              ref_rejected: Tensor, *, beta: float) -> Tensor:
+    """max(0, 1 - beta h)   (SLiC-HF hinge, Zhao et al. 2023, with the reference log-ratio)."""
+    h = logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return torch.relu(1.0 - beta * h)
+
+
+def dpop_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+              ref_rejected: Tensor, *, beta: float, lam: float) -> Tensor:
+    """-log sigma(beta (h - lam * max(0, ref_chosen - policy_chosen)))   (DPO-Positive, Pal et al. 2024).
+
+    The penalty is active only while the chosen log-likelihood is below the reference one,
+    which is DPO's likelihood-displacement failure. lam = 0 gives DPO exactly.
+    """
+    if lam < 0:
+        raise ValueError(f"dpop_loss: lam must be >= 0, got {lam}")
+    h = logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    penalty = torch.relu(ref_chosen - policy_chosen)
+    return -F.logsigmoid(beta * (h - lam * penalty))
+
+
+def sft_loss(policy_chosen: Tensor, n_chosen_tokens: Tensor, *, average: bool) -> Tensor:
+    """Negative log-likelihood of the chosen completion: -log pi(y_w|x), or per token
+    -log pi(y_w|x) / |y_w| when average. policy_chosen must be the *summed* log-prob."""
+    if average:
+        return -policy_chosen / n_chosen_tokens.clamp_min(1).to(policy_chosen.dtype)
+    return -policy_chosen
+
+
+def auxdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+                ref_rejected: Tensor, *, delta_chosen: Tensor, delta_rejected: Tensor,
+                beta: float) -> Tensor:
+    """-log sigma(beta (h + delta_c - delta_r))   (AuxDPO, arXiv 2510.20413 Sec. 4.2).
+
+    delta_c, delta_r (B,) are per-response auxiliary rewards meant to live in the null space
+    of A = d/dtheta log pi_theta0 (see :func:`null_space_penalty`); they widen the implicit
+    reward manifold so the estimator is no longer misspecified. They are dropped after training.
+    """
+    h = logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return -F.logsigmoid(beta * (h + delta_chosen - delta_rejected))
+
+
+def null_space_penalty(grads: Tensor, delta: Tensor) -> Tensor:
+    """||A delta||^2 with A = grads^T: grads (n, P) holds one row d/dtheta log pi_theta0(y_i)
+    per response, delta (n,) the responses' auxiliary rewards. Zero iff delta is in N(A).
+    Returns a scalar (the batchwise soft penalty of AuxDPO, before lambda_null)."""
+    return (grads.transpose(0, 1) @ delta).pow(2).sum()
+
+
+def amplitude_penalty(delta: Tensor) -> Tensor:
+    """||delta||^2 over the batch's auxiliary rewards (AuxDPO's lambda_amp term), a scalar."""
+    return delta.pow(2).sum()
+
+
+def gpo_loss(margin: Tensor, *, f: str) -> Tensor:
+    """Generalised preference optimisation: f(r) of the reward margin r = beta h
+    (Tang et al. 2024; the form of the diverse-values paper, Sec. 4.3):
+
+        logistic  -log sigma(r)    = DPO
+        squared   (r - 1)^2        the IPO form of that paper (IPO's (h - 1/(2beta))^2 is
+                                   beta^-2 (r - 1/2)^2: same minimiser family, other scale)
+        hinge     max(0, 1 - r)    = SLiC
+    """
+    try:
+        fn = _GPO[f]
+    except KeyError:
+        raise ValueError(f"gpo_loss: unknown f {f!r}; valid: {', '.join(sorted(_GPO))}") from None
+    return fn(margin)
+
+
+_GPO: dict[str, Callable[[Tensor], Tensor]] = {
+    "logistic": lambda r: -F.logsigmoid(r),
+    "squared": lambda r: (r - 1.0) ** 2,
+    "hinge": lambda r: torch.relu(1.0 - r),
+}
+
+
+def gpo_derivative(margin: Tensor, *, f: str) -> Tensor:
+    """-f'(r): the weight each pair's gradient gets in margin dynamics (sigma(-r) for DPO)."""
+    if f == "logistic":
+        return torch.sigmoid(-margin)
+    if f == "squared":
+        return -2.0 * (margin - 1.0)
+    if f == "hinge":
+        return (margin < 1.0).to(margin.dtype)
+    raise ValueError(f"gpo_derivative: unknown f {f!r}; valid: {', '.join(sorted(_GPO))}")
+
+
+def rewards(policy: Tensor, ref: Tensor, *, beta: float) -> Tensor:
+    """Implicit reward beta * (policy - ref), detached: for logging only."""
+    return (beta * (policy - ref)).detach()
+
+
+def _check_smoothing(eps: float, *, upper: float, name: str) -> None:
+    if not 0.0 <= eps < upper:
+        raise ValueError(f"{name}: label_smoothing must lie in [0, {upper}), got {eps}")
+
+
+# ----------------------------------------------------------------------------------------
+# Named terms and weighted objectives
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """What one batch gives the objective. Log-probs are *summed* over completion tokens;
+    token counts let the objective average them when asked. All tensors (B,)."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    n_chosen: Tensor  # completion tokens of y_w
+    n_rejected: Tensor  # completion tokens of y_l
+    delta_chosen: Tensor | None = None  # AuxDPO auxiliary rewards, when trained
+    delta_rejected: Tensor | None = None
+
+    def preference_view(self, average: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(policy_chosen, policy_rejected, ref_chosen, ref_rejected), per-token means if average."""
+        if not average:
+            return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
+        nc = self.n_chosen.clamp_min(1).to(self.policy_chosen.dtype)
+        nr = self.n_rejected.clamp_min(1).to(self.policy_chosen.dtype)
+        return (self.policy_chosen / nc, self.policy_rejected / nr,
+                self.ref_chosen / nc, self.ref_rejected / nr)
+
+
+@dataclass(frozen=True)
+class LossHyper:
+    """Every hyperparameter a named term may read."""
+
+    beta: float = 0.1  # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0  # eps of cDPO ("dpo") and of robust DPO ("robust")
+    dpop_lambda: float = 50.0  # lambda of DPOP (Pal et al. use 50 on their data)
+    average_logps: bool = False  # per-token means instead of sums in the preference terms
+    sft_average: bool = True  # SFT term: per-token NLL (True) or summed NLL (False)
+
+
+def _pref(fn: Callable[..., Tensor], **keys: str) -> Callable[[PairLogps, LossHyper], Tensor]:
+    """Adapt a pure loss to the (PairLogps, LossHyper) signature; keys maps the loss's
+    keyword names to LossHyper fields."""
+
+    def term(p: PairLogps, h: LossHyper) -> Tensor:
+        kwargs = {k: getattr(h, field) for k, field in keys.items()}
+        return fn(*p.preference_view(h.average_logps), beta=h.beta, **kwargs)
+
+    term.__doc__ = fn.__doc__
+    return term
+
+
+def _sft_term(p: PairLogps, h: LossHyper) -> Tensor:
+    return sft_loss(p.policy_chosen, p.n_chosen, average=h.sft_average)
+
+
+def _auxdpo_term(p: PairLogps, h: LossHyper) -> Tensor:
+    if p.delta_chosen is None or p.delta_rejected is None:
+        raise ValueError("the 'auxdpo' term needs the batch's auxiliary rewards (delta_chosen, "
+                         "delta_rejected); the trainer supplies them when loss.name=auxdpo")
+    return auxdpo_loss(*p.preference_view(h.average_logps), delta_chosen=p.delta_chosen,
+                       delta_rejected=p.delta_rejected, beta=h.beta)
+
+
+LOSSES: dict[str, Callable[[PairLogps, LossHyper], Tensor]] = {
+    "dpo": _pref(dpo_loss, label_smoothing="label_smoothing"),
+    "robust": _pref(robust_dpo_loss, label_smoothing="label_smoothing"),
+    "ipo": _pref(ipo_loss),
+    "slic": _pref(slic_loss),
+    "dpop": _pref(dpop_loss, lam="dpop_lambda"),
+    "sft": _sft_term,
+    "auxdpo": _auxdpo_term,
+}
+
+
+def get_loss(name: str) -> Callable[[PairLogps, LossHyper], Tensor]:
+    """The named term; an unknown name raises and lists the valid ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+
+
+class Objective:
+    """A weighted sum of named per-example terms, e.g. {"dpo": 1.0, "sft": 0.1}.
+
+    This is the preference + SFT objective of NeMo RL's DPO, L_pref + beta * L_SFT, which is
+    the special case {"dpo": 1.0, "sft": beta}; here the SFT weight is its own number.
+    Names are looked up once, here.
+    """
+
+    def __init__(self, weights: Mapping[str, float], hyper: LossHyper):
+        if not weights:
+            raise ValueError("an objective needs at least one named term")
+        self.terms = {name: (get_loss(name), float(w)) for name, w in weights.items()}
+        self.hyper = hyper
+
+    def __call__(self, p: PairLogps) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (total per-example loss (B,), {name: unweighted per-example term (B,)})."""
+        parts = {name: fn(p, self.hyper) for name, (fn, _) in self.terms.items()}
+        total = sum(w * parts[name] for name, (_, w) in self.terms.items())
+        return total, parts
+
+    @property
+    def needs_delta(self) -> bool:
+        return "auxdpo" in self.terms
