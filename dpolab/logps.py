@@ -1,0 +1,138 @@
+"""Log-probs of completion tokens from final hidden states and the output head, chunked.
+
+A causal LM's logits are (B, T, V); in float32 for B=8, T=512 and a 49k vocabulary that is
+800 MB before autograd keeps a copy. DPO needs only log pi(label) at completion positions, so
+here the head runs on those positions only, a chunk of positions at a time, and each chunk
+is recomputed in backward instead of stored: extra memory is O(chunk_size x V).
+
+Notation: N completion positions selected from (B, T); D hidden size; V vocabulary.
+Label alignment is the caller's: ``labels[b, t]`` is the token predicted by ``hidden[b, t]``
+(the next token), and ``mask[b, t]`` says whether that token is part of a completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Head:
+    """The output layer: logits = softcap(hidden @ weight.T + bias).
+
+    weight (V, D) may be tied to the input embedding; softcap c (Gemma's
+    final_logit_softcapping) maps z -> c * tanh(z / c).
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Log-probs in float32 at least; float64 stays float64 (tests, theory).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(n, D) -> float logits (n, V) and, with softcap, tanh(z / c) for the backward."""
+    # The matmul runs in the parameters' dtype (bf16 on GPU, as the model's own head would),
+    # its result is upcast before any exponent is taken.
+    z = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).to(dtype)
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t, t
+
+
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """log_softmax(head(h))[label] for (N, D) selected hidden states, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                softcap: float | None, chunk_size: int) -> Tensor:
+        dtype = _compute_dtype(h.dtype)
+        out = torch.empty(h.shape[0], dtype=dtype, device=h.device)
+        for s in range(0, h.shape[0], chunk_size):
+            z, _ = _chunk_logits(h[s:s + chunk_size], weight, bias, softcap, dtype)  # (n, V)
+            out[s:s + chunk_size] = (z.gather(1, labels[s:s + chunk_size, None]).squeeze(1)
+                                     - torch.logsumexp(z, dim=1))
+        ctx.save_for_backward(h, weight, bias, labels)
+        ctx.softcap, ctx.chunk_size = softcap, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        h, weight, bias, labels = ctx.saved_tensors
+        softcap, chunk_size = ctx.softcap, ctx.chunk_size
+        dtype = _compute_dtype(h.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
+            bias is not None and ctx.needs_input_grad[2])
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        w = weight.to(dtype) if need_h else None
+        for s in range(0, h.shape[0], chunk_size):
+            hc, yc, gc = h[s:s + chunk_size], labels[s:s + chunk_size], grad_out[s:s + chunk_size]
+            z, t = _chunk_logits(hc, weight, bias, softcap, dtype)  # recomputed, (n, V)
+            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z), scaled by the upstream grad.
+            dz = torch.softmax(z, dim=1).mul_(-gc[:, None].to(dtype))
+            dz.scatter_add_(1, yc[:, None], gc[:, None].to(dtype))
+            if t is not None:  # through c * tanh(z / c): derivative 1 - tanh^2
+                dz.mul_(1.0 - t * t)
+            if need_h:
+                grad_h[s:s + chunk_size] = (dz @ w).to(h.dtype)
+            if need_w:
+                grad_w.addmm_(dz.transpose(0, 1), hc.to(dtype))
+            if need_b:
+                grad_b.add_(dz.sum(0))
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+
+
+def completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor, *,
+                     chunk_size: int = 1024) -> Tensor:
+    """Per-token log pi(labels[b, t]) at completion positions, zeros elsewhere.
+
+    hidden (B, T, D) final hidden states (after the final norm); labels (B, T) long;
+    mask (B, T) bool. Returns (B, T) in float32 (float64 for float64 hidden states).
+    Prompt and padding positions never go through the head.
+    """
+    if hidden.shape[:2] != labels.shape or labels.shape != mask.shape:
+        raise ValueError(f"completion_logps: hidden {tuple(hidden.shape)}, labels "
+                         f"{tuple(labels.shape)} and mask {tuple(mask.shape)} disagree")
+    if chunk_size < 1:
+        raise ValueError(f"completion_logps: chunk_size must be >= 1, got {chunk_size}")
+    mask = mask.bool()
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions into B*T
+    h_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)  # (N, D)
+    y_sel = labels.reshape(-1).index_select(0, flat)  # (N,)
+    token = _ChunkedLabelLogps.apply(h_sel, head.weight, head.bias, y_sel, head.softcap,
+                                     chunk_size)  # (N,)
+    out = torch.zeros(mask.numel(), dtype=token.dtype, device=hidden.device)
+    return out.index_put((flat,), token).reshape(mask.shape)
+
+
+def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool) -> Tensor:
+    """Per-sequence log-prob (B,): the sum over completion tokens, or the per-token mean.
+
+    Averaging divides the implicit reward by the completion length, which changes what beta
+    means; callers name and record the choice.
+    """
+    total = (token_logps * mask).sum(-1)
+    if not average:
+        return total
+    return total / mask.sum(-1).clamp_min(1).to(total.dtype)
+
+
+def naive_completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor) -> Tensor:
+    """Reference implementation: the full (B, T, V) logits, then log_softmax and gather.
+    For tests and the benchmark only; it is what the chunked path avoids."""
+    dtype = _compute_dtype(hidden.dtype)
+    z, _ = _chunk_logits(hidden, head.weight, head.bias, head.softcap, dtype)
+    lp = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return lp * mask
