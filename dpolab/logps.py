@@ -94,6 +94,15 @@ class _ChunkedLabelLogps(torch.autograd.Function):
                 grad_b.to(bias.dtype) if need_b else None, None, None, None)
 
 
+def label_logps(hidden: Tensor, head: Head, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
+    """log_softmax(head(hidden))[labels] for already-selected positions: hidden (N, D),
+    labels (N,) -> (N,) float32 (float64 for float64 input), chunked with recomputation."""
+    if chunk_size < 1:
+        raise ValueError(f"label_logps: chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLabelLogps.apply(hidden, head.weight, head.bias, labels, head.softcap,
+                                    chunk_size)
+
+
 def completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor, *,
                      chunk_size: int = 1024) -> Tensor:
     """Per-token log pi(labels[b, t]) at completion positions, zeros elsewhere.
@@ -105,14 +114,11 @@ def completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor, *
     if hidden.shape[:2] != labels.shape or labels.shape != mask.shape:
         raise ValueError(f"completion_logps: hidden {tuple(hidden.shape)}, labels "
                          f"{tuple(labels.shape)} and mask {tuple(mask.shape)} disagree")
-    if chunk_size < 1:
-        raise ValueError(f"completion_logps: chunk_size must be >= 1, got {chunk_size}")
     mask = mask.bool()
     flat = mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions into B*T
     h_sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)  # (N, D)
     y_sel = labels.reshape(-1).index_select(0, flat)  # (N,)
-    token = _ChunkedLabelLogps.apply(h_sel, head.weight, head.bias, y_sel, head.softcap,
-                                     chunk_size)  # (N,)
+    token = label_logps(h_sel, head, y_sel, chunk_size=chunk_size)  # (N,)
     out = torch.zeros(mask.numel(), dtype=token.dtype, device=hidden.device)
     return out.index_put((flat,), token).reshape(mask.shape)
 

@@ -83,3 +83,5 @@ def test_shape_mismatch_raises():
     hidden, head, labels, mask = make(torch.float32)
     with pytest.raises(ValueError, match="disagree"):
         completion_logps(hidden, head, labels[:, :-1], mask[:, :-1])
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        completion_logps(hidden, head, labels, mask, chunk_size=0)

@@ -1,0 +1,229 @@
+"""Run configuration: frozen dataclasses, loaded from YAML, overridden by `section.key=value`.
+
+Every field has its default here and nowhere else; the resolved config is written into the
+run directory (`config.yaml`) so a run can be read, resumed and compared later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpolab.cli import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # the embedded default, a local folder, a .gguf file or a hub name
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    trust_remote_code: bool = False  # run code shipped with a model folder only when asked
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # JSONL / JSON / Parquet file; empty = the embedded multi-value default
+    eval_path: str = ""  # held-out file; empty = split eval_fraction off `path`
+    eval_fraction: float = 0.1  # held-out share of `path` when no eval_path (seeded split)
+    max_length: int = 512  # prompt + completion tokens
+    max_prompt_length: int = 256  # prompt tokens kept (see truncation)
+    truncation: str = "keep_end"  # keep_end | keep_start: which end of a long prompt is kept
+    skip_invalid: bool = False  # drop and count bad rows instead of stopping
+    per_group: int = 24  # embedded default: training pairs per group (0 = all)
+    eval_per_group: int = 24  # embedded default: held-out pairs per group (0 = all)
+    groups: tuple[str, ...] = ()  # embedded default: groups to use (empty = all)
+    group_weights: dict[str, float] = field(default_factory=dict)  # per-group loss weights (missing = 1)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "dpo"  # one term of dpolab.losses.LOSSES, used when `weights` is empty
+    weights: dict[str, float] = field(default_factory=dict)  # weighted terms, e.g. {dpo: 1.0, sft: 0.1}
+    beta: float = 0.1  # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0  # cDPO / robust DPO label-noise rate
+    dpop_lambda: float = 50.0  # DPOP penalty weight
+    average_logps: bool = False  # per-token mean log-probs in preference terms (changes beta's meaning)
+    sft_average: bool = True  # SFT term as per-token NLL
+    aux_lr: float = 0.05  # AuxDPO: learning rate of the per-pair auxiliary rewards
+    aux_null_weight: float = 1.0  # AuxDPO: lambda_null of the batchwise null-space penalty
+    aux_amp_weight: float = 0.01  # AuxDPO: lambda_amp of the amplitude penalty
+
+    def term_weights(self) -> dict[str, float]:
+        return dict(self.weights) if self.weights else {self.name: 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    scope: str = "last_layer"  # full | lora | last_layer (head only; body states cached once)
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names
+    lr: float = 1e-4  # peak learning rate of the model parameters
+    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 2  # linear warmup from 0
+    epochs: int = 3  # passes over the training pairs (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` take
+    batch_size: int = 8  # pairs per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = start and end only
+    save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
+    seed: int = 0  # data order, initialisation of new parameters, every random draw
+    logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
+    eval_batch_size: int = 16  # pairs per forward at evaluation and reference time
+    device: str = "auto"  # auto | cpu | cuda
+    bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
+    progress: bool = True  # progress bar on a terminal, plain lines otherwise
+    export_merged: bool = True  # lora: export the merged model (False: the adapter alone)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/default"  # the run directory
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the field's annotated type; a clear error otherwise."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, typing.get_args(tp)[0], where) for v in value)
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, vt = typing.get_args(tp)
+            return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    elif origin in (typing.Union, types.UnionType):
+        return value
+    type_name = getattr(tp, "__name__", str(tp))
+    raise UserError(f"config {where}: expected {type_name}, got {value!r}")
+
+
+def _section(cls: type, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise UserError(f"config {where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"config {where}: unknown key(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def build_config(raw: dict[str, Any], *, source: str = "config") -> RunConfig:
+    unknown = sorted(set(raw) - set(SECTIONS) - {"out"})
+    if unknown:
+        raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join([*SECTIONS, 'out'])}")
+    kwargs: dict[str, Any] = {name: _section(cls, raw.get(name) or {}, f"{source}: {name}")
+                              for name, cls in SECTIONS.items()}
+    if "out" in raw:
+        kwargs["out"] = _coerce(raw["out"], str, f"{source}: out")
+    cfg = RunConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read config: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings; values are parsed as YAML (`0.05`, `true`, `[a, b]`)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        if key == "out":
+            out["out"] = value
+            continue
+        section, dot, name = key.partition(".")
+        if not dot or section not in SECTIONS:
+            raise UserError(f"override {item!r}: key must be one of "
+                            f"{', '.join(SECTIONS)} followed by .name (or 'out')")
+        if "." in name and isinstance(out.get(section, {}).get(name.split(".")[0]), dict | None):
+            head, _, sub = name.partition(".")  # e.g. loss.weights.sft=0.1
+            nested = dict(out.setdefault(section, {}).get(head) or {})
+            nested[sub] = value
+            out[section][head] = nested
+            continue
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def validate(cfg: RunConfig) -> None:
+    from dpolab.losses import LOSSES
+
+    for name in cfg.loss.term_weights():
+        if name not in LOSSES:
+            raise UserError(f"config loss: unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
+    checks = [
+        (cfg.train.scope in ("full", "lora", "last_layer"), "train.scope must be full, lora or last_layer"),
+        (cfg.train.schedule in ("cosine", "constant"), "train.schedule must be cosine or constant"),
+        (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
+        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
+        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
+        (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (0 < cfg.data.eval_fraction < 1, "data.eval_fraction must lie in (0, 1)"),
+        (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(f"config: {msg}")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: ({kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
+                if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def dump_yaml(cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,99 @@
+"""Per-pair statistics of a policy against its reference, and their summaries as metrics.
+
+Notation (per pair, float64): logratio_chosen = log pi(y_w) - log pi_ref(y_w) (its change is
+the chosen *displacement*), likewise rejected; h = logratio_chosen - logratio_rejected;
+margin = beta * h (the reward margin). Accuracy counts a tie (|h| <= TIE) as half: before
+training every implicit reward is exactly 0, and a strict `>` would start at 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TIE = 1e-6  # nats of |h| below which a pair is a tie (float32 sums of equal log-probs)
+
+
+@dataclass(frozen=True)
+class PairStats:
+    policy_chosen: np.ndarray  # (N,) summed log pi(y_w)
+    policy_rejected: np.ndarray
+    ref_chosen: np.ndarray
+    ref_rejected: np.ndarray
+    n_chosen: np.ndarray  # (N,) completion tokens
+    n_rejected: np.ndarray
+    beta: float
+
+    @property
+    def logratio_chosen(self) -> np.ndarray:
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def logratio_rejected(self) -> np.ndarray:
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def h(self) -> np.ndarray:
+        return self.logratio_chosen - self.logratio_rejected
+
+    @property
+    def margins(self) -> np.ndarray:
+        return self.beta * self.h
+
+    def subset(self, idx: np.ndarray) -> "PairStats":
+        return PairStats(*(getattr(self, f)[idx] for f in (
+            "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected",
+            "n_chosen", "n_rejected")), beta=self.beta)
+
+
+def tie_half(x: np.ndarray) -> np.ndarray:
+    """1 where x > TIE, 1/2 where |x| <= TIE, 0 otherwise."""
+    return np.where(x > TIE, 1.0, np.where(np.abs(x) <= TIE, 0.5, 0.0))
+
+
+def summarize(s: PairStats) -> dict[str, float]:
+    """TRL's metric names plus dpolab's distribution and displacement metrics."""
+    if len(s.h) == 0:
+        return {}
+    m = s.margins
+    q10, q50, q90 = np.quantile(m, [0.1, 0.5, 0.9])
+    return {
+        "rewards/chosen": float(np.mean(s.beta * s.logratio_chosen)),
+        "rewards/rejected": float(np.mean(s.beta * s.logratio_rejected)),
+        "rewards/margins": float(np.mean(m)),
+        "rewards/accuracies": float(np.mean(tie_half(s.h))),
+        "logps/chosen": float(np.mean(s.policy_chosen)),
+        "logps/rejected": float(np.mean(s.policy_rejected)),
+        "margins/p10": float(q10), "margins/p50": float(q50), "margins/p90": float(q90),
+        "margins/negative_fraction": float(np.mean(s.h < -TIE)),
+        "displacement/chosen": float(np.mean(s.logratio_chosen)),
+        "displacement/rejected": float(np.mean(s.logratio_rejected)),
+        "displacement/chosen_per_token": float(np.mean(s.logratio_chosen / np.maximum(s.n_chosen, 1))),
+        "displacement/rejected_per_token": float(np.mean(s.logratio_rejected / np.maximum(s.n_rejected, 1))),
+        "displacement/chosen_fell_fraction": float(np.mean(s.logratio_chosen < -TIE)),
+        "preference/model": float(np.mean(tie_half(s.policy_chosen - s.policy_rejected))),
+        "gradient_weight/mean": float(np.mean(1.0 / (1.0 + np.exp(np.clip(m, -50, 50))))),
+    }
+
+
+def group_summaries(s: PairStats, groups: np.ndarray, names: list[str],
+                    extra_masks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """`groups/<name>/{accuracy, margin, preference, n}` per group; `extra_masks` adds
+    `groups/<name>/accuracy_<tag>` over a subset of pairs (e.g. tag 'no_cue')."""
+    out: dict[str, float] = {}
+    for gi, name in enumerate(names):
+        idx = np.flatnonzero(groups == gi)
+        if len(idx) == 0:
+            continue
+        sub = s.subset(idx)
+        out[f"groups/{name}/accuracy"] = float(np.mean(tie_half(sub.h)))
+        out[f"groups/{name}/margin"] = float(np.mean(sub.margins))
+        out[f"groups/{name}/preference"] = float(np.mean(tie_half(sub.policy_chosen - sub.policy_rejected)))
+        out[f"groups/{name}/n"] = float(len(idx))
+        for tag, mask in (extra_masks or {}).items():
+            sel = idx[mask[idx]]
+            if len(sel):
+                out[f"groups/{name}/accuracy_{tag}"] = float(np.mean(tie_half(s.subset(sel).h)))
+                out[f"groups/{name}/n_{tag}"] = float(len(sel))
+    return out

