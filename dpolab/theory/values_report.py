@@ -1,0 +1,266 @@
+"""`dpolab reproduce values`: run the synthetic sweep of :mod:`dpolab.theory.values`, write
+results.json, PNG figures and report.html, and print the main tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dpolab import htmlpage
+from dpolab.theory import values as V
+
+KS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Sizes of one sweep; --quick and the full run differ only here."""
+
+    qs: tuple[int, ...]  # samples per cluster on the Theorem 4.3 grid
+    n_seeds: int  # instances per (K, Q) cell, integrated as one batch
+    q_test: int  # fresh samples per cluster for the held-out error
+    n_configs_4_2: int  # admissible settings sampled for Theorem 4.2
+    seeds_4_2: int  # instances per sampled setting
+    n_steps: int  # RK4 steps from 0 to tau_1
+    q_growth: int  # Q of the growth-rate runs
+    q_gpo: int  # Q of the GPO runs
+    stress_v0: float = 1.0  # stress grids: v = v0 / sqrt(Q), beyond Theorem 4.2's 1/32
+
+
+QUICK = SweepConfig(qs=(4, 16, 64), n_seeds=4, q_test=200, n_configs_4_2=12, seeds_4_2=4,
+                    n_steps=32, q_growth=16, q_gpo=16)
+FULL = SweepConfig(qs=(2, 4, 8, 16, 32, 64, 128, 256, 512), n_seeds=8, q_test=1000,
+                   n_configs_4_2=48, seeds_4_2=8, n_steps=64, q_growth=64, q_gpo=64)
+
+
+def run_sweep(cfg: SweepConfig, *, seed: int, target: float) -> dict:
+    """Every experiment of the synthetic part; returns the results.json dictionary."""
+    grid = dict(n_seeds=cfg.n_seeds, q_test=cfg.q_test, seed=seed, n_steps=cfg.n_steps)
+    grids = {
+        "theorem_noise_distinct_tokens": V.run_grid(KS, cfg.qs, noise="theorem", v0=0.0,
+                                                    shared=False, **grid),
+        "stress_noise_shared_tokens": V.run_grid(KS, cfg.qs, noise="stress", v0=cfg.stress_v0,
+                                                 shared=True, **grid),
+        "stress_noise_distinct_tokens": V.run_grid(KS, cfg.qs, noise="stress",
+                                                   v0=cfg.stress_v0, shared=False, **grid),
+    }
+    empirical = {name: [{"k": k, "min_q_in_grid": next(
+        (r["q"] for r in rows if r["k"] == k and r["error"] <= target), None)} for k in KS]
+        for name, rows in grids.items()}
+    bound_ks = [2 ** i for i in range(11)]
+    return {
+        "setting": {"model": "K pairs of Gaussian clusters N(±c_i + b, v^2 I_d), d = K + 1, "
+                    "l_b = 1/4; last-layer DPO gradient flow tau dW/dt = -grad L",
+                    "beta": 0.01, "tau": 1.0, "tau_1": "K tau log3 / (5 beta^2)",
+                    "z_reading": "Z = number of values sharing a value's (preferred, rejected) "
+                    "token pair, itself included: 1 for distinct tokens, K for shared Yes/No",
+                    "stress_v0": cfg.stress_v0, "target": target, "seed": seed,
+                    "config": cfg.__dict__},
+        "theorem_4_2": V.run_theorem_4_2(n_configs=cfg.n_configs_4_2, n_seeds=cfg.seeds_4_2,
+                                         seed=seed, n_steps=cfg.n_steps),
+        "theorem_4_3": {"bound": "2 K Q^2 exp(-Q/45)", "grids": grids,
+                        "empirical_min_q": empirical},
+        "min_q_table": V.min_q_table(KS, target=target),
+        "q_vs_logk_fit": V.min_q_table(bound_ks, target=target),
+        "growth_rates": V.growth_rates(KS, q=cfg.q_growth, n_seeds=cfg.n_seeds, seed=seed),
+        "gpo": V.run_gpo((1, 4, 16), q=cfg.q_gpo, n_seeds=max(2, cfg.n_seeds // 2), seed=seed,
+                         n_steps=cfg.n_steps),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Figures
+
+
+def _example_trajectories(seed: int):
+    """One admissible instance (K = 4, Q = 16) under DPO, IPO-form and SLiC up to 5 tau_1."""
+    st = V.ClusterSetting(k=4, q=16, d=5, l_b=0.25, v=1 / (32 * 4))
+    inst = V.make_instances(st, n_seeds=1, gen=V.make_generator(seed, 7))
+    t1 = V.tau_1(k=st.k, beta=st.beta, tau=st.tau)
+    return st, t1, {f: V.margin_dynamics(inst.x, inst.dy, beta=st.beta, tau=st.tau,
+                                         t_end=5 * t1, n_steps=160, f=f)
+                    for f in ("logistic", "squared", "hinge")}
+
+
+def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, Path] = {}
+    st, t1, trajs = _example_trajectories(seed)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tr = trajs["logistic"]
+    t = tr.times.numpy()
+    m = tr.margins[0].numpy()
+    lo, hi = V.margin_bounds(t, k=st.k, beta=st.beta, tau=st.tau)
+    win = t <= t1 * (1 + 1e-9)
+    axes[0].fill_between(t[win] / t1, m[win].min(1), m[win].max(1), alpha=0.5, label="margins")
+    axes[0].plot(t[win] / t1, lo[win], "k--", label="β²t/(8Kτ)")
+    axes[0].plot(t[win] / t1, hi[win], "k:", label="5β²t/(Kτ)")
+    axes[0].set(xlabel="t / τ₁", ylabel="training margin", title="Theorem 4.2 envelope (K=4, Q=16)")
+    axes[0].legend()
+    for f, tr in trajs.items():
+        axes[1].plot(tr.times.numpy() / t1, tr.margins[0].mean(1).numpy(), label=f)
+    axes[1].axhline(1.0, color="gray", lw=0.5)
+    axes[1].set(xlabel="t / τ₁", ylabel="mean training margin", title="GPO: -f'(r) weights")
+    axes[1].legend()
+    figs["dynamics"] = _save(fig, out / "dynamics.png")
+
+    grids = res["theorem_4_3"]["grids"]
+    fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 4), sharey=True)
+    for ax, (name, rows) in zip(axes, grids.items()):
+        for k in KS:
+            rr = [r for r in rows if r["k"] == k]
+            qs = [r["q"] for r in rr]
+            ax.plot(qs, [max(r["error"], 1e-5) for r in rr], "o-", label=f"K={k}")
+            ax.plot(qs, np.minimum(V.generalization_bound(k, np.array(qs)), 1), ":", color="gray")
+        ax.set(xscale="log", yscale="log", xlabel="Q", title=name.replace("_", " "))
+    axes[0].set_ylabel("held-out error (floored at 1e-5); dotted: bound ∧ 1")
+    axes[-1].legend()
+    figs["heldout"] = _save(fig, out / "heldout_error.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fitres = res["q_vs_logk_fit"]
+    ks = np.array([r["k"] for r in fitres["rows"]])
+    axes[0].plot(np.log(ks), [r["min_q"] for r in fitres["rows"]], "o", label="min Q (bound)")
+    fit = fitres["fit"]
+    axes[0].plot(np.log(ks), fit["slope"] * np.log(ks) + fit["intercept"], "-",
+                 label=f"{fit['slope']:.1f} log K + {fit['intercept']:.0f} (R²={fit['r2']:.4f})")
+    axes[0].set(xlabel="log K", ylabel="Q", title=f"smallest Q with bound ≤ {fitres['target']}")
+    axes[0].legend()
+    g = res["growth_rates"]["per_k"]
+    kk = np.array([r["k"] for r in g])
+    axes[1].loglog(kk, [r["train_rate"] for r in g], "o-", label="train")
+    axes[1].loglog(kk, [r["test_rate"] for r in g], "s--", label="held-out")
+    axes[1].loglog(kk, [r["theory_initial_rate"] for r in g], "k:", label="β²/(Kτ)")
+    axes[1].set(xlabel="K", ylabel="margin growth rate", title="growth rate ∝ 1/K")
+    axes[1].legend()
+    figs["scaling"] = _save(fig, out / "scaling.png")
+    return figs
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Tables, report, command line
+
+
+def tables(res: dict) -> dict[str, list[dict]]:
+    t42 = res["theorem_4_2"]
+    grid_rows = [{"grid": name, **{k: r[k] for k in ("k", "q", "v", "error", "bound",
+                                                      "train_margin_min")}}
+                 for name, rows in res["theorem_4_3"]["grids"].items() for r in rows]
+    fit = res["q_vs_logk_fit"]["fit"]
+    g = res["growth_rates"]
+    return {
+        "Theorem 4.2": [{"instances": t42["instances"], "fraction_held": t42["fraction_held"],
+                         "min r/s (≥1/8)": t42["min_ratio"], "max r/s (≤5)": t42["max_ratio"],
+                         "final min (≥log3/40)": t42["final_min"],
+                         "final max (≤log3)": t42["final_max"]}],
+        "Theorem 4.3 grid": grid_rows,
+        "min Q (bound)": [{**r, **{f"empirical min Q ({n})": e["min_q_in_grid"]
+                                   for n, rows in res["theorem_4_3"]["empirical_min_q"].items()
+                                   for e in rows if e["k"] == r["k"]}}
+                          for r in res["min_q_table"]["rows"]],
+        "Q vs log K fit": [{"K range": "1..1024", **fit}],
+        "growth rates": [{**r, "rate*K": r["train_rate"] * r["k"]} for r in g["per_k"]]
+        + [{"k": "log-log slope", "train_rate": g["loglog_fit_train"]["slope"],
+            "test_rate": g["loglog_fit_test"]["slope"]}],
+        "GPO": res["gpo"],
+    }
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n== {title}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
+
+
+def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path) -> Path:
+    s = res["setting"]
+    blocks = [htmlpage.para(f"{s['model']}; beta = {s['beta']}, tau = {s['tau']}, "
+                            f"tau_1 = {s['tau_1']}. Reading of Theorem 4.2's Z: {s['z_reading']}."),
+              htmlpage.image(figs["dynamics"], "Left: training margins of one admissible "
+                             "instance inside Theorem 4.2's envelope. Right: DPO, IPO-form "
+                             "(squared) and SLiC (hinge) margin dynamics.")]
+    for title, rows in tabs.items():
+        blocks += [htmlpage.heading(title), htmlpage.table(rows)]
+        if title == "Theorem 4.3 grid":
+            blocks.append(htmlpage.image(figs["heldout"], "Held-out error at tau_1 vs Q per K; "
+                                         "dotted: the bound 2KQ²e^(-Q/45) capped at 1."))
+        if title == "Q vs log K fit":
+            blocks.append(htmlpage.image(figs["scaling"], "Left: the bound's minimal Q vs log K. "
+                                         "Right: margin growth rate vs K."))
+    return htmlpage.write_page(out / "report.html", "Can DPO learn diverse human values? "
+                               "(synthetic reproduction)", blocks)
+
+
+def main(argv: list[str]) -> int:
+    from dpolab.cli import UserError
+
+    parser = argparse.ArgumentParser(prog="dpolab reproduce values",
+                                     description="Diverse-values scaling law (arXiv 2408.03459), "
+                                     "synthetic part.")
+    parser.add_argument("--quick", action="store_true", help="small sweep (under a minute)")
+    parser.add_argument("--out", default="runs/values", help="output directory")
+    parser.add_argument("--seed", default="0", help="base seed (non-negative integer)")
+    parser.add_argument("--target", default="0.05", help="target error for the min-Q table")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == 0:
+            return 0
+        raise UserError(f"bad arguments: {' '.join(argv)} (see --help)") from None
+    try:
+        seed, target = int(args.seed), float(args.target)
+    except ValueError:
+        raise UserError(f"--seed must be an integer and --target a number, got "
+                        f"{args.seed!r}, {args.target!r}") from None
+    if seed < 0 or not 0 < target < 1 or not math.isfinite(target):
+        raise UserError(f"need --seed >= 0 and 0 < --target < 1, got {seed}, {target}")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out}: {err}") from None
+    run_and_write(QUICK if args.quick else FULL, out=out, seed=seed, target=target)
+    return 0
+
+
+def run_and_write(cfg: SweepConfig, *, out: Path, seed: int, target: float) -> dict:
+    """Run the sweep, write results.json, the figures and report.html; print the tables."""
+    start = time.perf_counter()
+    res = run_sweep(cfg, seed=seed, target=target)
+    res["elapsed_s"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    tabs = tables(res)
+    for title, rows in tabs.items():
+        print_table(title, rows)
+    page = write_report(res, tabs, make_figures(res, out, seed=seed), out)
+    print(f"\nwrote {out / 'results.json'} and {page} ({res['elapsed_s']:.1f} s sweep)")
+    return res
