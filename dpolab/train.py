@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dpolab import checkpoint, session
+from dpolab.auxdpo import AuxRewards
 from dpolab.cli import UserError
 from dpolab.config import RunConfig
 from dpolab.losses import LossHyper, Objective, PairLogps
@@ -63,7 +64,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     objective = Objective(lc.term_weights(), LossHyper(
         beta=lc.beta, label_smoothing=lc.label_smoothing, dpop_lambda=lc.dpop_lambda,
         average_logps=lc.average_logps, sft_average=lc.sft_average))
-    aux = session.AuxRewards.maybe(objective, s, lc) if objective.needs_delta else None
+    aux = AuxRewards.maybe(objective, s, lc)
 
     # ---- optimizer and schedule ----------------------------------------------------------
     groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay}]
