@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from dpolab.data import collate_pairs
+from dpolab.tokenize import collate_pairs
 from dpolab.logps import Head, completion_logps, label_logps
 
 Tensor = torch.Tensor

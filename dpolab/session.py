@@ -320,7 +320,7 @@ class Session:
 
 def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     from dpolab import scopes
-    from dpolab.data import tokenize_rows
+    from dpolab.tokenize import tokenize_rows
     from dpolab.models import body_and_head, load_model, load_tokenizer, resolve_model_path
 
     tc = cfg.train
@@ -403,7 +403,7 @@ def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
         from dpolab.rho_data import default_rows
 
         return default_rows(seed=cfg.train.seed, per_group=d.per_group or None,
-                            eval_per_group=d.eval_per_group or None,
+                            held_out_per_group=d.eval_per_group or None,
                             groups=list(d.groups) or None)
     rows = load_rows(d.path, skip_invalid=d.skip_invalid)
     _report_skipped(rows, d.path)

@@ -1,0 +1,319 @@
+"""Preference data in the formats users already have, validated row by row.
+
+Accepted formats (those of TRL's preference data sets, unchanged):
+
+    standard                 {"prompt": str, "chosen": str, "rejected": str}
+    conversational           {"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...]}
+                             msg = {"role": "system"|"user"|"assistant"|"tool", "content": str};
+                             multi-turn prompts allowed; the completion is the chosen/rejected
+                             list and must end with an assistant message.
+    implicit                 {"chosen": str, "rejected": str}: the prompt is empty; a shared
+                             leading text is *not* split out (it stays part of both completions).
+    implicit_conversational  {"chosen": [msg, ...], "rejected": [msg, ...]}: full conversations;
+                             the prompt is their common leading messages, the completion the
+                             messages after it (ending with the final assistant turn).
+
+An optional "group" column (a string: the value label) is kept on each row; every other column
+is kept untouched in ``PreferenceRow.meta``.  Sources: a JSONL file, a JSON file (a list of
+objects or {"data": [...]}), a Parquet file, or a ``datasets.Dataset``.
+
+Errors name the place and the field, ``FILE:ROW: field 'chosen' is empty``; ROW is the 1-based
+line of a JSONL file or the 1-based position in a list/table.  Tokenization and collation live in
+:mod:`dpolab.tokenize` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from dpolab.cli import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("standard", "conversational", "implicit", "implicit_conversational")
+_TEXT_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(UserError):
+    """A preference data problem the user can fix; the message starts with FILE or FILE:ROW."""
+
+
+@dataclass(frozen=True)
+class PreferenceRow:
+    """One validated preference pair.  ``prompt`` is "" for implicit string rows."""
+    prompt: str | list[dict]      # text, or the prompt messages
+    chosen: str | list[dict]      # the preferred completion (text, or its messages)
+    rejected: str | list[dict]    # the dispreferred completion
+    group: str | None             # value label from the optional "group" column
+    source: str                   # the file as given, or "<dataset>"
+    row: int                      # 1-based line (JSONL) or position (JSON, Parquet, Dataset)
+    meta: dict = field(default_factory=dict)  # every other column, untouched
+
+
+@dataclass(frozen=True)
+class LoadedRows:
+    rows: list[PreferenceRow]     # the valid rows, in file order
+    skipped: list[str]            # error messages of rows dropped under skip_invalid
+    format: str                   # one of FORMATS
+
+
+def load_rows(source: Any, *, skip_invalid: bool = False) -> LoadedRows:
+    """Read and validate preference rows from a path (.jsonl, .json, .parquet) or a Dataset.
+
+    Every row must have the format of the first valid row (formats cannot be mixed).  With
+    ``skip_invalid`` a bad row is dropped and its message kept in ``skipped``; a file that cannot
+    be read, and a data set with no valid row, raise :class:`DataError` either way.
+    """
+    name, records = _read_source(source)
+    rows: list[PreferenceRow] = []
+    skipped: list[str] = []
+    fmt: str | None = None
+    for row_no, record in records:
+        try:
+            if isinstance(record, _BadRecord):
+                raise DataError(f"{name}:{row_no}: {record.message}")
+            row, row_fmt = parse_row(record, source=name, row=row_no, expected=fmt)
+        except DataError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(str(err))
+            continue
+        fmt = fmt or row_fmt
+        rows.append(row)
+    if not rows:
+        extra = f" ({len(skipped)} invalid rows skipped; first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{name}: no valid preference rows{extra}")
+    return LoadedRows(rows=rows, skipped=skipped, format=fmt)
+
+
+def write_jsonl(rows: list[PreferenceRow], path: str | Path) -> Path:
+    """Write rows as JSONL that :func:`load_rows` reads back to the same rows.
+
+    One object per line: prompt (omitted when it is "", the implicit format), chosen, rejected,
+    group (when set), then the ``meta`` columns; ``source`` and ``row`` are not written, since
+    reading the file gives them anew.
+    """
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            record = {"prompt": row.prompt} if row.prompt != "" else {}
+            record.update(chosen=row.chosen, rejected=row.rejected)
+            if row.group is not None:
+                record["group"] = row.group
+            record.update(row.meta)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class _BadRecord:
+    message: str                  # why this record could not be read (e.g. invalid JSON)
+
+
+def _read_source(source: Any) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """(name, iterator of (1-based row, record dict or _BadRecord)) for any accepted source."""
+    if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
+        return "<dataset>", ((i + 1, rec) for i, rec in enumerate(source))
+    if not isinstance(source, (str, Path)):
+        raise DataError(f"{source!r}: expected a file path or a datasets.Dataset, "
+                        f"got {type(source).__name__}")
+    path = Path(source)
+    name = str(source)
+    if not path.is_file():
+        raise DataError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return name, _jsonl_records(path, name)
+    if suffix == ".json":
+        return name, _json_records(path, name)
+    if suffix == ".parquet":
+        return name, _parquet_records(path, name)
+    raise DataError(f"{name}: unknown extension {path.suffix or '(none)'!r}; "
+                    "valid: .jsonl, .json, .parquet")
+
+
+def _read_text(path: Path, name: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{name}: cannot be read: {err}") from None
+
+
+def _jsonl_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
+    # Read the whole file first so an unreadable file raises before any row is handled.
+    lines = _read_text(path, name).splitlines()
+    return _jsonl_lines(lines)
+
+
+def _jsonl_lines(lines: list[str]) -> Iterator[tuple[int, Any]]:
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue            # blank lines (often a trailing one) are not rows
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield i, _BadRecord(f"not valid JSON: {err.msg} (column {err.colno})")
+
+
+def _json_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(_read_text(path, name))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{name}: not valid JSON: {err.msg} (line {err.lineno}, "
+                        f"column {err.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{name}: expected a JSON list of rows or {{\"data\": [...]}}, "
+                        f"got {type(data).__name__}")
+    return ((i + 1, rec) for i, rec in enumerate(data))
+
+
+def _parquet_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq     # imported here: only Parquet users pay for it
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:         # pyarrow raises several unrelated types for bad files
+        raise DataError(f"{name}: cannot be read as Parquet: {err}") from None
+    return ((i + 1, rec) for i, rec in enumerate(records))
+
+
+# ------------------------------------------------------------------------------- validation
+def parse_row(record: Any, *, source: str, row: int,
+              expected: str | None = None) -> tuple[PreferenceRow, str]:
+    """Validate one record; returns the row and its format.  Raises DataError "SOURCE:ROW: ...".
+
+    ``expected`` is the format of earlier rows (None for the first row); a row of another format
+    is an error, because a column cannot hold strings in one row and messages in another.
+    """
+    where = f"{source}:{row}"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {_type(record)}")
+    fmt = _row_format(record, where, expected)
+    conversational = fmt in ("conversational", "implicit_conversational")
+    check = _check_messages if conversational else _check_text
+    keys = _TEXT_FIELDS if fmt in ("standard", "conversational") else ("chosen", "rejected")
+    values = {key: check(record.get(key, _MISSING), key, where) for key in keys}
+    if values["chosen"] == values["rejected"]:
+        raise DataError(f"{where}: chosen and rejected are identical")
+    if fmt == "implicit":
+        values["prompt"] = ""
+    elif fmt == "implicit_conversational":
+        values = _split_conversations(values["chosen"], values["rejected"], where)
+    if conversational:
+        for key in ("chosen", "rejected"):
+            if values[key][-1]["role"] != "assistant":
+                raise DataError(f"{where}: field '{key}' must end with an assistant message, "
+                                f"got role '{values[key][-1]['role']}'")
+    group = record.get("group")
+    if group is not None and (not isinstance(group, str) or not group.strip()):
+        raise DataError(f"{where}: field 'group' must be a non-empty string, got "
+                        f"{_type(group) if not isinstance(group, str) else 'an empty string'}")
+    meta = {k: v for k, v in record.items() if k not in (*_TEXT_FIELDS, "group")}
+    return PreferenceRow(prompt=values["prompt"], chosen=values["chosen"],
+                         rejected=values["rejected"], group=group, source=source, row=row,
+                         meta=meta), fmt
+
+
+_MISSING = object()
+
+
+def _row_format(record: dict, where: str, expected: str | None) -> str:
+    """The format of one record, checked against the format of earlier rows."""
+    chosen = record.get("chosen", _MISSING)
+    if chosen is _MISSING or chosen is None:
+        raise DataError(f"{where}: field 'chosen' is missing")
+    if isinstance(chosen, list):
+        kind = "conversational"
+    elif isinstance(chosen, str):
+        kind = "standard"
+    else:
+        raise DataError(f"{where}: field 'chosen' must be a string or a list of messages, "
+                        f"got {_type(chosen)}")
+    has_prompt = record.get("prompt") is not None
+    fmt = kind if has_prompt else ("implicit" if kind == "standard"
+                                   else "implicit_conversational")
+    if expected is None or fmt == expected:
+        return fmt
+    if _is_conversational(fmt) != _is_conversational(expected):
+        want = "a list of messages" if _is_conversational(expected) else "a string"
+        raise DataError(f"{where}: field 'chosen' must be {want} like the earlier rows "
+                        f"(formats cannot be mixed), got {_type(chosen)}")
+    if has_prompt:
+        raise DataError(f"{where}: field 'prompt' is present but earlier rows have none "
+                        "(formats cannot be mixed)")
+    raise DataError(f"{where}: field 'prompt' is missing")
+
+
+def _is_conversational(fmt: str) -> bool:
+    return fmt in ("conversational", "implicit_conversational")
+
+
+def _check_text(value: Any, key: str, where: str) -> str:
+    if value is _MISSING or value is None:
+        raise DataError(f"{where}: field '{key}' is missing")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {_type(value)}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _check_messages(value: Any, key: str, where: str) -> list[dict]:
+    if value is _MISSING or value is None:
+        raise DataError(f"{where}: field '{key}' is missing")
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{key}' must be a list of messages, got {_type(value)}")
+    if not value:
+        raise DataError(f"{where}: field '{key}' is empty")
+    for i, msg in enumerate(value):
+        at = f"{where}: field '{key}[{i}]'"
+        if not isinstance(msg, dict):
+            raise DataError(f"{at} must be a message {{'role', 'content'}}, got {_type(msg)}")
+        role, content = msg.get("role"), msg.get("content")
+        if role is None:
+            raise DataError(f"{at} has no 'role'")
+        if role not in ROLES:
+            raise DataError(f"{at} has role {role!r}; valid: {', '.join(ROLES)}")
+        if content is None:
+            raise DataError(f"{at} has no 'content'")
+        if not isinstance(content, str):
+            raise DataError(f"{at} 'content' must be a string, got {_type(content)}")
+        if not content.strip():
+            raise DataError(f"{at} 'content' is empty")
+    return value
+
+
+def _split_conversations(chosen: list[dict], rejected: list[dict], where: str) -> dict:
+    """Implicit prompt: the common leading messages become the prompt."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no leading message, "
+                        "so there is no prompt; give a 'prompt' column")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if n == len(msgs):
+            raise DataError(f"{where}: field '{key}' has no message after the shared prompt")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# Tokenization and collation are in dpolab.tokenize (which imports this module); they are
+# re-exported lazily (PEP 562) so that `from dpolab.data import tokenize_rows` works without
+# an import cycle.
+_TOKENIZE_NAMES = ("PairExample", "TokenizedPairs", "PairBatch", "tokenize_rows",
+                   "tokenize_row", "collate_pairs")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TOKENIZE_NAMES:
+        from dpolab import tokenize
+        return getattr(tokenize, name)
+    raise AttributeError(f"module 'dpolab.data' has no attribute {name!r}")

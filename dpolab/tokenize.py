@@ -1,0 +1,201 @@
+"""Preference rows -> token ids -> padded batches.
+
+Rendering (TRL's convention):
+    conversational rows   prompt_text = chat_template(prompt, add_generation_prompt=True)
+                          full_text   = chat_template(prompt + completion)
+                          full_text must start with prompt_text (checked; the error shows where
+                          they diverge); completion_text = full_text[len(prompt_text):].
+                          Both are tokenized without extra special tokens: the template owns them.
+    string rows           plain text, no chat template; the prompt gets the tokenizer's special
+                          tokens (its BOS, if it adds one), the completion none.
+Completion ids end with exactly one EOS: template text after the last EOS (e.g. the "\\n" after
+"<|im_end|>") is dropped, and EOS is appended when the rendering has none.  An empty prompt gets
+one BOS (or EOS) token, because the first completion token must be predicted from something.
+
+Notation for a batch of B pairs: rows 0..B-1 hold prompt+chosen, rows B..2B-1 prompt+rejected,
+T is the padded length.  labels[b, t] = input_ids[b, t+1], so the hidden state at position t is
+scored against the token at t+1 and loss_mask[b, t] marks the t whose t+1 is a completion token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+
+from dpolab.data import DataError, PreferenceRow
+
+TRUNCATIONS = ("keep_end", "keep_start")
+
+
+@dataclass(frozen=True)
+class PairExample:
+    prompt_ids: list[int]         # (P,) prompt tokens, already truncated
+    chosen_ids: list[int]         # (C_w,) chosen completion tokens only
+    rejected_ids: list[int]       # (C_l,) rejected completion tokens only
+    group: str | None             # value label of the row
+    index: int                    # position of the row in the row list given to tokenize_rows
+    row: int                      # 1-based row in its source
+    source: str                   # file name or "<dataset>"
+
+
+@dataclass(frozen=True)
+class TokenizedPairs:
+    examples: list[PairExample]   # kept pairs, in row order
+    dropped_identical: int        # pairs dropped: chosen_ids == rejected_ids (after truncation)
+    truncated_prompt: int         # pairs whose prompt was cut to max_prompt_length
+    truncated_completion: int     # pairs with at least one completion cut to fit max_length
+    groups: list[str]             # sorted distinct group names of the input rows
+    dropped: list[str]            # "SOURCE:ROW" of every dropped pair
+
+
+def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: int,
+                  max_prompt_length: int, truncation: str = "keep_end") -> TokenizedPairs:
+    """Tokenize rows and apply the truncation policy.
+
+    Truncation policy: first the prompt is cut to ``max_prompt_length`` tokens, keeping its end
+    (``keep_end``: the turn closest to the answer survives) or its start (``keep_start``); then
+    each completion is cut, keeping its start, so that prompt + completion <= ``max_length``.
+    A cut completion loses its EOS.  A pair whose chosen and rejected ids are equal (before or
+    after the cut) carries no preference, so it is dropped and counted, never kept silently.
+    """
+    if truncation not in TRUNCATIONS:
+        raise DataError(f"truncation {truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
+    if not 0 < max_prompt_length < max_length:
+        raise DataError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
+                        f"({max_length})")
+    examples, dropped = [], []
+    n_prompt_cut = n_completion_cut = 0
+    for index, row in enumerate(rows):
+        prompt, chosen, rejected = tokenize_row(row, tokenizer)
+        if len(prompt) > max_prompt_length:
+            n_prompt_cut += 1
+            prompt = (prompt[-max_prompt_length:] if truncation == "keep_end"
+                      else prompt[:max_prompt_length])
+        room = max_length - len(prompt)
+        if len(chosen) > room or len(rejected) > room:
+            n_completion_cut += 1
+            chosen, rejected = chosen[:room], rejected[:room]
+        if chosen == rejected:
+            dropped.append(f"{row.source}:{row.row}")
+            continue
+        examples.append(PairExample(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
+                                    group=row.group, index=index, row=row.row,
+                                    source=row.source))
+    if rows and not examples:
+        raise DataError(f"all {len(rows)} pairs have identical chosen and rejected tokens after "
+                        f"truncation to max_length={max_length}; raise max_length")
+    groups = sorted({row.group for row in rows if row.group is not None})
+    return TokenizedPairs(examples=examples, dropped_identical=len(dropped),
+                          truncated_prompt=n_prompt_cut, truncated_completion=n_completion_cut,
+                          groups=groups, dropped=dropped)
+
+
+def tokenize_row(row: PreferenceRow, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one row, untruncated."""
+    if isinstance(row.prompt, list):
+        prompt_text, chosen_text = _render(row, row.chosen, tokenizer)
+        _, rejected_text = _render(row, row.rejected, tokenizer)
+        prompt = _encode(tokenizer, prompt_text, special=False)
+    else:
+        prompt = _encode(tokenizer, row.prompt, special=True) if row.prompt else []
+        # Some tokenizers also append EOS to every encoding; a prompt must not end the text.
+        if prompt and prompt[-1] == tokenizer.eos_token_id and len(prompt) > 1:
+            prompt = prompt[:-1]
+        chosen_text, rejected_text = row.chosen, row.rejected
+    if not prompt:
+        start = tokenizer.bos_token_id
+        prompt = [start if start is not None else tokenizer.eos_token_id]
+    return (prompt, _completion_ids(tokenizer, chosen_text),
+            _completion_ids(tokenizer, rejected_text))
+
+
+def _render(row: PreferenceRow, completion: list[dict], tokenizer: Any) -> tuple[str, str]:
+    """(prompt_text, completion_text) from the chat template; checks the prefix property."""
+    prompt_text = tokenizer.apply_chat_template(row.prompt, tokenize=False,
+                                                add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(row.prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        at = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b),
+                  min(len(prompt_text), len(full_text)))
+        lo = max(0, at - 20)
+        raise DataError(
+            f"{row.source}:{row.row}: the chat template's rendering of the prompt is not a "
+            f"prefix of its rendering of prompt + completion; they diverge at character {at}: "
+            f"prompt ...{prompt_text[lo:at + 20]!r} vs full ...{full_text[lo:at + 20]!r}")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _completion_ids(tokenizer: Any, text: str) -> list[int]:
+    """Completion ids ending with exactly one EOS (template text after the last EOS dropped)."""
+    ids = _encode(tokenizer, text, special=False)
+    eos = tokenizer.eos_token_id
+    if eos in ids:
+        return ids[:len(ids) - ids[::-1].index(eos)]
+    return ids + [eos]
+
+
+# --------------------------------------------------------------------------------- collation
+@dataclass(frozen=True)
+class PairBatch:
+    input_ids: torch.Tensor       # (2B, T) long: prompt+chosen rows, then prompt+rejected rows
+    attention_mask: torch.Tensor  # (2B, T) long: 1 on real tokens, 0 on padding
+    labels: torch.Tensor          # (2B, T) long: input_ids shifted left by one; last col = pad
+    loss_mask: torch.Tensor       # (2B, T) bool: labels[b, t] is a completion token
+    group_ids: torch.Tensor       # (B,) long: index into the groups list, -1 for no group
+    indices: torch.Tensor         # (B,) long: PairExample.index of each pair
+
+    @property
+    def n_pairs(self) -> int:
+        return self.group_ids.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch, chosen and rejected rows together."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_completion_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def to(self, device: Any) -> "PairBatch":
+        return PairBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def collate_pairs(examples: Sequence[PairExample], *, pad_id: int,
+                  pad_to_multiple_of: int | None = None,
+                  groups: Sequence[str] | None = None) -> PairBatch:
+    """Right-padded (2B, T) batch of prompt+chosen rows followed by prompt+rejected rows.
+
+    loss_mask[b, t] is True for t in [P_b - 1, P_b + C_b - 2] (P_b prompt and C_b completion
+    tokens), i.e. exactly where labels[b, t] = input_ids[b, t + 1] is a completion token, so
+    loss_mask.sum(1) equals the completion lengths.  ``groups`` maps PairExample.group to
+    group_ids; a group missing from it (or groups=None) gives -1.
+    """
+    if not examples:
+        raise ValueError("collate_pairs needs at least one example")
+    seqs = ([(ex.prompt_ids, ex.chosen_ids) for ex in examples]
+            + [(ex.prompt_ids, ex.rejected_ids) for ex in examples])
+    width = max(len(p) + len(c) for p, c in seqs)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of   # ceil to a multiple
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for b, (prompt, completion) in enumerate(seqs):
+        n_p, n = len(prompt), len(prompt) + len(completion)
+        input_ids[b, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        loss_mask[b, n_p - 1:n - 1] = True   # positions whose next token is in the completion
+    labels = torch.full_like(input_ids, pad_id)
+    labels[:, :-1] = input_ids[:, 1:]
+    index_of = {name: i for i, name in enumerate(groups or [])}
+    group_ids = torch.tensor([index_of.get(ex.group, -1) for ex in examples], dtype=torch.long)
+    indices = torch.tensor([ex.index for ex in examples], dtype=torch.long)
+    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     loss_mask=loss_mask, group_ids=group_ids, indices=indices)
