@@ -1,0 +1,137 @@
+"""Tiny random causal LMs and a tiny tokenizer, for tests and benchmarks.
+
+Everything here is built offline and deterministically: the tokenizer is a byte-level BPE
+trained on a small corpus generated from a seeded `random.Random`, the models are random-init
+transformers models whose init draws from a seeded, forked torch RNG.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+# ChatML, the format of SmolLM2 and Qwen2.5: <|im_start|>role\ncontent<|im_end|>\n
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+_SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "a small bird", "the old man",
+             "our team", "the river", "a young girl", "the machine", "this answer", "the model"]
+_VERBS = ["sees", "likes", "helps", "follows", "writes", "reads", "explains", "prefers",
+          "answers", "finds", "carries", "remembers", "chooses", "rejects", "learns"]
+_OBJECTS = ["the red ball", "a long letter", "the quiet house", "an honest reply",
+            "the green field", "a short story", "the first question", "a better answer",
+            "the morning light", "two apples", "the open door", "a helpful summary"]
+_TAILS = ["today.", "every day.", "with care.", "before noon.", "in the garden.",
+          "without a word.", "again and again.", "because it is kind.", "near the sea.",
+          "and then smiles.", "? Yes, it does.", "! That is good."]
+
+
+def tiny_corpus(*, lines: int = 300, seed: int = 0) -> list[str]:
+    """`lines` simple English sentences drawn from fixed word lists by `random.Random(seed)`."""
+    rng = random.Random(seed)
+    return [" ".join([rng.choice(_SUBJECTS).capitalize(), rng.choice(_VERBS),
+                      rng.choice(_OBJECTS), rng.choice(_TAILS)]) + f" {rng.randrange(100)}"
+            for _ in range(lines)]
+
+
+def tiny_tokenizer(*, vocab_size: int = 512, seed: int = 0):
+    """A byte-level BPE `PreTrainedTokenizerFast` with ChatML specials, trained in well under 1 s.
+
+    Specials `<|im_start|>`, `<|im_end|>` (eos), `<|pad|>` (pad) take ids 0, 1, 2; the 256 byte
+    symbols follow, merges fill the rest up to `vocab_size` (fewer if the corpus runs out of
+    pairs). The BPE trainer is deterministic for a fixed corpus, so the same arguments give the
+    same vocabulary on every call.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(tiny_corpus(seed=seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|pad|>", bos_token=None,
+                                   chat_template=CHATML_TEMPLATE)
+
+
+def _config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, heads: int):
+    """A transformers config of family `arch` ("llama", "qwen2", "gemma3", "gpt2")."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=2 * hidden_size,
+                  max_position_embeddings=512, tie_word_embeddings=True,
+                  bos_token_id=None, eos_token_id=1, pad_token_id=2)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=max(1, heads // 2))
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=max(1, heads // 2))
+    if arch == "gemma3":
+        # softcapping on so tests exercise Head.softcap; the sliding window exceeds the tiny
+        # sequences, so every layer is full attention in effect.
+        return tf.Gemma3TextConfig(**common, num_key_value_heads=max(1, heads // 2),
+                                   head_dim=hidden_size // heads, final_logit_softcapping=30.0)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers,
+                             n_head=heads, n_positions=512, bos_token_id=None,
+                             eos_token_id=1, pad_token_id=2)
+    raise ValueError(f"unknown tiny arch {arch!r}; valid: llama, qwen2, gemma3, gpt2")
+
+
+def tiny_model(*, vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+               seed: int = 0, arch: str = "llama"):
+    """A random-init float32 causal LM of family `arch`, in eval mode.
+
+    transformers' weight init draws from the global torch RNG and takes no generator, so the
+    init runs inside `torch.random.fork_rng()` after `torch.manual_seed(seed)`: the result
+    depends on `seed` only, and the caller's RNG state is restored afterwards.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _config(arch, vocab_size=vocab_size, hidden_size=hidden_size, layers=layers,
+                     heads=heads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny(dir: str | Path, *, vocab_size: int = 512, seed: int = 0, hidden_size: int = 64,
+              layers: int = 2, heads: int = 4, arch: str = "llama") -> Path:
+    """Write a tiny model (safetensors) and its tokenizer to `dir`; returns the folder.
+
+    The model's vocabulary is the tokenizer's actual size, so every id it emits is valid.
+    """
+    dir = Path(dir)
+    tokenizer = tiny_tokenizer(vocab_size=vocab_size, seed=seed)
+    model = tiny_model(vocab_size=len(tokenizer), hidden_size=hidden_size, layers=layers,
+                       heads=heads, seed=seed, arch=arch)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(dir)
+    tokenizer.save_pretrained(dir)
+    return dir
+
+
+def qwen_shape_config():
+    """A Qwen2 config of Qwen2.5-0.5B's shape, for random-init GPU benchmarks (no download).
+
+    hidden 896, 24 layers, 14 query / 2 key-value heads, MLP 4864, vocab 151936, tied
+    embeddings: about 494M parameters, 136M of them in the embedding.
+    """
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
