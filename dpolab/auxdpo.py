@@ -106,7 +106,6 @@ class AuxRewards:
     @classmethod
     def maybe(cls, objective, session, lc) -> "AuxRewards | None":
         from dpolab.cli import UserError
-        from dpolab.logps import Head
         from dpolab.policy import CachedHeadForward
 
         if not objective.needs_delta:
@@ -115,11 +114,9 @@ class AuxRewards:
             raise UserError("loss auxdpo: the null-space penalty is computed exactly for the "
                             "output head, so it needs train.scope=last_layer "
                             f"(got {session.cfg.train.scope})")
-        h = session.head
-        head0 = Head(h.weight.detach().clone(), None if h.bias is None else h.bias.detach().clone(),
-                     h.softcap)
         return cls(len(session.train), device=session.dist.device, null_weight=lc.aux_null_weight,
-                   amp_weight=lc.aux_amp_weight, cache=session.scope_forward.cache, head0=head0)
+                   amp_weight=lc.aux_amp_weight, cache=session.scope_forward.cache,
+                   head0=session.scope_forward.head0)
 
     def batch(self, idx) -> tuple[Tensor, Tensor]:
         d = self.delta[torch.as_tensor(list(idx), dtype=torch.long, device=self.delta.device)]

@@ -97,3 +97,27 @@ def group_summaries(s: PairStats, groups: np.ndarray, names: list[str],
                 out[f"groups/{name}/accuracy_{tag}"] = float(np.mean(tie_half(s.subset(sel).h)))
                 out[f"groups/{name}/n_{tag}"] = float(len(sel))
     return out
+
+
+def unflippable(ref_chosen: np.ndarray, ref_rejected: np.ndarray, *, beta: float,
+                margin_cap: float = float(np.log(3.0))) -> np.ndarray:
+    """Pairs the reference makes unflippable (bool (N,)).
+
+    DPO's reward margins end at most near log 3 (diverse-values paper, Theorem 4.2: r <= log 3
+    at the end of training), i.e. h <= log(3) / beta. The policy's own log-likelihood margin is
+    (ref_chosen - ref_rejected) + h, so a pair whose reference prefers the rejected response by
+    more than log(3) / beta nats — a probability ratio above 3^(1/beta) — keeps the model
+    preferring the rejected response however training goes.
+    """
+    if beta <= 0:
+        return np.zeros(len(ref_chosen), dtype=bool)
+    return (np.asarray(ref_rejected) - np.asarray(ref_chosen)) > margin_cap / beta
+
+
+def growth_rate(steps: np.ndarray, values: np.ndarray) -> float:
+    """Least-squares slope of a metric against the step (e.g. the mean reward margin; the
+    diverse-values paper predicts it falls as 1/K with the number of values K)."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    if len(steps) < 2 or np.ptp(steps) == 0:
+        return float("nan")
+    return float(np.polyfit(steps, values, 1)[0])

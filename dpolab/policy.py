@@ -13,11 +13,15 @@ Scopes:
 
 from __future__ import annotations
 
+import os
+
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from dpolab.tokenize import collate_pairs
 from dpolab.logps import Head, completion_logps, label_logps
@@ -30,6 +34,7 @@ class FlatLogps:
     tokens: Tensor  # (N,) per-token log-probs of all completion tokens, float32
     seg: Tensor  # (N,) long, sequence id in [0, 2B)
     n_pairs: int  # B
+    n_processed: int  # tokens that went through the model for this batch (throughput)
 
     def sums(self) -> tuple[Tensor, Tensor]:
         """Summed log-probs (chosen (B,), rejected (B,)), differentiable."""
@@ -69,7 +74,7 @@ class BodyForward:
                                chunk_size=self.chunk_size)  # (2B, T)
         mask = batch.loss_mask
         seg = mask.nonzero()[:, 0]
-        return FlatLogps(tok[mask], seg, len(examples))
+        return FlatLogps(tok[mask], seg, len(examples), int(batch.attention_mask.sum()))
 
 
 class CachedHeadForward:
@@ -80,8 +85,15 @@ class CachedHeadForward:
         self.cache: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def fill(self, body: Callable, examples: Sequence, *, split: str, pad_id: int,
-             batch_size: int, autocast: bool, progress: Callable[[int], None] | None = None):
-        """Run the (frozen) body once over `examples` and keep completion-position states."""
+             batch_size: int, autocast: bool, store: Path | None = None,
+             progress: Callable[[int], None] | None = None) -> None:
+        """Run the (frozen) body once over `examples` and keep completion-position states.
+        With `store` (a safetensors path keyed by weights and token ids) they are read from
+        there when present and written there after computing."""
+        if store is not None and store.exists() and self._load(store, examples, split):
+            if progress:
+                progress(len(examples))
+            return
         ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast
                else nullcontext())
         with torch.no_grad():
@@ -98,12 +110,40 @@ class CachedHeadForward:
                         hidden[b + i][mr].float(), batch.labels[b + i][mr])
                 if progress:
                     progress(min(s + batch_size, len(examples)))
+        if store is not None:
+            self._save(store, examples, split)
 
-    def forward(self, examples: Sequence, *, split: str) -> FlatLogps:
+    def _save(self, path: Path, examples: Sequence, split: str) -> None:
+        entries = [self.cache[(split, ex.index)] for ex in examples]
+        hs = [e[0] for e in entries] + [e[2] for e in entries]
+        ys = [e[1] for e in entries] + [e[3] for e in entries]
+        offsets = torch.tensor([0] + [h.shape[0] for h in hs]).cumsum(0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process (torchrun)
+        save_file({"hidden": torch.cat(hs).cpu().contiguous(), "labels": torch.cat(ys).cpu(),
+                   "offsets": offsets}, str(tmp))
+        tmp.replace(path)
+
+    def _load(self, path: Path, examples: Sequence, split: str) -> bool:
+        try:
+            t = load_file(str(path))
+        except Exception:  # unreadable: recompute
+            return False
+        n, off = len(examples), t["offsets"].tolist()
+        if len(off) != 2 * n + 1:
+            return False
+        h, y = t["hidden"].to(self.device), t["labels"].to(self.device)
+        for i, ex in enumerate(examples):
+            c, r = slice(off[i], off[i + 1]), slice(off[n + i], off[n + i + 1])
+            self.cache[(split, ex.index)] = (h[c], y[c], h[r], y[r])
+        return True
+
+    def forward(self, examples: Sequence, *, split: str, head: Head | None = None) -> FlatLogps:
+        """Log-probs under the current head, or under `head` (e.g. the reference head)."""
         entries = [self.cache[(split, ex.index)] for ex in examples]
         hs = [e[0] for e in entries] + [e[2] for e in entries]
         ys = [e[1] for e in entries] + [e[3] for e in entries]
         seg = torch.cat([torch.full((h.shape[0],), j, dtype=torch.long) for j, h in enumerate(hs)])
-        tok = label_logps(torch.cat(hs), self.head_fn(), torch.cat(ys),
+        tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
                           chunk_size=self.chunk_size)
-        return FlatLogps(tok, seg.to(self.device), len(examples))
+        return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))

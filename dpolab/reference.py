@@ -12,6 +12,8 @@ tokens[offsets[i]:offsets[i+1]], its rejected ones tokens[offsets[N+i]:offsets[N
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -93,7 +95,7 @@ def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
 def save(ref: ReferenceLogps, path: Path) -> None:
     """Atomic: write a temp file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process (torchrun)
     save_file({"tokens": ref.tokens.contiguous(), "offsets": ref.offsets.contiguous()}, str(tmp),
               metadata={"key": ref.key})
     tmp.replace(path)

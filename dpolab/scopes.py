@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from dpolab.logps import Head
 from dpolab.policy import BodyForward, CachedHeadForward
 from dpolab.progress import Progress
 
 
-def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist):
+def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist,
+          state_store=None):
+    """state_store(split, examples) -> Path | None: where the last_layer scope keeps its cached
+    body states between runs."""
     from dpolab.models import body_and_head
 
     tc = cfg.train
@@ -41,11 +45,15 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         out.bias.requires_grad_(True)
         params.append(out.bias)
     fwd = CachedHeadForward(lambda: head, chunk_size=tc.logps_chunk, device=device)
+    # The reference head, kept for AuxDPO's null-space penalty and for scoring samples.
+    fwd.head0 = Head(head.weight.detach().clone(),
+                     None if head.bias is None else head.bias.detach().clone(), head.softcap)
     for split, t in tok.items():
         bar = Progress(len(t.examples), f"cache body states ({split})",
                        enabled=tc.progress and dist.is_main)
         fwd.fill(body, t.examples, split=split, pad_id=pad_id, batch_size=tc.eval_batch_size,
-                 autocast=autocast, progress=bar.update)
+                 autocast=autocast, progress=bar.update,
+                 store=state_store(split, t.examples) if state_store else None)
         bar.close()
     return params, fwd, head
 

@@ -21,7 +21,7 @@ from dpolab import config as config_mod
 from dpolab import reference
 from dpolab.cli import UserError
 from dpolab.config import RunConfig
-from dpolab.pairstats import PairStats, group_summaries, summarize
+from dpolab.diagnostics import PairStats, group_summaries, summarize
 from dpolab.policy import BodyForward, CachedHeadForward, FlatLogps
 from dpolab.progress import Progress
 
@@ -201,7 +201,7 @@ class StepStats:
                 add[f"loss/{name}"] = float(t.double().sum())
         for k, v in add.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.tokens += int(flat.tokens.numel())
+        self.tokens += flat.n_processed
 
     def summary(self, dist: Distributed, *, n_global: int) -> dict[str, float]:
         keys = sorted(self.sums)
@@ -310,6 +310,45 @@ class Session:
                 stats, gids, self.groups, {"no_cue": self._no_cue[split]}).items()})
         return row
 
+    def did_eval(self) -> dict[str, float]:
+        """DID entropy of the policy against its reference on held-out prompts, by sampling
+        (see dpolab.did_probe); `eval/did/...` metrics."""
+        from dpolab.did_probe import did_metrics
+        from dpolab.models import body_and_head, load_model, resolve_model_path
+
+        tc = self.cfg.train
+        if tc.did_samples <= 0 or not self.held_out:
+            return {}
+        seen, prompts = set(), []
+        for ex in self.held_out:
+            if tuple(ex.prompt_ids) not in seen and len(prompts) < tc.did_prompts:
+                seen.add(tuple(ex.prompt_ids))
+                prompts.append(ex)
+        peft_model = getattr(self.scope_forward, "peft_model", None)
+        model = peft_model if peft_model is not None else self.model
+        body, head = body_and_head(model)
+        kw = dict(pad_id=self.tokenizer.pad_token_id, chunk_size=tc.logps_chunk,
+                  device=self.dist.device, autocast=False)
+        policy = BodyForward(body, lambda: head, **kw)
+        if isinstance(self.scope_forward, CachedHeadForward):
+            ref_fwd = BodyForward(body, lambda: self.scope_forward.head0, **kw)
+            ref = lambda b: ref_fwd(b).sums()[0]  # noqa: E731
+        elif peft_model is not None:
+            def ref(b):
+                with peft_model.disable_adapter():
+                    return policy(b).sums()[0]
+        else:  # full scope: the reference weights are gone from memory; load them again
+            ref_model = load_model(resolve_model_path(self.cfg.model.name), device=str(self.dist.device))
+            ref_model.eval()
+            rb, rh = body_and_head(ref_model)
+            ref_fwd = BodyForward(rb, lambda: rh, **kw)
+            ref = lambda b: ref_fwd(b).sums()[0]  # noqa: E731
+        out = did_metrics(model, prompts, policy_logps=lambda b: policy(b).sums()[0],
+                          ref_logps=ref, k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
+                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                          seed=tc.seed, device=self.dist.device)
+        return {f"eval/{k}": v for k, v in out.items()}
+
     def export(self, out: Path) -> None:
         from dpolab.checkpoint import export_model
 
@@ -321,7 +360,7 @@ class Session:
 def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     from dpolab import scopes
     from dpolab.tokenize import tokenize_rows
-    from dpolab.models import body_and_head, load_model, load_tokenizer, resolve_model_path
+    from dpolab.models import load_model, load_tokenizer, resolve_model_path
 
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
@@ -346,14 +385,22 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
                         f"({tok['train'].dropped_identical} made identical by truncation)")
     groups = sorted({g for t in tok.values() for g in t.groups})
     autocast = device.type == "cuda" and tc.bf16_autocast
-    body, head = body_and_head(model)
     pad_id = tokenizer.pad_token_id
-    plain = BodyForward(body, lambda: head, pad_id=pad_id, chunk_size=tc.logps_chunk,
-                        device=device, autocast=autocast)
-    refs = {split: reference_for(model, plain, t.examples, cfg, dist, split)
+    model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
+    params, scope_forward, head = scopes.apply(
+        cfg, model, tok, pad_id=pad_id, device=device, autocast=autocast, dist=dist,
+        state_store=lambda split, ex: cache_dir() / "states" / (
+            f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"))
+    # The reference is the policy before its first update: for last_layer the cached body
+    # states under the original head (no second body pass), otherwise the scope's own forward
+    # (LoRA starts with B = 0, so its output equals the base model's exactly).
+    if isinstance(scope_forward, CachedHeadForward):
+        ref_fns = {split: (lambda ex, split=split: scope_forward.forward(
+            ex, split=split, head=scope_forward.head0)) for split in tok}
+    else:
+        ref_fns = {split: scope_forward for split in tok}
+    refs = {split: reference_for(model_hash, ref_fns[split], t.examples, cfg, dist, split)
             for split, t in tok.items()}
-    params, scope_forward, head = scopes.apply(cfg, model, tok, pad_id=pad_id, device=device,
-                                               autocast=autocast, dist=dist)
     s = Session(cfg, run_dir, dist, model, tokenizer, tok["train"].examples,
                 tok["held_out"].examples, train_rows, held_rows, groups, refs, params,
                 scope_forward, head)
@@ -374,10 +421,11 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     return s
 
 
-def reference_for(model, forward: BodyForward, examples: list, cfg: RunConfig,
+def reference_for(model_hash: str, forward, examples: list, cfg: RunConfig,
                   dist: Distributed, split: str) -> reference.ReferenceLogps:
-    """Load the stored reference for (weights, token ids), or compute and store it."""
-    key = f"{reference.hash_parameters(model)[:16]}-{reference.hash_examples(examples)[:16]}"
+    """Load the stored reference for (weights, token ids), or compute and store it.
+    `forward`: examples -> FlatLogps of the policy at its reference point."""
+    key = f"{model_hash}-{reference.hash_examples(examples)[:16]}"
     path = reference.store_path(cache_dir(), key)
     ref = reference.load(path, key)
     if ref is not None and ref.n == len(examples):

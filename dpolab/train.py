@@ -23,6 +23,7 @@ from dpolab.cli import UserError
 from dpolab.config import RunConfig
 from dpolab.losses import LossHyper, Objective, PairLogps
 from dpolab.progress import Progress
+from dpolab.report import write_run_report
 
 LN2 = math.log(2.0)
 # Terms whose value at h = 0 (the policy equal to its reference) is ln 2.
@@ -139,7 +140,10 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
         bar.update(step + 1, loss=row["loss"], acc=row["rewards/accuracies"])
         done = step + 1 == total
         if done or (tc.eval_every and (step + 1) % tc.eval_every == 0):
-            metrics.write(s.evaluate(step=step + 1))
+            row = s.evaluate(step=step + 1)
+            if done:
+                row.update(s.did_eval())
+            metrics.write(row)
         if done or (tc.save_every and (step + 1) % tc.save_every == 0):
             checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
                             metrics_lines=metrics.lines, is_main=dist.is_main)
@@ -150,6 +154,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     if dist.is_main:
         s.export(run_dir / "model")
         session.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
+        write_run_report(run_dir)
     dist.barrier()
     dist.close()
     return run_dir

@@ -31,7 +31,7 @@ def parse(argv: list[str]):
     p.add_argument("--skip-invalid", action="store_true", help="drop and count bad rows instead of stopping")
     p.add_argument("--online", action="store_true", help="allow fetching a model from a hub")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def config_from_args(a) -> "RunConfig":  # noqa: F821

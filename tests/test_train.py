@@ -1,0 +1,228 @@
+"""The trainer end to end on a tiny random model: scopes, step-0 invariants, resume after
+kill -9, export, bad input, and the reference store."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpolab import config as C
+from dpolab.cli import UserError, main
+from dpolab.train import epoch_order, final_metrics, lr_at, train
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+
+
+def write_pairs(path: Path, n: int = 24) -> Path:
+    """Standard-format pairs in two groups; the chosen answer repeats the prompt's word."""
+    rows = []
+    for i in range(n):
+        w, other = WORDS[i % len(WORDS)], WORDS[(i * 3 + 1) % len(WORDS)]
+        rows.append({"prompt": f"Say {w} {i}:", "chosen": f" {w} {w}.",
+                     "rejected": f" {other} and {other} again.", "group": "ab"[i % 2]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from dpolab.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def cfg_for(tiny_dir, data, out, *overrides):
+    raw = C.apply_overrides({"model": {"name": str(tiny_dir)}, "data": {"path": str(data)},
+                             "out": str(out)},
+                            ["train.batch_size=4", "train.max_steps=6", "train.lr=0.01",
+                             "train.warmup_steps=1", "train.progress=false",
+                             "train.eval_batch_size=8", "data.max_length=48",
+                             "train.did_samples=3", "train.did_prompts=2",
+                             "train.did_max_new_tokens=6",
+                             "data.max_prompt_length=16", *overrides])
+    return C.build_config(raw)
+
+
+def test_schedule_and_order_are_pure():
+    """Warmup reaches the peak at step warmup-1; cosine ends at 0; the epoch order depends
+    only on (seed, epoch)."""
+    assert lr_at(0, peak=1.0, warmup=4, total=10, schedule="cosine") == 0.25
+    assert lr_at(3, peak=1.0, warmup=4, total=10, schedule="cosine") == 1.0
+    assert lr_at(10, peak=1.0, warmup=4, total=10, schedule="cosine") == pytest.approx(0.0)
+    assert lr_at(7, peak=1.0, warmup=0, total=10, schedule="constant") == 1.0
+    assert epoch_order(10, seed=1, epoch=2) == epoch_order(10, seed=1, epoch=2)
+    assert epoch_order(10, seed=1, epoch=2) != epoch_order(10, seed=1, epoch=3)
+
+
+@pytest.mark.parametrize("scope", ["last_layer", "lora", "full"])
+def test_scopes_train_and_export(scope, tiny_dir, tmp_path, cache):
+    """Each scope: step 0 is at the reference (loss ln 2, accuracy 1/2 by ties), training
+    raises the train reward accuracy, and the exported folder loads with from_pretrained and
+    reproduces the trained policy's log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    extra = ["train.lora_targets=[q_proj, v_proj]", "train.lora_r=4"] if scope == "lora" else []
+    run = train(cfg_for(tiny_dir, data, tmp_path / "run", f"train.scope={scope}",
+                        "train.max_steps=12", *extra))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert rows[0]["eval/rewards/accuracies"] == 0.5  # every pair a tie before training
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "loss/dpo", "grad_norm", "lr",
+            "tokens_per_s"} <= set(steps[0])
+    assert final_metrics(run)["train_eval/rewards/accuracies"] > 0.7
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    ids = torch.tensor([[5, 9, 31, 77, 4]])
+    with torch.no_grad():
+        exported = model(ids).logits
+    assert torch.isfinite(exported).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["train_eval/rewards/margins"] > 0
+    # Monte Carlo estimates from 2 prompts x 3 samples: only their presence is checked here
+    # (dpolab.theory.did tests the estimator's convergence).
+    assert math.isfinite(summary["after"]["eval/did/kl"])
+    assert summary["after"]["eval/did/entropy"] > 0
+    assert (run / "report.html").exists() and list((run / "report").glob("*.png"))
+
+
+def test_exported_last_layer_keeps_embeddings(tiny_dir, tmp_path, cache):
+    """last_layer unties a tied head: the export has the trained head and the original input
+    embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    run = train(cfg_for(tiny_dir, data, tmp_path / "run", "train.scope=last_layer"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    new = AutoModelForCausalLM.from_pretrained(run / "model")
+    torch.testing.assert_close(new.get_input_embeddings().weight,
+                               base.get_input_embeddings().weight)
+    assert not torch.equal(new.get_output_embeddings().weight,
+                           base.get_output_embeddings().weight)
+
+
+def test_reference_store_is_reused_and_checked(tiny_dir, tmp_path, cache):
+    """A second run with the same model and data reuses the stored reference (no new file);
+    a corrupted store trips the step-0 invariant with a clear error."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    train(cfg_for(tiny_dir, data, tmp_path / "a"))
+    stored = sorted((cache / "reference").glob("*.safetensors"))
+    assert len(stored) == 2  # train and held-out splits
+    train(cfg_for(tiny_dir, data, tmp_path / "b"))
+    assert sorted((cache / "reference").glob("*.safetensors")) == stored
+    from safetensors.torch import save_file
+
+    for path in stored:
+        t = load_file(str(path))
+        save_file({"tokens": t["tokens"] - 1.0, "offsets": t["offsets"]}, str(path))
+    with pytest.raises(UserError, match="step-0 invariant failed"):
+        train(cfg_for(tiny_dir, data, tmp_path / "c"))
+
+
+def test_losses_and_weights_from_config(tiny_dir, tmp_path, cache):
+    """A weighted objective logs each term; IPO's step-0 loss is (1/(2 beta))^2."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    run = train(cfg_for(tiny_dir, data, tmp_path / "r1", "loss.weights={dpo: 1.0, sft: 0.1}",
+                        "train.max_steps=2"))
+    first = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]
+    assert first["loss"] == pytest.approx(first["loss/dpo"] + 0.1 * first["loss/sft"], rel=1e-6)
+    run = train(cfg_for(tiny_dir, data, tmp_path / "r2", "loss.name=ipo", "loss.beta=0.5",
+                        "train.max_steps=1"))
+    first = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]
+    assert first["loss/ipo"] == pytest.approx(1.0, abs=1e-4)  # (0 - 1/(2*0.5))^2
+
+
+def test_auxdpo_trains_last_layer(tiny_dir, tmp_path, cache):
+    """AuxDPO on the tiny model: the auxiliary rewards move, the loss falls, the deltas are
+    checkpointed but not exported."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    run = train(cfg_for(tiny_dir, data, tmp_path / "aux", "loss.name=auxdpo",
+                        "train.max_steps=10"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/auxdpo" in r]
+    assert steps[0]["loss/auxdpo"] == pytest.approx(0.693147, abs=1e-4)
+    assert steps[-1]["loss/auxdpo"] < steps[0]["loss/auxdpo"]
+    ckpt = next((run / "checkpoints").glob("step-*"))
+    delta = load_file(str(ckpt / "trainable.safetensors"))["auxdpo.delta"]
+    assert delta.abs().sum() > 0
+    with pytest.raises(UserError, match="needs train.scope=last_layer"):
+        train(cfg_for(tiny_dir, data, tmp_path / "aux2", "loss.name=auxdpo", "train.scope=full"))
+
+
+def _run_cli(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dpolab", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path, cache):
+    """kill -9 after a checkpoint, then --resume: metrics.jsonl and the trained weights are
+    bitwise those of an uninterrupted run with the same seed."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=40)
+    env = {**os.environ, "DPOLAB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    args = ["--model", str(tiny_dir), "--data", str(data), "train.batch_size=2",
+            "train.did_samples=0",
+            "train.max_steps=30", "train.save_every=3", "train.lr=0.01", "train.progress=false",
+            "data.max_length=48", "data.max_prompt_length=16", "train.scope=full"]
+    ref = _run_cli([*args, "--out", str(tmp_path / "full")], env)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    killed = _run_cli([*args, "--out", str(tmp_path / "killed")], env)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert latest.exists()
+    resumed = _run_cli(["--resume", str(tmp_path / "killed")], env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items()  # noqa: E731
+                           if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+    assert strip(a) == strip(b)
+    wa = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_data_stops_before_training(tiny_dir, tmp_path, cache, capsys):
+    """A bad row: FILE:ROW: field message, exit code 2, no traceback, no run started;
+    --skip-invalid drops it and trains."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    with data.open("a") as f:
+        f.write(json.dumps({"prompt": "x", "chosen": "", "rejected": "y"}) + "\n")
+    args = ["train", "--model", str(tiny_dir), "--data", str(data), "--out",
+            str(tmp_path / "bad"), "train.max_steps=1", "train.progress=false",
+            "train.did_samples=0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pairs.jsonl:25: field 'chosen' is empty" in err and "Traceback" not in err
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    assert main([*args, "--skip-invalid", "data.max_length=48",
+                 "data.max_prompt_length=16"]) == 0
+    assert "skipped 1 invalid row" in capsys.readouterr().out
+
+
+def test_existing_run_is_not_overwritten(tiny_dir, tmp_path, cache):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    train(cfg_for(tiny_dir, data, tmp_path / "r", "train.max_steps=1"))
+    with pytest.raises(UserError, match="a run already exists there; use --resume"):
+        train(cfg_for(tiny_dir, data, tmp_path / "r", "train.max_steps=1"))
