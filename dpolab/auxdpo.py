@@ -86,6 +86,44 @@ def head_gradient_penalty(hidden: Tensor, labels: Tensor, token_delta: Tensor, h
     return v.pow(2).sum() + vb.pow(2).sum()
 
 
+def response_gradient_gram(forward, examples, params, *, max_bytes: float,
+                           progress=None) -> Tensor:
+    """G = A^T A (2n, 2n) float64 with A's columns d/dtheta log pi_theta0(y) for every
+    response (chosen of pair i at i, rejected at n + i), at the current parameters (call it
+    before training, so theta = theta0). `forward(examples) -> FlatLogps` is the scope's.
+
+    The per-response gradients are held as rows (2n, P) in float32; when that exceeds
+    `max_bytes` this raises ValueError with the sizes, and nothing is computed.
+    """
+    n, P = len(examples), sum(p.numel() for p in params)
+    need = 2 * n * P * 4
+    if need > max_bytes:
+        raise ValueError(f"the per-response gradients of {P:,} trained parameters for {2 * n} "
+                         f"responses need {need / 2**30:.1f} GiB, above the "
+                         f"{max_bytes / 2**30:.1f} GiB allowed (loss.aux_max_gib)")
+    rows = torch.empty(2 * n, P, dtype=torch.float32)
+    for i, ex in enumerate(examples):
+        pc, pr = forward([ex]).sums()
+        for j, lp in ((i, pc[0]), (n + i, pr[0])):
+            grads = torch.autograd.grad(lp, params, retain_graph=j == i, allow_unused=True)
+            rows[j] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
+                                 for g, p in zip(grads, params)])
+        if progress:
+            progress(i + 1)
+    return (rows.double() @ rows.double().T)
+
+
+def null_space_of_gram(G: Tensor, *, rtol: float | None = None) -> Tensor:
+    """Orthonormal basis (2n, k) of N(A) from G = A^T A: N(A) = N(G), the eigenvectors of G
+    whose eigenvalues are below rtol * max eigenvalue (default: 2n * eps(float32), since A
+    was accumulated in float32)."""
+    evals, evecs = torch.linalg.eigh(G)
+    if rtol is None:
+        rtol = G.shape[0] * torch.finfo(torch.float32).eps
+    keep = evals <= rtol * evals.abs().max().clamp_min(1e-300)
+    return evecs[:, keep]
+
+
 class AuxRewards:
     """AuxDPO's per-pair auxiliary rewards (delta_c, delta_r), trained with their own
     learning rate and dropped after training.
@@ -94,41 +132,87 @@ class AuxRewards:
     batch B:  lambda_null * ||A_{theta0,B} delta_B||^2 + lambda_amp * ||delta_B||^2, scaled like
     the preference loss by |B| / n_global so accumulation and data parallelism see the same
     objective. A's columns are the gradients of the reference log-probs of the batch's
-    responses w.r.t. the trained parameters; for the `last_layer` scope they are computed
-    exactly from the cached body states (:func:`head_gradient_penalty`).
+    responses w.r.t. the trained parameters, at the start of training.
+
+    Modes (loss.aux_mode):
+        soft   the batchwise penalty above. With the Gram matrix G = A^T A of all responses
+               (computed once before training when the per-response gradients fit in
+               loss.aux_max_gib) it is delta_B^T G_BB delta_B; for the last_layer scope when
+               they do not fit, :func:`head_gradient_penalty` gives it in closed form.
+        exact  delta = Gamma c with Gamma an orthonormal basis of N(A) over the whole data
+               set (from G), c trainable: delta never leaves the null space. Needs G.
     """
 
-    def __init__(self, n: int, *, device, null_weight: float, amp_weight: float, cache, head0):
-        self.delta = torch.nn.Parameter(torch.zeros(n, 2, device=device))  # (n, [chosen, rejected])
+    def __init__(self, n: int, *, device, null_weight: float, amp_weight: float,
+                 gram: Tensor | None = None, basis: Tensor | None = None, cache=None, head0=None):
+        self.n, self.device = n, device
         self.null_weight, self.amp_weight = null_weight, amp_weight
-        self.cache, self.head0 = cache, head0
+        self.gram, self.basis, self.cache, self.head0 = gram, basis, cache, head0
+        k = basis.shape[1] if basis is not None else 2 * n
+        # soft: delta itself, (2n,) = [chosen..., rejected...]; exact: c, (k,)
+        self.delta = torch.nn.Parameter(torch.zeros(k, device=device))
 
     @classmethod
     def maybe(cls, objective, session, lc) -> "AuxRewards | None":
         from dpolab.cli import UserError
         from dpolab.policy import CachedHeadForward
+        from dpolab.progress import Progress
 
         if not objective.needs_delta:
             return None
-        if not isinstance(session.scope_forward, CachedHeadForward):
-            raise UserError("loss auxdpo: the null-space penalty is computed exactly for the "
-                            "output head, so it needs train.scope=last_layer "
-                            f"(got {session.cfg.train.scope})")
-        return cls(len(session.train), device=session.dist.device, null_weight=lc.aux_null_weight,
-                   amp_weight=lc.aux_amp_weight, cache=session.scope_forward.cache,
-                   head0=session.scope_forward.head0)
+        n, tc = len(session.train), session.cfg.train
+        cached = isinstance(session.scope_forward, CachedHeadForward)
+        fwd = ((lambda ex: session.scope_forward.forward(ex, split="train")) if cached
+               else session.scope_forward)
+        kw = dict(device=session.dist.device, null_weight=lc.aux_null_weight,
+                  amp_weight=lc.aux_amp_weight)
+        bar = Progress(n, "auxdpo: per-response gradients", enabled=tc.progress and session.dist.is_main)
+        try:
+            gram = response_gradient_gram(fwd, session.train, session.params,
+                                          max_bytes=lc.aux_max_gib * 2**30, progress=bar.update)
+        except ValueError as err:
+            bar.close()
+            if cached and lc.aux_mode == "soft":  # the closed form needs no per-response rows
+                return cls(n, gram=None, cache=session.scope_forward.cache,
+                           head0=session.scope_forward.head0, **kw)
+            raise UserError(f"loss auxdpo ({lc.aux_mode} mode, scope {tc.scope}): {err}. "
+                            + ("Use loss.aux_mode=soft, which for the last_layer scope needs "
+                               "no per-response gradients." if cached else
+                               "Use train.scope=last_layer or lora, or raise loss.aux_max_gib.")) from None
+        bar.close()
+        if lc.aux_mode == "exact":
+            basis = null_space_of_gram(gram).float().to(session.dist.device)
+            if session.dist.is_main:
+                print(f"auxdpo exact mode: the null space of A has dimension {basis.shape[1]} "
+                      f"of {2 * n}" + (" - delta is 0 and AuxDPO equals DPO here"
+                                       if basis.shape[1] == 0 else ""))
+            return cls(n, basis=basis, **kw)
+        return cls(n, gram=gram.float().to(session.dist.device), **kw)
+
+    def full_delta(self) -> Tensor:
+        """(2n,) auxiliary rewards [chosen..., rejected...]."""
+        return self.basis @ self.delta if self.basis is not None else self.delta
 
     def batch(self, idx) -> tuple[Tensor, Tensor]:
-        d = self.delta[torch.as_tensor(list(idx), dtype=torch.long, device=self.delta.device)]
-        return d[:, 0], d[:, 1]
+        i = torch.as_tensor(list(idx), dtype=torch.long, device=self.delta.device)
+        d = self.full_delta()
+        return d[i], d[self.n + i]
 
     def penalty(self, idx, examples, *, n_global: int) -> Tensor:
         dc, dr = self.batch(idx)
-        entries = [self.cache[("train", ex.index)] for ex in examples]
-        hs = [e[0] for e in entries] + [e[2] for e in entries]
-        ys = [e[1] for e in entries] + [e[3] for e in entries]
         per_seq = torch.cat([dc, dr])  # (2B,)
-        token_delta = torch.cat([per_seq[j].expand(h.shape[0]) for j, h in enumerate(hs)])
-        null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, self.head0)
-        amp = per_seq.pow(2).sum()
-        return (self.null_weight * null + self.amp_weight * amp) * (len(idx) / n_global)
+        scale = len(idx) / n_global
+        amp = self.amp_weight * per_seq.pow(2).sum() * scale
+        if self.basis is not None:  # exact mode: A delta = 0 by construction
+            return amp
+        if self.gram is not None:
+            i = torch.as_tensor(list(idx), dtype=torch.long, device=self.delta.device)
+            resp = torch.cat([i, self.n + i])
+            null = per_seq @ self.gram[resp][:, resp] @ per_seq
+        else:
+            entries = [self.cache[("train", ex.index)] for ex in examples]
+            hs = [e[0] for e in entries] + [e[2] for e in entries]
+            ys = [e[1] for e in entries] + [e[3] for e in entries]
+            token_delta = torch.cat([per_seq[j].expand(h.shape[0]) for j, h in enumerate(hs)])
+            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, self.head0)
+        return self.null_weight * null * scale + amp

@@ -52,6 +52,8 @@ class LossConfig:
     aux_lr: float = 0.05  # AuxDPO: learning rate of the per-pair auxiliary rewards
     aux_null_weight: float = 1.0  # AuxDPO: lambda_null of the batchwise null-space penalty
     aux_amp_weight: float = 0.01  # AuxDPO: lambda_amp of the amplitude penalty
+    aux_mode: str = "soft"  # AuxDPO: soft (batchwise penalty) | exact (delta in N(A) by construction)
+    aux_max_gib: float = 2.0  # AuxDPO: memory allowed for the per-response gradients of A
 
     def term_weights(self) -> dict[str, float]:
         return dict(self.weights) if self.weights else {self.name: 1.0}
@@ -208,6 +210,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.schedule in ("cosine", "constant"), "train.schedule must be cosine or constant"),
         (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
+        (cfg.loss.aux_mode in ("soft", "exact"), "loss.aux_mode must be soft or exact"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
         (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),

@@ -163,8 +163,63 @@ def test_auxdpo_trains_last_layer(tiny_dir, tmp_path, cache):
     ckpt = next((run / "checkpoints").glob("step-*"))
     delta = load_file(str(ckpt / "trainable.safetensors"))["auxdpo.delta"]
     assert delta.abs().sum() > 0
-    with pytest.raises(UserError, match="needs train.scope=last_layer"):
-        train(cfg_for(tiny_dir, data, tmp_path / "aux2", "loss.name=auxdpo", "train.scope=full"))
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
+        assert not any("auxdpo" in k for k in f.keys())
+
+
+def test_auxdpo_gram_penalty_equals_closed_form(tiny_dir, tmp_path, cache):
+    """last_layer: the batchwise penalty from the Gram matrix of per-response gradients
+    equals the closed-form head penalty for the same delta."""
+    from dpolab import session as S
+    from dpolab.auxdpo import AuxRewards
+    from dpolab.losses import LossHyper, Objective
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=12)
+    cfg = cfg_for(tiny_dir, data, tmp_path / "g", "loss.name=auxdpo")
+    (tmp_path / "g").mkdir()
+    s = S.build(cfg, tmp_path / "g", S.Distributed())
+    obj = Objective({"auxdpo": 1.0}, LossHyper())
+    with_gram = AuxRewards.maybe(obj, s, cfg.loss)
+    closed = AuxRewards(len(s.train), device="cpu", null_weight=1.0, amp_weight=0.0,
+                        cache=s.scope_forward.cache, head0=s.scope_forward.head0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        with_gram.delta.copy_(torch.randn(with_gram.delta.shape, generator=g))
+        closed.delta.copy_(with_gram.delta)
+    with_gram.amp_weight = 0.0
+    idx = [0, 3, 5]
+    ex = [s.train[i] for i in idx]
+    a = with_gram.penalty(idx, ex, n_global=3)
+    b = closed.penalty(idx, ex, n_global=3)
+    assert a.item() == pytest.approx(b.item(), rel=1e-4)
+
+
+def test_auxdpo_lora_soft_and_exact(tiny_dir, tmp_path, cache, capsys):
+    """LoRA scope: soft mode trains; exact mode with more responses than LoRA parameters
+    finds a nontrivial null space and keeps delta in it (A delta = 0); too little memory
+    for A is a clear error."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=150)
+    lora = ["train.scope=lora", "train.lora_r=1", "train.lora_targets=[q_proj]",
+            "train.max_steps=3", "loss.name=auxdpo"]
+    train(cfg_for(tiny_dir, data, tmp_path / "soft", *lora))
+    run = train(cfg_for(tiny_dir, data, tmp_path / "exact", *lora, "loss.aux_mode=exact"))
+    assert "the null space of A has dimension" in capsys.readouterr().out
+    assert (run / "model" / "model.safetensors").exists()
+    with pytest.raises(UserError, match="GiB, above the 0.0 GiB allowed"):
+        train(cfg_for(tiny_dir, data, tmp_path / "mem", *lora, "loss.aux_max_gib=0.00001"))
+
+
+def test_auxdpo_exact_delta_in_null_space():
+    """null_space_of_gram on G = A^T A with a rank-2 A (4 columns): dimension 2, A Gamma = 0."""
+    from dpolab.auxdpo import null_space_of_gram
+
+    A = torch.tensor([[1.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, -1.0], [1.0, 1.0, 2.0, 1.0]],
+                     dtype=torch.float64)  # row 3 = row 1 + row 2: rank 2
+    basis = null_space_of_gram(A.T @ A)
+    assert basis.shape == (4, 2)
+    assert (A @ basis).abs().max() < 1e-6
 
 
 def _run_cli(args, env, **kw):
