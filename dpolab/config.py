@@ -78,6 +78,7 @@ class TrainConfig:
     save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
     seed: int = 0  # data order, initialisation of new parameters, every random draw
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
+    pair_forward: str = "shared_prompt"  # shared_prompt (one row per pair, 4D mask) | two_rows
     eval_batch_size: int = 16  # pairs per forward at evaluation and reference time
     device: str = "auto"  # auto | cpu | cuda
     bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
@@ -211,6 +212,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
         (cfg.loss.aux_mode in ("soft", "exact"), "loss.aux_mode must be soft or exact"),
+        (cfg.train.pair_forward in ("shared_prompt", "two_rows"),
+         "train.pair_forward must be shared_prompt or two_rows"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
         (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),

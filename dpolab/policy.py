@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab.tokenize import collate_pairs
-from dpolab.logps import Head, completion_logps, label_logps
+from dpolab.logps import Head, label_logps
 
 Tensor = torch.Tensor
 
@@ -57,24 +57,30 @@ class FlatLogps:
 
 
 class BodyForward:
-    """full / lora scopes: one forward of the 2B (prompt + completion) rows."""
+    """Two rows per pair (prompt + chosen, prompt + rejected), right-padded, with the model's
+    own 2D attention mask: for attention kernels that take no custom 4D mask
+    (train.pair_forward=two_rows). The default is :class:`SharedPromptForward`."""
 
     def __init__(self, body: Callable, head_fn: Callable[[], Head], *, pad_id: int,
                  chunk_size: int, device: torch.device, autocast: bool):
         self.body, self.head_fn, self.pad_id = body, head_fn, pad_id
         self.chunk_size, self.device, self.autocast = chunk_size, device, autocast
 
-    def __call__(self, examples: Sequence) -> FlatLogps:
+    def hidden(self, examples: Sequence):
+        """(h (N, D) states predicting each completion token, labels, seg, n_tokens)."""
         batch = collate_pairs(list(examples), pad_id=self.pad_id).to(self.device)
         ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
                else nullcontext())
         with ctx:
             hidden = self.body(batch.input_ids, attention_mask=batch.attention_mask)  # (2B, T, D)
-        tok = completion_logps(hidden, self.head_fn(), batch.labels, batch.loss_mask,
-                               chunk_size=self.chunk_size)  # (2B, T)
         mask = batch.loss_mask
-        seg = mask.nonzero()[:, 0]
-        return FlatLogps(tok[mask], seg, len(examples), int(batch.attention_mask.sum()))
+        return (hidden[mask], batch.labels[mask], mask.nonzero()[:, 0],
+                int(batch.attention_mask.sum()))
+
+    def __call__(self, examples: Sequence) -> FlatLogps:
+        h, labels, seg, n_tokens = self.hidden(examples)
+        tok = label_logps(h, self.head_fn(), labels, chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg, len(examples), n_tokens)
 
 
 class CachedHeadForward:
@@ -84,30 +90,25 @@ class CachedHeadForward:
         self.head_fn, self.chunk_size, self.device = head_fn, chunk_size, device
         self.cache: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    def fill(self, body: Callable, examples: Sequence, *, split: str, pad_id: int,
-             batch_size: int, autocast: bool, store: Path | None = None,
-             progress: Callable[[int], None] | None = None) -> None:
+    def fill(self, states: Callable, examples: Sequence, *, split: str, batch_size: int,
+             store: Path | None = None, progress: Callable[[int], None] | None = None) -> None:
         """Run the (frozen) body once over `examples` and keep completion-position states.
-        With `store` (a safetensors path keyed by weights and token ids) they are read from
-        there when present and written there after computing."""
+        `states(examples) -> (h (N, D), labels (N,), seg (N,), n_tokens)` is a pair forward's
+        `hidden` (tokens sorted by sequence id). With `store` (a safetensors path keyed by
+        weights and token ids) they are read from there when present, else written there."""
         if store is not None and store.exists() and self._load(store, examples, split):
             if progress:
                 progress(len(examples))
             return
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast
-               else nullcontext())
         with torch.no_grad():
             for s in range(0, len(examples), batch_size):
                 chunk = list(examples[s:s + batch_size])
-                batch = collate_pairs(chunk, pad_id=pad_id).to(self.device)
-                with ctx:
-                    hidden = body(batch.input_ids, attention_mask=batch.attention_mask)
+                h, labels, seg, _ = states(chunk)
+                counts = torch.bincount(seg, minlength=2 * len(chunk)).tolist()
+                hs, ys = torch.split(h.float(), counts), torch.split(labels, counts)
                 b = len(chunk)
                 for i, ex in enumerate(chunk):
-                    mc, mr = batch.loss_mask[i], batch.loss_mask[b + i]
-                    self.cache[(split, ex.index)] = (
-                        hidden[i][mc].float(), batch.labels[i][mc],
-                        hidden[b + i][mr].float(), batch.labels[b + i][mr])
+                    self.cache[(split, ex.index)] = (hs[i], ys[i], hs[b + i], ys[b + i])
                 if progress:
                     progress(min(s + batch_size, len(examples)))
         if store is not None:
@@ -147,3 +148,70 @@ class CachedHeadForward:
         tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
                           chunk_size=self.chunk_size)
         return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))
+
+
+def shared_prompt_batch(examples: Sequence, *, pad_id: int, dtype: torch.dtype):
+    """Pack each pair as one row [prompt | chosen | rejected] that computes its prompt once.
+
+    The rejected tokens must not see the chosen ones: a 4D attention mask (B, 1, L, L) lets a
+    token attend to earlier tokens of its own prompt and completion only, and position ids
+    restart the rejected completion at len(prompt), so each completion sees exactly what it
+    would see after the prompt alone. Padding attends to itself (a fully masked row would
+    give NaN in softmax). Returns (input_ids, position_ids, mask (additive float, 0 = attend),
+    gather (N,) flat indices into (B * L) of the states that predict each completion token,
+    labels (N,), seg (N,)).
+    """
+    B = len(examples)
+    L = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    allow = torch.zeros((B, L, L), dtype=torch.bool)
+    # Chosen tokens of every pair first, then rejected ones: FlatLogps keeps tokens sorted by
+    # sequence id (chosen b = b, rejected b = B + b).
+    gather, labels, seg = ([], []), ([], []), ([], [])
+    for b, e in enumerate(examples):
+        P, C, R = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        ids[b, :P + C + R] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+        pos[b, :P + C] = torch.arange(P + C)
+        pos[b, P + C:P + C + R] = torch.arange(P, P + R)
+        causal = torch.ones(P + C + R, P + C + R, dtype=torch.bool).tril_()
+        causal[P + C:, P:P + C] = False  # rejected never sees chosen
+        allow[b, :P + C + R, :P + C + R] = causal
+        allow[b, P + C + R:, P + C + R:] = torch.eye(L - P - C - R, dtype=torch.bool)
+        chosen_src = [P - 1] + list(range(P, P + C - 1))
+        rejected_src = [P - 1] + list(range(P + C, P + C + R - 1))
+        for k, (src, lab, sid) in enumerate(((chosen_src, e.chosen_ids, b),
+                                             (rejected_src, e.rejected_ids, B + b))):
+            gather[k].extend(b * L + i for i in src)
+            labels[k].extend(lab)
+            seg[k].extend([sid] * len(lab))
+    mask = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+    return (ids, pos, mask, torch.tensor(gather[0] + gather[1]),
+            torch.tensor(labels[0] + labels[1]), torch.tensor(seg[0] + seg[1]))
+
+
+class SharedPromptForward:
+    """full / lora scopes: one row per pair, the prompt computed once (see
+    :func:`shared_prompt_batch`); same log-probs as two rows per pair, fewer tokens."""
+
+    def __init__(self, body: Callable, head_fn: Callable[[], Head], *, pad_id: int,
+                 chunk_size: int, device: torch.device, autocast: bool, dtype: torch.dtype):
+        self.body, self.head_fn, self.pad_id = body, head_fn, pad_id
+        self.chunk_size, self.device, self.autocast, self.dtype = chunk_size, device, autocast, dtype
+
+    def hidden(self, examples: Sequence):
+        ids, pos, mask, gather, labels, seg = shared_prompt_batch(
+            list(examples), pad_id=self.pad_id, dtype=self.dtype)
+        ids, pos, mask = ids.to(self.device), pos.to(self.device), mask.to(self.device)
+        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
+               else nullcontext())
+        with ctx:
+            hidden = self.body(ids, attention_mask=mask, position_ids=pos)  # (B, L, D)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather.to(self.device))
+        n_tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+        return h, labels.to(self.device), seg.to(self.device), n_tokens
+
+    def __call__(self, examples: Sequence) -> FlatLogps:
+        h, labels, seg, n_tokens = self.hidden(examples)
+        tok = label_logps(h, self.head_fn(), labels, chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg, len(examples), n_tokens)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dpolab.logps import Head
-from dpolab.policy import BodyForward, CachedHeadForward
+from dpolab.policy import BodyForward, CachedHeadForward, SharedPromptForward
 from dpolab.progress import Progress
 
 
@@ -25,14 +25,14 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         model.requires_grad_(True)
         body, head = body_and_head(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        return params, BodyForward(body, lambda: head, pad_id=pad_id, chunk_size=tc.logps_chunk,
-                                   device=device, autocast=autocast), head
+        return params, pair_forward(tc, body, head, pad_id=pad_id, device=device,
+                                    autocast=autocast, dtype=model.dtype), head
     if tc.scope == "lora":
         peft_model = _add_lora(model, tc)
         body, head = body_and_head(peft_model)
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        fwd = BodyForward(body, lambda: head, pad_id=pad_id, chunk_size=tc.logps_chunk,
-                          device=device, autocast=autocast)
+        fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
+                           dtype=model.dtype)
         fwd.peft_model = peft_model
         return params, fwd, head
     # last_layer
@@ -51,11 +51,20 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     for split, t in tok.items():
         bar = Progress(len(t.examples), f"cache body states ({split})",
                        enabled=tc.progress and dist.is_main)
-        fwd.fill(body, t.examples, split=split, pad_id=pad_id, batch_size=tc.eval_batch_size,
-                 autocast=autocast, progress=bar.update,
-                 store=state_store(split, t.examples) if state_store else None)
+        states = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
+                              dtype=model.dtype).hidden
+        fwd.fill(states, t.examples, split=split, batch_size=tc.eval_batch_size,
+                 progress=bar.update, store=state_store(split, t.examples) if state_store else None)
         bar.close()
     return params, fwd, head
+
+
+def pair_forward(tc, body, head, *, pad_id: int, device, autocast: bool, dtype):
+    """The forward over pairs that train.pair_forward names."""
+    kw = dict(pad_id=pad_id, chunk_size=tc.logps_chunk, device=device, autocast=autocast)
+    if tc.pair_forward == "two_rows":
+        return BodyForward(body, lambda: head, **kw)
+    return SharedPromptForward(body, lambda: head, dtype=dtype, **kw)
 
 
 def untie_head(model) -> None:

@@ -22,7 +22,7 @@ from dpolab import reference
 from dpolab.cli import UserError
 from dpolab.config import RunConfig
 from dpolab.diagnostics import PairStats, group_summaries, summarize
-from dpolab.policy import BodyForward, CachedHeadForward, FlatLogps
+from dpolab.policy import CachedHeadForward, FlatLogps, SharedPromptForward
 from dpolab.progress import Progress
 
 Tensor = torch.Tensor
@@ -329,9 +329,10 @@ class Session:
         body, head = body_and_head(model)
         kw = dict(pad_id=self.tokenizer.pad_token_id, chunk_size=tc.logps_chunk,
                   device=self.dist.device, autocast=False)
-        policy = BodyForward(body, lambda: head, **kw)
+        policy = SharedPromptForward(body, lambda: head, dtype=model.dtype, **kw)
         if isinstance(self.scope_forward, CachedHeadForward):
-            ref_fwd = BodyForward(body, lambda: self.scope_forward.head0, **kw)
+            ref_fwd = SharedPromptForward(body, lambda: self.scope_forward.head0,
+                                          dtype=model.dtype, **kw)
             ref = lambda b: ref_fwd(b).sums()[0]  # noqa: E731
         elif peft_model is not None:
             def ref(b):
@@ -341,7 +342,7 @@ class Session:
             ref_model = load_model(resolve_model_path(self.cfg.model.name), device=str(self.dist.device))
             ref_model.eval()
             rb, rh = body_and_head(ref_model)
-            ref_fwd = BodyForward(rb, lambda: rh, **kw)
+            ref_fwd = SharedPromptForward(rb, lambda: rh, dtype=ref_model.dtype, **kw)
             ref = lambda b: ref_fwd(b).sums()[0]  # noqa: E731
         out = did_metrics(model, prompts, policy_logps=lambda b: policy(b).sums()[0],
                           ref_logps=ref, k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
