@@ -84,9 +84,9 @@ class TrainConfig:
     bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
     progress: bool = True  # progress bar on a terminal, plain lines otherwise
     export_merged: bool = True  # lora: export the merged model (False: the adapter alone)
-    did_samples: int = 8  # DID entropy at the end: samples per held-out prompt (0 = off)
-    did_prompts: int = 16  # DID entropy: held-out prompts sampled
-    did_max_new_tokens: int = 32  # DID entropy: tokens per sample at most
+    did_samples: int = 4  # DID entropy at the end: samples per held-out prompt (0 = off)
+    did_prompts: int = 8  # DID entropy: held-out prompts sampled
+    did_max_new_tokens: int = 24  # DID entropy: tokens per sample at most
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -128,17 +133,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif origin in (typing.Union, types.UnionType):
         return value
     type_name = getattr(tp, "__name__", str(tp))
-    raise UserError(f"config {where}: expected {type_name}, got {value!r}")
+    raise UserError(f"{where}: expected {type_name}, got {value!r}")
 
 
 def _section(cls: type, values: dict[str, Any], where: str):
     if not isinstance(values, dict):
-        raise UserError(f"config {where}: expected a mapping, got {values!r}")
+        raise UserError(f"{where}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserError(f"config {where}: unknown key(s) {', '.join(unknown)}; valid: "
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: "
                         f"{', '.join(sorted(names))}")
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 

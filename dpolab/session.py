@@ -21,7 +21,7 @@ from dpolab import config as config_mod
 from dpolab import reference
 from dpolab.cli import UserError
 from dpolab.config import RunConfig
-from dpolab.diagnostics import PairStats, group_summaries, summarize
+from dpolab.diagnostics import PairStats, growth_rate, group_summaries, summarize, unflippable
 from dpolab.policy import CachedHeadForward, FlatLogps, SharedPromptForward
 from dpolab.progress import Progress
 
@@ -157,7 +157,10 @@ def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[s
 
     rows = read_metrics(metrics_path)
     evals = [r for r in rows if "eval/rewards/accuracies" in r]
+    steps = [r for r in rows if "rewards/margins" in r and "step" in r]
     summary = {
+        "margin_growth_rate": growth_rate(np.array([r["step"] for r in steps]),
+                                          np.array([r["rewards/margins"] for r in steps])),
         "wall_s": wall_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps": max((r.get("step", 0) for r in rows), default=0),
@@ -306,6 +309,11 @@ class Session:
             stats = self.pair_stats(split)
             gids = self._group_ids[split]
             row.update({prefix + k: v for k, v in summarize(stats).items()})
+            flags = unflippable(stats.ref_chosen, stats.ref_rejected, beta=stats.beta)
+            row[prefix + "unflippable/fraction"] = float(flags.mean())
+            if flags.any():  # did training flip the model's own preference on them anyway?
+                pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
+                row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
             row.update({prefix + k: v for k, v in group_summaries(
                 stats, gids, self.groups, {"no_cue": self._no_cue[split]}).items()})
         return row
@@ -419,7 +427,36 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     s._group_w = {k: torch.tensor([float(w.get(e.group, 1.0)) for e in t.examples])
                   for k, t in tok.items()}
     _write_data_report(run_dir, tok, dist)
+    _write_unflippable(s)
     return s
+
+
+def _write_unflippable(s: "Session") -> None:
+    """List, before training, the pairs whose reference preference for the rejected response
+    is too strong for DPO to flip (dpolab.diagnostics.unflippable) into unflippable.json."""
+    if not s.dist.is_main:
+        return
+    out: dict[str, Any] = {"beta": s.cfg.loss.beta,
+                           "threshold_nats": float(np.log(3.0) / s.cfg.loss.beta)
+                           if s.cfg.loss.beta > 0 else None}
+    for split, examples in (("train", s.train), ("held_out", s.held_out)):
+        rc, rr = s._ref_sums[split]
+        flags = unflippable(rc.numpy(), rr.numpy(), beta=s.cfg.loss.beta)
+        out[split] = {
+            "count": int(flags.sum()), "pairs": len(examples),
+            "by_group": {g: int(sum(1 for e, f in zip(examples, flags) if f and e.group == g))
+                         for g in s.groups},
+            "list": [{"where": f"{e.source}:{e.row}", "group": e.group,
+                      "ref_margin": float(rc[i] - rr[i])}
+                     for i, (e, f) in enumerate(zip(examples, flags)) if f],
+        }
+    tmp = s.run_dir / "unflippable.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(s.run_dir / "unflippable.json")
+    if s.cfg.train.progress:
+        print(f"unflippable at beta={s.cfg.loss.beta}: {out['train']['count']} of "
+              f"{out['train']['pairs']} training pairs, {out['held_out']['count']} of "
+              f"{out['held_out']['pairs']} held-out (listed in {s.run_dir / 'unflippable.json'})")
 
 
 def reference_for(model_hash: str, forward, examples: list, cfg: RunConfig,

@@ -32,6 +32,7 @@ def test_overrides_parse_yaml_values():
     assert cfg.loss.beta == 0.05 and cfg.train.scope == "lora" and cfg.out == "runs/x"
     assert cfg.loss.term_weights() == {"sft": 0.1, "dpo": 1.0}
     assert cfg.train.lora_targets == ("q_proj", "v_proj")
+    assert C.build_config(C.apply_overrides({}, ["train.lr=1e-3"])).train.lr == 0.001
 
 
 @pytest.mark.parametrize("overrides,msg", [

@@ -281,3 +281,26 @@ def test_existing_run_is_not_overwritten(tiny_dir, tmp_path, cache):
     train(cfg_for(tiny_dir, data, tmp_path / "r", "train.max_steps=1"))
     with pytest.raises(UserError, match="a run already exists there; use --resume"):
         train(cfg_for(tiny_dir, data, tmp_path / "r", "train.max_steps=1"))
+
+
+def test_unflippable_pairs_listed_before_training(tiny_dir, tmp_path, cache):
+    """unflippable.json lists exactly the pairs whose reference prefers the rejected response
+    by more than log(3)/beta nats (beta = 2: 0.549 nats), recomputed here from a fresh
+    reference pass, and the eval lines carry the fraction."""
+    import numpy as np
+
+    from dpolab import session as S
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = cfg_for(tiny_dir, data, tmp_path / "u", "loss.beta=2.0", "train.max_steps=1")
+    run = train(cfg)
+    info = json.loads((run / "unflippable.json").read_text())
+    (tmp_path / "v").mkdir()
+    s = S.build(cfg, tmp_path / "v", S.Distributed())
+    pc, pr = s.pair_stats("train").ref_chosen, s.pair_stats("train").ref_rejected
+    expected = [f"{e.source}:{e.row}" for e, a, b in zip(s.train, pc, pr) if b - a > np.log(3) / 2.0]
+    assert [x["where"] for x in info["train"]["list"]] == expected
+    assert info["threshold_nats"] == pytest.approx(0.5493, abs=1e-4)
+    first_eval = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first_eval["train_eval/unflippable/fraction"] == pytest.approx(
+        len(expected) / len(s.train))
