@@ -37,9 +37,11 @@ class FlatLogps:
     n_processed: int  # tokens that went through the model for this batch (throughput)
 
     def sums(self) -> tuple[Tensor, Tensor]:
-        """Summed log-probs (chosen (B,), rejected (B,)), differentiable."""
-        s = torch.zeros(2 * self.n_pairs, dtype=self.tokens.dtype, device=self.tokens.device)
-        s = s.index_add(0, self.seg, self.tokens)
+        """Summed log-probs (chosen (B,), rejected (B,)), differentiable, float64: float32
+        sums of ~100 terms differ in the last bits with the summation order, and an exact
+        tie with the reference (every margin 0 before training) must stay exact."""
+        s = torch.zeros(2 * self.n_pairs, dtype=torch.float64, device=self.tokens.device)
+        s = s.index_add(0, self.seg, self.tokens.double())
         return s[: self.n_pairs], s[self.n_pairs:]
 
     def counts(self) -> tuple[Tensor, Tensor]:

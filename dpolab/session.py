@@ -274,7 +274,7 @@ class Session:
         c, r = self._ref_sums[split]
         i = torch.as_tensor(list(idx), dtype=torch.long)
         dev = self.dist.device
-        return c[i].float().to(dev), r[i].float().to(dev)
+        return c[i].to(dev), r[i].to(dev)  # float64, like the policy's sums
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
         return self._group_w[split][torch.as_tensor(list(idx), dtype=torch.long)].to(self.dist.device)
