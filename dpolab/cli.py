@@ -23,7 +23,8 @@ COMMANDS = {
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
     "report": ("dpolab.report", "write report.html and figures for a run directory"),
     "compare": ("dpolab.report", "overlay several runs in one report"),
-    "logps-bench": ("benchmarks.logps", "chunked vs naive completion log-probs (speed, memory)"),
+    "bench": ("dpolab.bench", "run a benchmark script of the source checkout: logps, vs_trl, "
+                              "values_sweep"),
 }
 
 
