@@ -32,6 +32,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
          optimizer: torch.optim.Optimizer, *, metrics_lines: int, is_main: bool = True) -> Path:
+    """Collective under FSDP2: every rank calls it (sharded tensors are gathered), rank 0
+    writes."""
+    from dpolab import sharding
+
+    named = {k: sharding.full(v) for k, v in named.items()}
+    opt_state = sharding.optimizer_state_full(optimizer)
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     if not is_main:
@@ -41,7 +47,7 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in named.items()},
               str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(opt_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics_lines": metrics_lines}))
     if final.exists():
         shutil.rmtree(final)
@@ -73,10 +79,13 @@ def restore(run_dir: Path, named: dict[str, torch.Tensor],
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), e.g. "
                         f"{missing[0]!r}; was the config changed since the run started?")
+    from dpolab import sharding
+
     with torch.no_grad():
         for k, t in named.items():
-            t.copy_(tensors[k])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            t.copy_(sharding.like(tensors[k], t))
+    sharding.load_optimizer_state_full(optimizer, torch.load(path / "optimizer.pt",
+                                                             weights_only=True))
     return int(json.loads((path / "state.json").read_text())["step"])
 
 

@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 0  # data order, initialisation of new parameters, every random draw
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
     pair_forward: str = "shared_prompt"  # shared_prompt (one row per pair, 4D mask) | two_rows
+    distributed: str = "ddp"  # under torchrun: ddp (replicated) | fsdp2 (decoder layers sharded)
     eval_batch_size: int = 16  # pairs per forward at evaluation and reference time
     device: str = "auto"  # auto | cpu | cuda
     bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
@@ -217,6 +218,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
         (cfg.loss.aux_mode in ("soft", "exact"), "loss.aux_mode must be soft or exact"),
+        (cfg.train.distributed in ("ddp", "fsdp2"), "train.distributed must be ddp or fsdp2"),
+        (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
+         "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),
         (cfg.train.pair_forward in ("shared_prompt", "two_rows"),
          "train.pair_forward must be shared_prompt or two_rows"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),

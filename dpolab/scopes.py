@@ -23,6 +23,10 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     tc = cfg.train
     if tc.scope == "full":
         model.requires_grad_(True)
+        if dist.world > 1 and tc.distributed == "fsdp2":
+            from dpolab.sharding import shard_layers
+
+            shard_layers(model)
         body, head = body_and_head(model)
         params = [p for p in model.parameters() if p.requires_grad]
         return params, pair_forward(tc, body, head, pad_id=pad_id, device=device,

@@ -69,7 +69,11 @@ class Distributed:
             return
         import torch.distributed as td
 
+        from dpolab.sharding import is_sharded
+
         for p in params:
+            if is_sharded(p):
+                continue  # FSDP2 reduce-scatters its own shards (summing) in backward
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             td.all_reduce(p.grad, op=td.ReduceOp.SUM)
@@ -213,6 +217,10 @@ class StepStats:
 
 
 def clip(params: list[Tensor], max_norm: float) -> float:
+    from dpolab import sharding
+
+    if any(sharding.is_sharded(p) for p in params):
+        return sharding.clip_grad_norm(params, max_norm)
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -359,8 +367,21 @@ class Session:
         return {f"eval/{k}": v for k, v in out.items()}
 
     def export(self, out: Path) -> None:
+        """Collective: every rank calls it (sharded weights are gathered), rank 0 writes."""
+        from dpolab import sharding
         from dpolab.checkpoint import export_model
 
+        if sharding.has_sharded_modules(self.model):
+            for m in self.model.modules():  # back to the sharded layout: state_dict gathers it
+                if hasattr(m, "reshard"):
+                    m.reshard()
+            state = {k: sharding.full(v).detach().clone()
+                     for k, v in self.model.state_dict().items()}
+            if self.dist.is_main:
+                sharding.save_full_state(state, self.model.config, self.tokenizer, out)
+            return
+        if not self.dist.is_main:
+            return
         peft_model = getattr(self.scope_forward, "peft_model", None)
         export_model(peft_model if peft_model is not None else self.model, self.tokenizer, out,
                      merge_lora=self.cfg.train.export_merged)
@@ -408,7 +429,9 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
             ex, split=split, head=scope_forward.head0)) for split in tok}
     else:
         ref_fns = {split: scope_forward for split in tok}
-    refs = {split: reference_for(model_hash, ref_fns[split], t.examples, cfg, dist, split)
+    sharded = dist.world > 1 and tc.distributed == "fsdp2"
+    refs = {split: reference_for(model_hash, ref_fns[split], t.examples, cfg, dist, split,
+                                 collective=sharded)
             for split, t in tok.items()}
     s = Session(cfg, run_dir, dist, model, tokenizer, tok["train"].examples,
                 tok["held_out"].examples, train_rows, held_rows, groups, refs, params,
@@ -460,7 +483,8 @@ def _write_unflippable(s: "Session") -> None:
 
 
 def reference_for(model_hash: str, forward, examples: list, cfg: RunConfig,
-                  dist: Distributed, split: str) -> reference.ReferenceLogps:
+                  dist: Distributed, split: str, *, collective: bool = False
+                  ) -> reference.ReferenceLogps:
     """Load the stored reference for (weights, token ids), or compute and store it.
     `forward`: examples -> FlatLogps of the policy at its reference point."""
     key = f"{model_hash}-{reference.hash_examples(examples)[:16]}"
@@ -468,15 +492,18 @@ def reference_for(model_hash: str, forward, examples: list, cfg: RunConfig,
     ref = reference.load(path, key)
     if ref is not None and ref.n == len(examples):
         return ref
-    if dist.is_main:
-        bar = Progress(len(examples), f"reference ({split})", enabled=cfg.train.progress)
+    # With sharded layers every rank must run the same forwards (they gather shards).
+    if dist.is_main or collective:
+        bar = Progress(len(examples), f"reference ({split})",
+                       enabled=cfg.train.progress and dist.is_main)
         ref = reference.compute(lambda ex: forward(ex).split(), examples,
                                 batch_size=cfg.train.eval_batch_size, key=key,
                                 progress=bar.update)
         bar.close()
-        reference.save(ref, path)
+        if dist.is_main:
+            reference.save(ref, path)
     dist.barrier()
-    return ref if dist.is_main else reference.load(path, key)
+    return ref if ref is not None else reference.load(path, key)
 
 
 def load_split_rows(cfg: RunConfig) -> tuple[list, list]:

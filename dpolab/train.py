@@ -146,13 +146,13 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             metrics.write(row)
         if done or (tc.save_every and (step + 1) % tc.save_every == 0):
             checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
-                            metrics_lines=metrics.lines, is_main=dist.is_main)
+                            metrics_lines=metrics.lines, is_main=dist.is_main)  # collective
             dist.barrier()
     bar.close()
 
     # ---- export ------------------------------------------------------------------------
+    s.export(run_dir / "model")  # collective
     if dist.is_main:
-        s.export(run_dir / "model")
         session.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
         write_run_report(run_dir)
     dist.barrier()

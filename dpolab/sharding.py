@@ -1,0 +1,129 @@
+"""FSDP2 (`fully_shard`) for models that do not fit on one device (train.distributed=fsdp2).
+
+Each decoder layer becomes one FSDP unit: its parameters are DTensors sharded across ranks,
+gathered for its forward and backward and reduce-scattered after. Embeddings, the final norm
+and the head stay replicated (their gradients go through the same all-reduce as in data
+parallelism), so the trainer can still apply the head itself, chunked.
+
+Gradient reduction sums (divide factor 1): each rank's loss is already divided by the global
+batch size, as for the replicated parameters. Everything that turns sharded tensors into full
+ones (checkpoints, export) is a collective: every rank calls it, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def is_sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def has_sharded_modules(model) -> bool:
+    """True when some submodule is an FSDP2 unit (its parameters may be sharded DTensors or,
+    between a forward and its reshard, unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def shard_layers(model) -> int:
+    """fully_shard every decoder layer; returns how many units were made."""
+    from torch.distributed.fsdp import fully_shard
+
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise ValueError(f"{type(decoder).__name__} has no .layers (or .h) list to shard")
+    for layer in layers:
+        fully_shard(layer)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return len(layers)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor on every rank (collective for a sharded one)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like(value: Tensor, param: Tensor) -> Tensor:
+    """A full tensor laid out like `param` (sharded the same way when param is sharded)."""
+    if not is_sharded(param) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements)
+
+
+def optimizer_state_full(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered (collective)."""
+    sd = optimizer.state_dict()
+    for state in sd["state"].values():
+        for k, v in list(state.items()):
+            if isinstance(v, torch.Tensor) and is_sharded(v):
+                state[k] = v.full_tensor()
+    return sd
+
+
+def load_optimizer_state_full(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Inverse of :func:`optimizer_state_full`: re-shard state tensors like their params."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, state in sd["state"].items():
+        p = params[int(idx)]
+        for k, v in list(state.items()):
+            if isinstance(v, torch.Tensor):
+                state[k] = like(v, p)
+    optimizer.load_state_dict(sd)
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """Global gradient norm over replicated and sharded gradients; clip when max_norm > 0.
+    Sharded gradients contribute their local shards, summed over ranks (disjoint shards);
+    replicated gradients, already equal on every rank, count once."""
+    import torch.distributed as td
+
+    local = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        if is_sharded(p.grad):
+            local += p.grad.to_local().double().pow(2).sum().cpu()
+        else:
+            replicated += p.grad.double().pow(2).sum().cpu()
+    td.all_reduce(local, op=td.ReduceOp.SUM)
+    norm = float((local + replicated).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+def save_full_state(state: dict[str, Tensor], config, tokenizer, out) -> None:
+    """Write a from_pretrained-loadable folder from a gathered state dict: model.safetensors
+    (a tied head is stored once, as transformers does), config, tokenizer; atomically."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if getattr(config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
