@@ -85,6 +85,7 @@ class TrainConfig:
     bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
     progress: bool = True  # progress bar on a terminal, plain lines otherwise
     export_merged: bool = True  # lora: export the merged model (False: the adapter alone)
+    report: bool = True  # write report.html and its figures at the end of the run
     did_samples: int = 4  # DID entropy at the end: samples per held-out prompt (0 = off)
     did_prompts: int = 8  # DID entropy: held-out prompts sampled
     did_max_new_tokens: int = 24  # DID entropy: tokens per sample at most

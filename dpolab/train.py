@@ -154,7 +154,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     s.export(run_dir / "model")  # collective
     if dist.is_main:
         session.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
-        write_run_report(run_dir)
+        if tc.report:
+            write_run_report(run_dir)
     dist.barrier()
     dist.close()
     return run_dir

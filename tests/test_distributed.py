@@ -29,7 +29,7 @@ def test_two_process_gloo_matches_one_process(scope, mode, tiny_dir, tmp_path):
     env = {**os.environ, "DPOLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     common = ["--model", str(tiny_dir), "--data", str(data), "train.max_steps=4",
               "train.lr=0.01", "train.progress=false", "data.max_length=48",
-              "train.did_samples=0",
+              "train.did_samples=0", "train.report=false",
               "data.max_prompt_length=16", f"train.scope={scope}",
               "train.lora_targets=[q_proj, v_proj]", f"train.distributed={mode}"]
     one = subprocess.run([sys.executable, "-m", "dpolab", "train", *common,
@@ -62,7 +62,8 @@ def test_fsdp2_checkpoint_resume(tiny_dir, tmp_path):
          "-m", "dpolab", "train", *a], env=env, capture_output=True, text=True, timeout=300)
     common = ["--model", str(tiny_dir), "--data", str(data), "train.lr=0.01",
               "train.progress=false", "data.max_length=48", "data.max_prompt_length=16",
-              "train.did_samples=0", "train.scope=full", "train.distributed=fsdp2",
+              "train.did_samples=0", "train.report=false", "train.scope=full",
+              "train.distributed=fsdp2",
               "train.batch_size=2", "train.schedule=constant", "train.warmup_steps=0"]
     a = run(*common, "train.max_steps=4", "--out", str(tmp_path / "a"))
     assert a.returncode == 0, a.stderr

@@ -52,8 +52,7 @@ def cfg_for(tiny_dir, data, out, *overrides):
                             ["train.batch_size=4", "train.max_steps=6", "train.lr=0.01",
                              "train.warmup_steps=1", "train.progress=false",
                              "train.eval_batch_size=8", "data.max_length=48",
-                             "train.did_samples=3", "train.did_prompts=2",
-                             "train.did_max_new_tokens=6",
+                             "train.did_samples=0", "train.report=false",
                              "data.max_prompt_length=16", *overrides])
     return C.build_config(raw)
 
@@ -79,7 +78,8 @@ def test_scopes_train_and_export(scope, tiny_dir, tmp_path, cache):
     data = write_pairs(tmp_path / "pairs.jsonl")
     extra = ["train.lora_targets=[q_proj, v_proj]", "train.lora_r=4"] if scope == "lora" else []
     run = train(cfg_for(tiny_dir, data, tmp_path / "run", f"train.scope={scope}",
-                        "train.max_steps=12", *extra))
+                        "train.max_steps=12", "train.report=true", "train.did_samples=3",
+                        "train.did_prompts=2", "train.did_max_new_tokens=6", *extra))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
@@ -233,7 +233,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path, cache):
     data = write_pairs(tmp_path / "pairs.jsonl", n=40)
     env = {**os.environ, "DPOLAB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     args = ["--model", str(tiny_dir), "--data", str(data), "train.batch_size=2",
-            "train.did_samples=0",
+            "train.did_samples=0", "train.report=false",
             "train.max_steps=30", "train.save_every=3", "train.lr=0.01", "train.progress=false",
             "data.max_length=48", "data.max_prompt_length=16", "train.scope=full"]
     ref = _run_cli([*args, "--out", str(tmp_path / "full")], env)
