@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -201,7 +202,8 @@ def print_table(title: str, rows: list[dict]) -> None:
         print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
 
 
-def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path) -> Path:
+def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path,
+                 extra: list[str] = ()) -> Path:
     s = res["setting"]
     blocks = [htmlpage.para(f"{s['model']}; beta = {s['beta']}, tau = {s['tau']}, "
                             f"tau_1 = {s['tau_1']}. Reading of Theorem 4.2's Z: {s['z_reading']}."),
@@ -217,7 +219,7 @@ def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path) -> Pat
             blocks.append(htmlpage.image(figs["scaling"], "Left: the bound's minimal Q vs log K. "
                                          "Right: margin growth rate vs K."))
     return htmlpage.write_page(out / "report.html", "Can DPO learn diverse human values? "
-                               "(synthetic reproduction)", blocks)
+                               "(synthetic reproduction)", blocks + list(extra))
 
 
 def main(argv: list[str]) -> int:
@@ -230,6 +232,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="runs/values", help="output directory")
     parser.add_argument("--seed", default="0", help="base seed (non-negative integer)")
     parser.add_argument("--target", default="0.05", help="target error for the min-Q table")
+    parser.add_argument("--real", action="store_true", help="also run the real-model part: "
+                        "last-layer DPO on SmolLM2-135M-Instruct states, K = 1..7 values")
+    parser.add_argument("--real-q", default="30", help="training pairs per value (1..32)")
+    parser.add_argument("--real-seeds", default="3", help="value subsets per K")
+    parser.add_argument("--real-steps", default="300", help="gradient steps per run")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -243,24 +250,160 @@ def main(argv: list[str]) -> int:
                         f"{args.seed!r}, {args.target!r}") from None
     if seed < 0 or not 0 < target < 1 or not math.isfinite(target):
         raise UserError(f"need --seed >= 0 and 0 < --target < 1, got {seed}, {target}")
+    real = _real_config(args, seed) if args.real else None
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create --out {out}: {err}") from None
-    run_and_write(QUICK if args.quick else FULL, out=out, seed=seed, target=target)
+    run_and_write(QUICK if args.quick else FULL, out=out, seed=seed, target=target, real=real)
     return 0
 
 
-def run_and_write(cfg: SweepConfig, *, out: Path, seed: int, target: float) -> dict:
-    """Run the sweep, write results.json, the figures and report.html; print the tables."""
+def _real_config(args, seed: int):
+    from dpolab.cli import UserError
+    from dpolab.theory.values_real import RealConfig
+
+    try:
+        q, reps, steps = int(args.real_q), int(args.real_seeds), int(args.real_steps)
+    except ValueError:
+        raise UserError(f"--real-q, --real-seeds and --real-steps must be integers, got "
+                        f"{args.real_q!r}, {args.real_seeds!r}, {args.real_steps!r}") from None
+    if not (1 <= q <= 32 and reps >= 1 and steps >= 1):
+        raise UserError(f"need 1 <= --real-q <= 32 (the smallest group has 32 training pairs), "
+                        f"--real-seeds >= 1 and --real-steps >= 1; got {q}, {reps}, {steps}")
+    return RealConfig(q=q, reps=reps, steps=steps, seed=seed)
+
+
+def run_and_write(cfg: SweepConfig, *, out: Path, seed: int, target: float,
+                  real=None) -> dict:
+    """Run the sweep (and with `real`, a values_real.RealConfig, the real-model part), write
+    results.json, the figures and report.html; print the tables."""
     start = time.perf_counter()
     res = run_sweep(cfg, seed=seed, target=target)
     res["elapsed_s"] = time.perf_counter() - start
+    extra: list[str] = []
+    if real is not None:
+        from dpolab.theory.values_real import run_real
+
+        res["real_model"] = run_real(real)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     tabs = tables(res)
     for title, rows in tabs.items():
         print_table(title, rows)
-    page = write_report(res, tabs, make_figures(res, out, seed=seed), out)
+    if real is not None:
+        rtabs = real_tables(res["real_model"])
+        for title, rows in rtabs.items():
+            print_table(title, rows)
+        extra = real_report_blocks(res["real_model"], rtabs,
+                                   make_real_figures(res["real_model"], out))
+    page = write_report(res, tabs, make_figures(res, out, seed=seed), out, extra)
     print(f"\nwrote {out / 'results.json'} and {page} ({res['elapsed_s']:.1f} s sweep)")
     return res
+
+
+def real_tables(res: dict[str, Any]) -> dict[str, list[dict]]:
+    """Printable tables of the real-model results."""
+    sw, s, t = res["k_sweep"], res["setting"], res["timings"]
+    fits = [{"fit": name, **f} for name, f in sw["fits"].items() if f is not None]
+    struct = [{"embedding": name, **{k: v for k, v in st.items() if not k.startswith("cos_")}}
+              for name, st in res["structure"].items()]
+    cos = [{"value": g, **{h: st_row[j] for j, h in enumerate(s["groups"])}}
+           for name in ("prompt_last",) for key in ("cos_before", "cos_after")
+           for g, st_row in zip([f"{key[4:]}: {g}" for g in s["groups"]],
+                                res["structure"][name][key])]
+    c = s["config"]
+    return {
+        "real model: K sweep (means over reps)": sw["per_k"],
+        "real model: fits": fits,
+        "real model: value-direction structure": struct,
+        "real model: cosines of value means (prompt_last), before / after removing the shared "
+        "mean": cos,
+        "real model: settings and timings": [{
+            "model": s["model"], "Q": c["q"], "reps": c["reps"], "steps": c["steps"],
+            "beta": c["beta"], "lr": c["lr"], "x_norm_mean": s["x_norm_mean"],
+            "states cached": t["states_cache_hit"], "states_s": t["states_s"],
+            "sweep_s": t["sweep_s"], "total_s": t["total_s"],
+            "full-seq head s/token/step": t["full_sequence_head_s_per_token_step"]}],
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# The real-model part (--real): tables, figures, report section
+
+
+def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw, groups = res["k_sweep"], res["setting"]["groups"]
+    figs: dict[str, Path] = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for k, cur in sw["curves"].items():
+        for ax, which in zip(axes, ("train", "held")):
+            ax.plot(cur["steps"], cur[which], label=f"K={k}")
+    for ax, title in zip(axes, ("training pairs", "held-out pairs of the K values")):
+        ax.set(xlabel="gradient step", ylabel="mean reward margin β h", title=title)
+    axes[1].legend(fontsize=8)
+    figs["margins"] = _save(fig, out / "real_margins.png")
+
+    per_k, fit = sw["per_k"], sw["fits"]["held_error_vs_k_means"]
+    ks = np.array([r["k"] for r in per_k])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(ks, [r["train_rate"] for r in per_k], "o-", label="train")
+    axes[0].plot(ks, [r["held_rate"] for r in per_k], "s--", label="held-out")
+    axes[0].set(xlabel="K (values)", ylabel="margin growth rate (per step)",
+                title="early margin growth rate vs K")
+    axes[0].legend()
+    axes[1].plot([r["k"] for r in sw["runs"]], [r["held_error"] for r in sw["runs"]], ".",
+                 color="gray", label="runs")
+    axes[1].plot(ks, [r["held_error"] for r in per_k], "o", label="mean over reps")
+    if fit is not None:
+        axes[1].plot(ks, fit["slope"] * ks + fit["intercept"], "-",
+                     label=f"{fit['slope']:.3g} K + {fit['intercept']:.3g} (R²={fit['r2']:.3f})")
+    axes[1].set(xlabel="K (values)", ylabel="held-out error", title="held-out error vs K")
+    axes[1].legend(fontsize=8)
+    figs["scaling"] = _save(fig, out / "real_scaling.png")
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 10))
+    for row, name in zip(axes, ("prompt_last", "prompt_mean")):
+        for ax, key in zip(row, ("cos_before", "cos_after")):
+            m = np.array(res["structure"][name][key])
+            ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")  # cells carry their values
+            ax.set_xticks(range(len(groups)), groups, rotation=60, fontsize=8)
+            ax.set_yticks(range(len(groups)), groups, fontsize=8)
+            for i in range(len(groups)):
+                for j in range(len(groups)):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_title(f"{name}: {'before' if key == 'cos_before' else 'after'} removing "
+                         f"the shared mean", fontsize=9)
+    figs["cosines"] = _save(fig, out / "real_cosines.png")
+    return figs
+
+
+def real_report_blocks(res: dict[str, Any], tabs: dict[str, list[dict]],
+                  figs: dict[str, Path]) -> list[str]:
+    s = res["setting"]
+    blocks = [htmlpage.heading("Real model: last-layer DPO on " + s["model"]),
+              htmlpage.para(f"Reduction: {s['reduction']}. Optimizer: {s['optimizer']}. "
+                            f"Held-out error: {s['held_out_error']}. Growth rate: "
+                            f"{s['growth_rate']}. Pairs with a shared prefix before the first "
+                            f"difference: {s['shared_prefix_pairs']}; dropped (no differing "
+                            f"token): {s['dropped_no_difference']}."),
+              htmlpage.image(figs["margins"], "Mean reward margin vs step, one line per K "
+                             "(averaged over the value subsets)."),
+              htmlpage.image(figs["scaling"], "Left: early margin growth rate vs K. Right: "
+                             "held-out error vs K with the least-squares line.")]
+    for title, rows in tabs.items():
+        blocks += [htmlpage.heading(title, 3), htmlpage.table(rows)]
+        if "structure" in title:
+            blocks.append(htmlpage.para(
+                "Exactly orthonormal value directions give cosine -1/(G-1) after removing the "
+                "mean of the G value means, not 0: "
+                f"{res['structure']['prompt_last']['orthogonal_reference_after']:.3f} here."))
+            blocks.append(htmlpage.image(figs["cosines"], "Cosine similarity of the per-value "
+                                         "mean embeddings; embeddings: " + "; ".join(
+                                             f"{k} = {v}" for k, v in s["embeddings"].items())))
+    return blocks

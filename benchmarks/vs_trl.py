@@ -1,0 +1,309 @@
+"""dpolab vs TRL's DPOTrainer on the same model, tokens, loss, optimizer and precision.
+
+    python benchmarks/vs_trl.py --preset tiny|smollm2|qwen0.5b [--warmup 2 --steps 5]
+
+Each system runs in its own child process (benchmarks/_vs_trl_child.py), one after the other:
+dpolab (reference computed once and stored), TRL with `precompute_ref_log_probs=True`, and TRL
+with the reference model in memory. Same settings everywhere: full fine-tuning, sigmoid DPO
+with beta 0.1 on summed completion log-probs, AdamW (lr 1e-5, betas (0.9, 0.999), eps 1e-8, no
+weight decay), constant schedule without warmup, gradient norm clipped to 1, dropout off,
+float32 weights (bf16 autocast on CUDA), no activation (gradient) checkpointing (TRL's default
+is on; pass --trl-grad-checkpointing to keep it).
+
+The training set is exactly one batch, so every step of every system sees the same pairs:
+the step-1 losses must agree (to 1e-4), and later losses show whether the updates agree too.
+
+tokens/s has one definition for both systems: the tokens TRL puts through the model, i.e.
+pairs/s x (prompt + chosen + prompt + rejected); dpolab's default shared-prompt forward
+computes the prompt once per pair, so it processes fewer tokens than it is credited with here.
+Seconds per step: the median over the timed steps, after `--warmup` steps.
+Peak memory: CUDA `max_memory_allocated`, or on CPU the child's peak RSS (VmHWM: the whole
+process, loading and reference computation included) and the peak RSS sampled during the steps.
+Appends one JSON line per system to benchmarks/results/vs_trl.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "vs_trl.jsonl"
+CHILD = HERE / "_vs_trl_child.py"
+
+# pairs, prompt tokens, completion tokens (EOS included), warm-up and timed steps, CUDA
+PRESETS = {
+    "tiny": dict(batch=4, prompt_len=32, completion_len=32, warmup=1, steps=3, cuda=False),
+    "smollm2": dict(batch=2, prompt_len=64, completion_len=64, warmup=2, steps=5, cuda=False),
+    "qwen0.5b": dict(batch=8, prompt_len=256, completion_len=256, warmup=2, steps=8, cuda=True),
+}
+SYSTEMS = (("dpolab", "stored"), ("trl", "precompute"), ("trl", "in_memory"))
+_WORDS = ("the cat dog bird river house answer question model letter story field light door "
+          "apple garden teacher friend machine reply summary morning quiet honest green long "
+          "short first better small old young open red careful simple clear kind helps reads "
+          "writes finds carries learns chooses explains follows remembers prefers sees").split()
+
+
+# ------------------------------------------------------------------------------------ data
+def fill_text(tokenizer, n_tokens: int, *, rng: random.Random, first: str) -> str:
+    """Text of exactly `n_tokens` tokens: `first` then " word"s drawn by `rng`.
+
+    Byte-level BPE splits text before each space-led word, so a text's token count is the sum
+    of its words' counts and a text that starts with a space does not merge with what precedes
+    it: prompt + completion tokenizes to prompt tokens + completion tokens, as TRL (which
+    tokenizes them together) and dpolab (separately) both need. " a" (one token) fills the end.
+    """
+    words, count = [first], len(tokenizer(first, add_special_tokens=False)["input_ids"])
+    while count < n_tokens:
+        w = " " + rng.choice(_WORDS)
+        k = len(tokenizer(w, add_special_tokens=False)["input_ids"])
+        if count + k > n_tokens:
+            w, k = " a", 1
+        words.append(w)
+        count += k
+    return "".join(words)
+
+
+def make_pairs(tokenizer, *, n: int, prompt_len: int, completion_len: int, seed: int) -> list[dict]:
+    """`n` standard-format pairs: prompt of `prompt_len` tokens, completions of
+    `completion_len` tokens including the EOS both systems append."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = fill_text(tokenizer, prompt_len, rng=rng, first=f"Question {i}:")
+        chosen, rejected = (fill_text(tokenizer, completion_len - 1, rng=rng, first=" Answer")
+                            for _ in range(2))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------- models
+def prepare_model(preset: str, work: Path, *, seed: int) -> str:
+    """A local model folder for the preset (random-init models are written to `work`)."""
+    from dpolab.models import resolve_model_path
+
+    if preset == "tiny":
+        from dpolab.tiny import save_tiny
+
+        return str(save_tiny(work / "model", vocab_size=512, seed=seed))
+    if preset == "smollm2":
+        return resolve_model_path("smollm2-135m-instruct")
+    return str(save_qwen_shape(work / "model", seed=seed))
+
+
+def save_qwen_shape(dir: Path, *, seed: int) -> Path:
+    """Qwen2.5-0.5B-shaped random init (seeded, caller's RNG restored), with SmolLM2's tokenizer
+    (its ids, < 49152, are valid in the 151936-token vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.models import load_tokenizer, resolve_model_path
+    from dpolab.tiny import qwen_shape_config
+
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    config = qwen_shape_config()
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(dir)
+    tokenizer.save_pretrained(dir)
+    return dir
+
+
+# ---------------------------------------------------------------------------------- running
+def run_child(spec: dict, work: Path) -> dict:
+    name = f"{spec['system']}-{spec['ref_mode']}"
+    spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.out.json"
+    spec_path.write_text(json.dumps({**spec, "work": str(work / name)}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+           "HF_DATASETS_CACHE": str(work / name / "hf_datasets")}
+    if not spec["cuda"]:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(CHILD), str(spec_path), str(out_path)],
+                          env=env, capture_output=True, text=True, cwd=str(HERE.parent))
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{tail}")
+    out = json.loads(out_path.read_text())
+    out["child_wall_s"] = time.monotonic() - t0
+    return out
+
+
+def summarize(out: dict, *, tokens_per_step: int, cuda: bool) -> dict:
+    """The numbers a row of the table shows."""
+    timed = out["step_seconds"][-out["n_timed"]:]
+    s = statistics.median(timed)
+    peak = out["steps_cuda_peak_mib"] if cuda else out["steps_peak_rss_mib"]
+    return {"s_per_step": s, "tokens_per_s": tokens_per_step / s,
+            "peak_mib": out["cuda_peak_mib"] if cuda else out["peak_rss_mib"],
+            "steps_peak_mib": peak, "loss_step1": out["losses"][0], "losses": out["losses"],
+            "logps_chosen_step1": out["logps_chosen"][0], "step_seconds": timed,
+            "threads": out["threads"], "child_wall_s": out["child_wall_s"]}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # no torch CUDA runtime: a CPU machine
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "host": platform.node()}
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def compare_tokens(outs: dict) -> str:
+    """Both systems must train on the same token ids (pair order may differ)."""
+    ref = sorted(map(json.dumps, outs["dpolab-stored"]["first_batch"]))
+    for name, out in outs.items():
+        if sorted(map(json.dumps, out["first_batch"])) != ref:
+            return f"DIFFERENT token ids: dpolab vs {name}"
+    fb = outs["dpolab-stored"]["first_batch"]
+    lens = [(len(p), len(c), len(r)) for p, c, r in fb]
+    return f"same token ids in all systems; (prompt, chosen, rejected) tokens per pair: {lens}"
+
+
+def print_table(rows: dict, *, cuda: bool) -> None:
+    mem = "peak CUDA MiB" if cuda else "peak RSS MiB"
+    print(f"{'system':24s} {'s/step':>8s} {'tokens/s':>9s} {mem + ' (all)':>19s} "
+          f"{'(steps)':>8s} {'loss step 1':>12s} {'loss last':>10s}")
+    for name, r in rows.items():
+        print(f"{name:24s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} {r['peak_mib']:19.0f} "
+              f"{r['steps_peak_mib']:8.0f} {r['loss_step1']:12.6f} {r['losses'][-1]:10.6f}")
+
+
+def ratios(rows: dict) -> dict:
+    """dpolab / TRL for each TRL reference mode: tokens/s, peak memory (all), (steps)."""
+    d = rows["dpolab"]
+    return {trl: {"tokens_per_s": d["tokens_per_s"] / r["tokens_per_s"],
+                  "peak_mem": d["peak_mib"] / r["peak_mib"],
+                  "steps_peak_mem": d["steps_peak_mib"] / r["steps_peak_mib"],
+                  "loss_step1_abs_diff": abs(d["loss_step1"] - r["loss_step1"]),
+                  "loss_last_abs_diff": abs(d["losses"][-1] - r["losses"][-1])}
+            for trl, r in rows.items() if trl != "dpolab"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--batch", type=int, help="pairs per step (default: the preset's)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default: the preset's)")
+    p.add_argument("--completion-len", type=int, help="completion tokens incl. EOS")
+    p.add_argument("--warmup", type=int, help="untimed steps first (>= 1)")
+    p.add_argument("--steps", type=int, help="timed steps")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--systems", default="dpolab-stored,trl-precompute,trl-in_memory",
+                   help="comma-separated subset of the three systems")
+    p.add_argument("--trl-grad-checkpointing", action="store_true",
+                   help="keep TRL's default gradient checkpointing (off: like dpolab)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSONL file to append to")
+    a = p.parse_args(argv)
+    for k, v in PRESETS[a.preset].items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.cuda = PRESETS[a.preset]["cuda"]
+    if a.warmup < 1 or a.steps < 1:
+        p.error("--warmup and --steps must be >= 1 (the first step is never timed)")
+    known = {f"{s}-{m}" for s, m in SYSTEMS}
+    a.systems = [s for s in a.systems.split(",") if s]
+    if "dpolab-stored" not in a.systems or set(a.systems) - known:
+        p.error(f"--systems must include dpolab-stored; valid: {', '.join(sorted(known))}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"preset {a.preset} needs a CUDA device and none is available; "
+                  f"run --preset tiny or --preset smollm2 on CPU", file=sys.stderr)
+            return 2
+    from dpolab.models import load_tokenizer
+
+    load_before = loadavg()
+    with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
+        work = Path(tmp)
+        model = prepare_model(a.preset, work, seed=a.seed)
+        tokenizer = load_tokenizer(model)
+        kw = dict(prompt_len=a.prompt_len, completion_len=a.completion_len)
+        train = write_jsonl(make_pairs(tokenizer, n=a.batch, seed=a.seed, **kw), work / "train.jsonl")
+        held = write_jsonl(make_pairs(tokenizer, n=2, seed=a.seed + 1, **kw), work / "eval.jsonl")
+        spec = dict(model=model, train=str(train), eval=str(held), batch=a.batch,
+                    warmup=a.warmup, steps=a.steps, lr=a.lr, beta=a.beta,
+                    max_grad_norm=a.max_grad_norm, seed=a.seed, cuda=a.cuda,
+                    trl_grad_checkpointing=a.trl_grad_checkpointing, **kw)
+        outs = {}
+        for system, mode in SYSTEMS:
+            if f"{system}-{mode}" in a.systems:
+                print(f"running {system} ({mode} reference) ...", flush=True)
+                outs[f"{system}-{mode}"] = run_child({**spec, "system": system, "ref_mode": mode}, work)
+    load_after = loadavg()
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in outs["dpolab-stored"]["first_batch"])
+    print(compare_tokens(outs))
+    print(f"tokens per step (pairs x (2 prompt + chosen + rejected), both systems): {tokens}")
+    rows = {}
+    for name, out in outs.items():
+        out["n_timed"] = a.steps
+        rows["dpolab" if name.startswith("dpolab") else name] = summarize(
+            out, tokens_per_step=tokens, cuda=a.cuda)
+    print_table(rows, cuda=a.cuda)
+    rat = ratios(rows)
+    for trl, r in rat.items():
+        agree = "agree" if r["loss_step1_abs_diff"] <= 1e-4 else "DISAGREE"
+        print(f"dpolab / {trl}: tokens/s x{r['tokens_per_s']:.2f}, peak memory x{r['peak_mem']:.2f} "
+              f"(steps x{r['steps_peak_mem']:.2f}); step-1 losses {agree} "
+              f"(|diff| {r['loss_step1_abs_diff']:.1e}), last {r['loss_last_abs_diff']:.1e}")
+    print(f"load average before {load_before}, after {load_after} on {os.cpu_count()} cores")
+    settings = {k: v for k, v in vars(a).items() if k not in ("results", "systems")}
+    common = {"benchmark": "vs_trl", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(), "preset": a.preset, "settings": settings,
+              "tokens_per_step": tokens, "token_check": compare_tokens(outs),
+              "loadavg_before": load_before, "loadavg_after": load_after,
+              "load_high": max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1),
+              "versions": versions()}
+    a.results.parent.mkdir(parents=True, exist_ok=True)
+    with a.results.open("a") as f:
+        for name, r in rows.items():
+            f.write(json.dumps({**common, "system": name, **r,
+                                "ratios": rat if name == "dpolab" else None}) + "\n")
+    return 0
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "trl")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
