@@ -428,8 +428,12 @@ class _Parser(argparse.ArgumentParser):
 
 def cli_main(argv: list[str]) -> int:
     """dpolab reproduce misspecification [--out DIR] [--counts a,b,c] [--beta B]
-    [--dpop-lambda L]: the table, the sweeps, figures and report.html."""
+    [--dpop-lambda L] [--real [--real-steps N] [--real-groups g1,g2,..] ...]: the table, the
+    sweeps, figures and report.html. --real runs, in addition to the bandit, DPO vs AuxDPO on
+    a real model with one value group dominant (:mod:`dpolab.theory.bandit_real`), written
+    under "real" in results.json and as the last section of report.html."""
     from dpolab.cli import UserError
+    from dpolab.theory.bandit_real import add_real_arguments, real_setting_from_args
     parser = _Parser(
         prog="dpolab reproduce misspecification",
         description="The 3-response bandit on which DPO is a misspecified estimator "
@@ -439,10 +443,12 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--counts", default="1,1,10", help="pair counts n12,n23,n31")
     parser.add_argument("--beta", type=float, default=1.0, help="beta (> 0)")
     parser.add_argument("--dpop-lambda", type=float, default=1.0, help="DPOP lambda (>= 0)")
+    add_real_arguments(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # only --help exits here: bad flags raise through _error
         return int(exc.code or 0)
+    real = real_setting_from_args(args)  # None without --real
     setting = BanditSetting(counts=_parse_counts(args.counts), beta=args.beta,
                             dpop_lambda=args.dpop_lambda)
     try:
@@ -455,9 +461,15 @@ def cli_main(argv: list[str]) -> int:
     sweeps = {"n31": sweep(setting, over="n31", values=np.logspace(-1, 2, 61).tolist()),
               "beta": sweep(setting, over="beta", values=np.logspace(-1, 1, 41).tolist())}
     result = {"setting": asdict(setting), "table": rows, "sweeps": sweeps}
+    if real is not None:
+        from dpolab.theory.bandit_real import run_experiment
+        result["real"] = run_experiment(real, out / "real")
     (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     from dpolab.theory.bandit_plots import write_report
     write_report(result, setting, out)
     print(format_table(rows))
+    if real is not None:
+        from dpolab.theory.bandit_real import format_real_table
+        print(format_real_table(result["real"]))
     print(f"wrote {out / 'results.json'}, {out / 'report.html'}")
     return 0

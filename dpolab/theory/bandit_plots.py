@@ -162,5 +162,8 @@ def write_report(result: dict, setting: BanditSetting, out: Path) -> Path:
         htmlpage.image(s_b, "Against beta (counts as above). AuxDPO and linearised RLHF "
                             "coincide (theta = -1/(2 beta) for every beta and every count)."),
     ]
+    if "real" in result:  # dpolab reproduce misspecification --real
+        from dpolab.theory.bandit_real import report_blocks
+        blocks += report_blocks(result["real"])
     return htmlpage.write_page(out / "report.html",
                                "DPO as a misspecified estimator: the 3-response bandit", blocks)

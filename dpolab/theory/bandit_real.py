@@ -11,7 +11,8 @@ Here the "responses" are the chat pairs of the embedded multi-value data
 subset of a real model's parameters:
 
     last_layer   the output head only (body states cached once; AuxDPO's soft null-space
-                 penalty ||A_B delta_B||^2 in closed form, :func:`dpolab.auxdpo.head_gradient_penalty`)
+                 penalty ||A_B delta_B||^2 in closed form,
+                 :func:`dpolab.auxdpo.head_gradient_penalty`)
     lora         rank-r adapters on q_proj, v_proj (AuxDPO accumulates the per-response
                  gradients of the reference once into G = A^T A before training: one backward
                  per response, about one epoch of extra cost)
@@ -38,7 +39,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -154,7 +155,7 @@ def run_overrides(s: RealSetting, *, loss: str, scope: str) -> list[str]:
            f"train.max_steps={s.steps}", f"train.batch_size={s.batch_size}",
            "train.warmup_steps=2", "train.schedule=cosine", f"train.seed={s.seed}",
            "train.eval_every=0", "train.save_every=0", "train.did_samples=0",
-           "train.progress=false", f"data.max_length={s.max_length}",
+           "train.progress=false", "train.report=false", f"data.max_length={s.max_length}",
            f"data.max_prompt_length={min(256, s.max_length // 2)}"]
     if scope == "lora":
         out += [f"train.lora_r={s.lora_r}",
@@ -170,7 +171,8 @@ def group_metrics(row: Mapping[str, float], groups: Sequence[str], *,
 
 
 def run_one(s: RealSetting, *, loss: str, scope: str, train_path: Path, eval_path: Path,
-            out: Path, keep_weights: bool = False) -> dict:
+            out: Path, train_groups: Sequence[str | None] = (),
+            keep_weights: bool = False) -> dict:
     """Train one (loss, scope) run and read back the held-out per-group metrics before
     (step 0) and after training, the training-set accuracy after, and the wall time.
     The exported weights and checkpoints are deleted unless keep_weights (they are GBs)."""
@@ -185,13 +187,39 @@ def run_one(s: RealSetting, *, loss: str, scope: str, train_path: Path, eval_pat
     wall = time.monotonic() - t0
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/rewards/accuracies" in r]
     before, after = evals[0], final_metrics(run_dir)
+    delta = final_delta(run_dir) if LOSSES[loss] == "auxdpo" else None
     if not keep_weights:
         for heavy in ("model", "checkpoints"):
             shutil.rmtree(run_dir / heavy, ignore_errors=True)
     return {"loss": loss, "scope": scope, "wall_s": wall, "run_dir": str(run_dir),
             "before": group_metrics(before, s.groups), "after": group_metrics(after, s.groups),
             "train_after": group_metrics(after, s.groups, prefix="train_eval/"),
-            "eval_accuracy_after": float(after["eval/rewards/accuracies"])}
+            "eval_accuracy_after": float(after["eval/rewards/accuracies"]),
+            "delta": None if delta is None else delta_summary(delta, train_groups, beta=s.beta)}
+
+
+def final_delta(run_dir: Path):
+    """AuxDPO's auxiliary rewards (2n,) = [chosen..., rejected...] from the last checkpoint."""
+    from safetensors import safe_open
+
+    ckpt = sorted((Path(run_dir) / "checkpoints").glob("step-*"))[-1]
+    with safe_open(str(ckpt / "trainable.safetensors"), "pt") as f:
+        return f.get_tensor("auxdpo.delta").double()
+
+
+def delta_summary(delta, groups: Sequence[str | None], *, beta: float) -> dict:
+    """How far AuxDPO used its auxiliary rewards: rms of delta, and per training group the
+    mean of beta * (delta_c - delta_r), the part of the AuxDPO margin that delta supplies
+    (auxdpo_loss: -log sigma(beta * (h + delta_c - delta_r))). groups: the group of each
+    training pair in delta's order; per-group values only when their number matches."""
+    n = delta.shape[0] // 2
+    out = {"rms": float(delta.pow(2).mean().sqrt()) if n else 0.0, "by_group": {}}
+    if len(groups) == n:
+        diff = (beta * (delta[:n] - delta[n:])).tolist()
+        for g in dict.fromkeys(groups):
+            vals = [d for d, gg in zip(diff, groups) if gg == g]
+            out["by_group"][g] = sum(vals) / len(vals)
+    return out
 
 
 def dominance_gap(run: dict, groups: Sequence[str]) -> dict[str, float]:
@@ -223,7 +251,8 @@ def run_experiment(s: RealSetting, out: Path, *, rows: Sequence | None = None,
     for scope in s.scopes:
         for loss in LOSSES:
             run = run_one(s, loss=loss, scope=scope, train_path=train_path, eval_path=eval_path,
-                          out=out / f"{scope}-{LOSSES[loss]}")
+                          out=out / f"{scope}-{LOSSES[loss]}",
+                          train_groups=[r.group for r in train_rows])
             run.update(dominance_gap(run, s.groups))
             runs.append(run)
             log(f"real: {scope} {loss}: {run['wall_s']:.0f} s, held-out accuracy "
@@ -265,10 +294,13 @@ def format_real_table(real: dict) -> str:
                      f"{r['train_acc_after']:>10.3f}")
     lines.append("")
     lines.append("dominant minus minority mean (held-out, after): accuracy gap | "
-                 "preference-shift gap | wall")
+                 "preference-shift gap | wall | AuxDPO: rms delta, mean beta*(delta_c-delta_r)")
     for run in real["runs"]:
+        d = run.get("delta")
+        aux = "" if not d else f"  {d['rms']:.4f}  " + ", ".join(
+            f"{g} {v:+.4f}" for g, v in d["by_group"].items())
         lines.append(f"  {run['scope']:<11}{run['loss']:<7}{run['accuracy_gap']:>+8.3f}"
-                     f"{run['preference_shift_gap']:>+10.3f}{run['wall_s']:>8.0f} s")
+                     f"{run['preference_shift_gap']:>+10.3f}{run['wall_s']:>8.0f} s{aux}")
     return "\n".join(lines)
 
 
@@ -279,7 +311,9 @@ def report_blocks(real: dict) -> list[str]:
     s = real["setting"]
     counts = ", ".join(f"{g} {n}" for g, n in real["train_pairs"].items())
     gaps = [{"scope": r["scope"], "loss": r["loss"], "accuracy_gap": r["accuracy_gap"],
-             "preference_shift_gap": r["preference_shift_gap"], "wall_s": r["wall_s"]}
+             "preference_shift_gap": r["preference_shift_gap"], "wall_s": r["wall_s"],
+             "delta_rms": r["delta"]["rms"] if r.get("delta") else "",
+             "beta_delta_margin": r["delta"]["by_group"] if r.get("delta") else ""}
             for r in real["runs"]]
     return [
         htmlpage.heading("Real model: one value group made dominant"),
@@ -298,6 +332,84 @@ def report_blocks(real: dict) -> list[str]:
             "gives the chosen reply the higher log-probability (before: the reference's); "
             "train_acc: the same accuracy on the training pairs."),
         htmlpage.table(table_rows(real)),
-        htmlpage.para("Dominant group minus the mean of the minority groups, after training."),
+        htmlpage.para("Dominant group minus the mean of the minority groups, after training. "
+                      "delta_rms / beta_delta_margin: how much AuxDPO's auxiliary rewards "
+                      "moved, and their mean share beta * (delta_c - delta_r) of the training "
+                      "margin per group."),
         htmlpage.table(gaps),
     ]
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: the --real flags of `dpolab reproduce misspecification`
+
+_FLAGS = ("real_steps", "real_groups", "real_counts", "real_eval", "real_scopes", "real_model",
+          "real_seed")
+
+
+def add_real_arguments(parser) -> None:
+    """Add --real and its options to an argparse parser (defaults: RealSetting's)."""
+    d = RealSetting()
+    parser.add_argument("--real", action="store_true",
+                        help="also run DPO vs AuxDPO on a real model with one value group "
+                             "dominant (results under 'real' in results.json)")
+    parser.add_argument("--real-steps", type=int, help=f"optimizer steps per run ({d.steps})")
+    parser.add_argument("--real-groups", help="value groups, dominant first "
+                                              f"({','.join(d.groups)})")
+    parser.add_argument("--real-counts", help="training pairs per group "
+                                              f"({','.join(map(str, d.counts))})")
+    parser.add_argument("--real-eval", type=int,
+                        help=f"held-out pairs per group ({d.eval_per_group})")
+    parser.add_argument("--real-scopes", help=f"scopes to run ({','.join(d.scopes)})")
+    parser.add_argument("--real-model", help=f"model name or folder ({d.model})")
+    parser.add_argument("--real-seed", type=int, help=f"seed ({d.seed})")
+
+
+def _csv(text: str, flag: str) -> tuple[str, ...]:
+    from dpolab.cli import UserError
+
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise UserError(f"{flag}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def real_setting_from_args(args) -> RealSetting | None:
+    """The RealSetting the parsed flags ask for, None without --real; UserError (one line)
+    for a bad value or a --real-* option given without --real."""
+    from dpolab.cli import UserError
+    from dpolab.rho_data import GROUPS
+
+    given = [f"--{f.replace('_', '-')}" for f in _FLAGS if getattr(args, f) is not None]
+    if not args.real:
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --real")
+        return None
+    s = RealSetting()
+    kw: dict = {}
+    if args.real_groups is not None:
+        kw["groups"] = _csv(args.real_groups, "--real-groups")
+        unknown = [g for g in kw["groups"] if g not in GROUPS]
+        if unknown:
+            raise UserError(f"--real-groups: unknown group(s) {', '.join(unknown)}; valid: "
+                            f"{', '.join(GROUPS)}")
+        if args.real_counts is None:  # dominant keeps its count, every other group the minority one
+            kw["counts"] = (s.counts[0],) + (s.counts[1],) * (len(kw["groups"]) - 1)
+    if args.real_counts is not None:
+        try:
+            kw["counts"] = tuple(int(x) for x in _csv(args.real_counts, "--real-counts"))
+        except ValueError:
+            raise UserError(f"--real-counts: expected integers a,b,c, got "
+                            f"{args.real_counts!r}") from None
+    if args.real_scopes is not None:
+        kw["scopes"] = _csv(args.real_scopes, "--real-scopes")
+    for flag, field in (("real_steps", "steps"), ("real_eval", "eval_per_group"),
+                        ("real_model", "model"), ("real_seed", "seed")):
+        if getattr(args, flag) is not None:
+            kw[field] = getattr(args, flag)
+    s = replace(s, **kw)
+    try:
+        check_real_setting(s)
+    except ValueError as err:
+        raise UserError(f"--real: {err}") from None
+    return s

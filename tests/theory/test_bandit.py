@@ -265,7 +265,7 @@ def test_cli_writes_results_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["--counts", "1,2"], ["--counts", "1,-1,2"],
                                   ["--counts", "a,b,c"], ["--counts", "0,0,0"],
                                   ["--beta", "0"], ["--beta", "-1"], ["--beta", "nan"],
-                                  ["--dpop-lambda", "-1"], ["--real"]])
+                                  ["--dpop-lambda", "-1"], ["--real-steps", "5"]])
 def test_cli_rejects_bad_flags(tmp_path, argv):
     """Bad values raise UserError (one line, exit 2 through dpolab.cli) and write nothing."""
     out = tmp_path / "run"
