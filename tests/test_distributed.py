@@ -46,10 +46,18 @@ def test_two_process_gloo_matches_one_process(scope, mode, tiny_dir, tmp_path):
     for a, b in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # Adam divides each update by the root of that element's squared-gradient average, so an
+    # element whose gradient is near zero turns summation-order noise into a visible step: the
+    # weights are compared to 1% of one lr-sized step, and must have moved by far more than that.
     wa = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    w0 = load_file(str(tiny_dir / "model.safetensors"))
+    moved = 0.0
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+        if k in w0:
+            moved = max(moved, (wa[k].float() - w0[k].float()).abs().max().item())
+    assert moved > 5e-3
 
 
 def test_fsdp2_checkpoint_resume(tiny_dir, tmp_path):
