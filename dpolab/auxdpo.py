@@ -14,6 +14,8 @@ problems the constraint is exact: delta = Gamma c with Gamma an orthonormal basi
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 Tensor = torch.Tensor
@@ -69,21 +71,68 @@ def head_gradient_penalty(hidden: Tensor, labels: Tensor, token_delta: Tensor, h
     for s in range(0, hidden.shape[0], 512):
         h = hidden[s:s + 512].float()
         with torch.no_grad():
-            z = torch.nn.functional.linear(h, head0.weight.float(),
-                                           None if head0.bias is None else head0.bias.float())
-            scale = None
-            if head0.softcap is not None:
-                t = torch.tanh(z / head0.softcap)
-                z, scale = head0.softcap * t, 1.0 - t * t
-            g = -torch.softmax(z, dim=1)
-            g[torch.arange(g.shape[0]), labels[s:s + 512]] += 1.0
-            if scale is not None:
-                g = g * scale  # (n, V)
+            g = _head_token_grads(h, labels[s:s + 512], head0)  # (n, V)
         gd = g * token_delta[s:s + 512, None].float()  # (n, V), linear in delta
         v = v + gd.transpose(0, 1) @ h
         if head0.bias is not None:
             vb = vb + gd.sum(0)
     return v.pow(2).sum() + vb.pow(2).sum()
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _head_token_grads(hidden: Tensor, labels: Tensor, head0) -> Tensor:
+    """g_t = (e_{y_t} - p_t) * s_t (N, V) float32 at the reference head (see
+    :func:`head_gradient_penalty`), chunked over tokens."""
+    out = torch.empty(hidden.shape[0], head0.weight.shape[0], dtype=torch.float32,
+                      device=hidden.device)
+    for s in range(0, hidden.shape[0], 512):
+        h = hidden[s:s + 512].float()
+        z = torch.nn.functional.linear(h, head0.weight.float(),
+                                       None if head0.bias is None else head0.bias.float())
+        scale = None
+        if head0.softcap is not None:
+            t = torch.tanh(z / head0.softcap)
+            z, scale = head0.softcap * t, 1.0 - t * t
+        g = -torch.softmax(z, dim=1)
+        g[torch.arange(g.shape[0]), labels[s:s + 512]] += 1.0
+        out[s:s + 512] = g if scale is None else g * scale
+    return out
+
+
+@torch.no_grad()
+def head_gradient_gram(responses, head0, *, max_bytes: float) -> Tensor:
+    """G = A^T A (m, m) float64 for a trained output head, without forming A (P = V x D).
+
+    responses: m pairs (hidden (T_a, D), labels (T_a,)), the completion tokens of response a.
+    With g_t as in :func:`head_gradient_penalty`, response a's gradient is
+    sum_{t in a} g_t h_t^T (and sum_{t in a} g_t for a bias), so
+        G_ab = sum_{t in a, s in b} (g_t . g_s) (h_t . h_s + [bias]),
+    a sum of the token kernel (g g^T) * (h h^T + [bias]) over response blocks. Holds g (N, V)
+    float32 and the (N, N) kernel for all N completion tokens; raises ValueError with the
+    sizes when that exceeds max_bytes.
+    """
+    m = len(responses)
+    hidden = torch.cat([h for h, _ in responses])
+    labels = torch.cat([y for _, y in responses])
+    N, V = hidden.shape[0], head0.weight.shape[0]
+    need = N * V * 4 + 2 * N * N * 8
+    if need > max_bytes:
+        raise ValueError(f"the head's token gradients for {N:,} completion tokens over a "
+                         f"vocabulary of {V:,} need {_size(need)}, above the "
+                         f"{_size(max_bytes)} allowed (loss.aux_max_gib)")
+    g = _head_token_grads(hidden, labels, head0)
+    h = hidden.float()
+    kernel = (g @ g.T).double() * ((h @ h.T).double() + (1.0 if head0.bias is not None else 0.0))
+    del g
+    owner = torch.repeat_interleave(torch.arange(m, device=hidden.device),
+                                    torch.tensor([y.shape[0] for _, y in responses],
+                                                 device=hidden.device))
+    rows = torch.zeros(m, N, dtype=torch.float64, device=hidden.device).index_add_(0, owner, kernel)
+    return torch.zeros(m, m, dtype=torch.float64, device=hidden.device).index_add_(
+        1, owner, rows).cpu()
 
 
 def response_gradient_gram(forward, examples, params, *, max_bytes: float,
@@ -99,8 +148,8 @@ def response_gradient_gram(forward, examples, params, *, max_bytes: float,
     need = 2 * n * P * 4
     if need > max_bytes:
         raise ValueError(f"the per-response gradients of {P:,} trained parameters for {2 * n} "
-                         f"responses need {need / 2**30:.1f} GiB, above the "
-                         f"{max_bytes / 2**30:.1f} GiB allowed (loss.aux_max_gib)")
+                         f"responses need {_size(need)}, above the "
+                         f"{_size(max_bytes)} allowed (loss.aux_max_gib)")
     rows = torch.empty(2 * n, P, dtype=torch.float32)
     for i, ex in enumerate(examples):
         pc, pr = forward([ex]).sums()
@@ -122,6 +171,28 @@ def null_space_of_gram(G: Tensor, *, rtol: float | None = None) -> Tensor:
         rtol = G.shape[0] * torch.finfo(torch.float32).eps
     keep = evals <= rtol * evals.abs().max().clamp_min(1e-300)
     return evecs[:, keep]
+
+
+def gram_spectrum(G: Tensor, *, null_weight: float, rtol: float | None = None) -> dict:
+    """What N(A) leaves AuxDPO, from G = A^T A (m, m) over all m responses: the numerical rank
+    of A (eigenvalues of G above rtol * max, the tolerance of :func:`null_space_of_gram`), the
+    null-space dimension m - rank, and G's extreme eigenvalues.
+
+    When the null space is {0} (rank = m: as many independent response gradients as
+    responses, the usual case once the trained parameters outnumber the responses), no
+    nonzero delta satisfies A delta = 0: exact mode pins delta to 0, and the soft penalty
+    charges at least lambda_null * eig_min * ||delta||^2, so AuxDPO can only differ from DPO
+    where that floor is small next to the preference loss's pull on delta (at most beta per
+    pair). `soft_floor` is lambda_null * eig_min."""
+    evals = torch.linalg.eigvalsh(G.double())
+    m = G.shape[0]
+    if rtol is None:
+        rtol = m * torch.finfo(torch.float32).eps
+    top = float(evals.abs().max()) if m else 0.0
+    null_dim = int((evals <= rtol * max(top, 1e-300)).sum()) if m else 0
+    eig_min = float(evals.min().clamp_min(0)) if m else 0.0
+    return {"responses": m, "rank": m - null_dim, "null_dim": null_dim, "eig_max": top,
+            "eig_min": eig_min, "soft_floor": null_weight * eig_min}
 
 
 class AuxRewards:
@@ -167,19 +238,39 @@ class AuxRewards:
         kw = dict(device=session.dist.device, null_weight=lc.aux_null_weight,
                   amp_weight=lc.aux_amp_weight)
         bar = Progress(n, "auxdpo: per-response gradients", enabled=tc.progress and session.dist.is_main)
+        gram_source = "per-response gradients"
         try:
             gram = response_gradient_gram(fwd, session.train, session.params,
                                           max_bytes=lc.aux_max_gib * 2**30, progress=bar.update)
         except ValueError as err:
             bar.close()
-            if cached and lc.aux_mode == "soft":  # the closed form needs no per-response rows
-                return cls(n, gram=None, cache=session.scope_forward.cache,
-                           head0=session.scope_forward.head0, **kw)
-            raise UserError(f"loss auxdpo ({lc.aux_mode} mode, scope {tc.scope}): {err}. "
-                            + ("Use loss.aux_mode=soft, which for the last_layer scope needs "
-                               "no per-response gradients." if cached else
-                               "Use train.scope=last_layer or lora, or raise loss.aux_max_gib.")) from None
+            gram = None
+            if cached:  # the head's Gram in closed form, from the cached states
+                sf = session.scope_forward
+                entries = [sf.cache[("train", ex.index)] for ex in session.train]
+                responses = ([(e[0], e[1]) for e in entries] + [(e[2], e[3]) for e in entries])
+                gram_source = "head closed form"
+                try:
+                    gram = head_gradient_gram(responses, sf.head0,
+                                              max_bytes=lc.aux_max_gib * 2**30)
+                except ValueError as head_err:
+                    err = head_err
+                    if lc.aux_mode == "soft":  # the closed-form penalty needs no Gram at all
+                        return cls(n, gram=None, cache=sf.cache, head0=sf.head0, **kw)
+            if gram is None:
+                raise UserError(f"loss auxdpo ({lc.aux_mode} mode, scope {tc.scope}): {err}. "
+                                + ("Use loss.aux_mode=soft, which for the last_layer scope needs "
+                                   "no per-response gradients." if cached else
+                                   "Use train.scope=last_layer or lora, or raise "
+                                   "loss.aux_max_gib.")) from None
         bar.close()
+        spectrum = gram_spectrum(gram, null_weight=lc.aux_null_weight)
+        if session.dist.is_main:  # how much room N(A) leaves delta, for whoever reads the run
+            from dpolab.checkpoint import atomic_write_text
+
+            atomic_write_text(session.run_dir / "auxdpo.json",
+                              json.dumps({"mode": lc.aux_mode, "gram": gram_source, **spectrum},
+                                         indent=1))
         if lc.aux_mode == "exact":
             basis = null_space_of_gram(gram).float().to(session.dist.device)
             if session.dist.is_main:

@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 from dpolab.cli import UserError
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to path through a temporary file and a rename: readers see the old file or
+    the whole new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -52,7 +54,7 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _atomic_write_text(root / "latest", final.name)
+    atomic_write_text(root / "latest", final.name)
     for old in root.glob("step-*"):  # keep only the newest complete checkpoint
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

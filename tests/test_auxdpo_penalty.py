@@ -48,3 +48,29 @@ def test_penalty_zero_in_null_space():
     delta = basis @ torch.randn(basis.shape[1], generator=g, dtype=torch.float64)
     pen = head_gradient_penalty(hs, ys, delta, Head(W.detach()))
     assert pen.item() < 1e-10
+
+
+@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (True, 3.0)])
+def test_head_gradient_gram_equals_autograd(bias, softcap):
+    """head_gradient_gram == A^T A with A's columns the autograd gradients of each response's
+    log-prob w.r.t. the head (weight and bias), with and without a softcap; too little memory
+    is a ValueError naming the sizes."""
+    from dpolab.auxdpo import head_gradient_gram
+
+    g = torch.Generator().manual_seed(3)
+    V, D, lens = 7, 5, [3, 1, 4, 2]
+    W = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    hs = [torch.randn(n, D, generator=g, dtype=torch.float64) for n in lens]
+    ys = [torch.randint(0, V, (n,), generator=g) for n in lens]
+    cols = []
+    for h, y in zip(hs, ys):
+        lp = label_logps(h, Head(W, b, softcap), y).sum()
+        grads = torch.autograd.grad(lp, [W] + ([b] if bias else []))
+        cols.append(torch.cat([t.reshape(-1) for t in grads]))
+    A = torch.stack(cols, dim=1)
+    head0 = Head(W.detach(), None if b is None else b.detach(), softcap)
+    G = head_gradient_gram(list(zip(hs, ys)), head0, max_bytes=2**20)
+    torch.testing.assert_close(G, A.T @ A, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="10 completion tokens over a vocabulary of 7"):
+        head_gradient_gram(list(zip(hs, ys)), head0, max_bytes=100)

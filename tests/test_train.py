@@ -169,6 +169,26 @@ def test_auxdpo_trains_last_layer(tiny_dir, tmp_path, cache):
         assert not any("auxdpo" in k for k in f.keys())
 
 
+def test_auxdpo_exact_last_layer_head_gram(tiny_dir, tmp_path, cache):
+    """last_layer exact mode: the Gram of A comes from the per-response gradients when they fit
+    in loss.aux_max_gib and from the head's closed form when only that fits; both give the same
+    spectrum in auxdpo.json; when neither fits the error names the sizes."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    aux = ["loss.name=auxdpo", "loss.aux_mode=exact", "train.max_steps=1"]
+    spectra = {}
+    for gib in ("1", "0.004"):
+        run = train(cfg_for(tiny_dir, data, tmp_path / f"g{gib}", *aux, f"loss.aux_max_gib={gib}"))
+        spectra[gib] = json.loads((run / "auxdpo.json").read_text())
+    assert spectra["1"]["gram"] == "per-response gradients"
+    assert spectra["0.004"]["gram"] == "head closed form"
+    for key in ("responses", "rank", "null_dim"):
+        assert spectra["1"][key] == spectra["0.004"][key]
+    for key in ("eig_max", "eig_min"):
+        assert spectra["0.004"][key] == pytest.approx(spectra["1"][key], rel=1e-4)
+    with pytest.raises(UserError, match="completion tokens over a vocabulary of 512 need"):
+        train(cfg_for(tiny_dir, data, tmp_path / "none", *aux, "loss.aux_max_gib=0.002"))
+
+
 def test_auxdpo_gram_penalty_equals_closed_form(tiny_dir, tmp_path, cache):
     """last_layer: the batchwise penalty from the Gram matrix of per-response gradients
     equals the closed-form head penalty for the same delta."""
@@ -207,7 +227,10 @@ def test_auxdpo_lora_soft_and_exact(tiny_dir, tmp_path, cache, capsys):
     run = train(cfg_for(tiny_dir, data, tmp_path / "exact", *lora, "loss.aux_mode=exact"))
     assert "the null space of A has dimension" in capsys.readouterr().out
     assert (run / "model" / "model.safetensors").exists()
-    with pytest.raises(UserError, match="GiB, above the 0.0 GiB allowed"):
+    spectrum = json.loads((run / "auxdpo.json").read_text())
+    assert spectrum["mode"] == "exact" and spectrum["responses"] % 2 == 0
+    assert spectrum["null_dim"] > 0 and spectrum["rank"] + spectrum["null_dim"] == spectrum["responses"]
+    with pytest.raises(UserError, match=r"MiB, above the 0.0 MiB allowed"):
         train(cfg_for(tiny_dir, data, tmp_path / "mem", *lora, "loss.aux_max_gib=0.00001"))
 
 
@@ -220,6 +243,23 @@ def test_auxdpo_exact_delta_in_null_space():
     basis = null_space_of_gram(A.T @ A)
     assert basis.shape == (4, 2)
     assert (A @ basis).abs().max() < 1e-6
+
+
+def test_gram_spectrum_counts_rank_and_null_space():
+    """gram_spectrum: the rank-2 A above has null dimension 2 of 4; a full-column-rank A has
+    none, and its soft-penalty floor is lambda_null times G's smallest eigenvalue."""
+    from dpolab.auxdpo import gram_spectrum
+
+    A = torch.tensor([[1.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, -1.0], [1.0, 1.0, 2.0, 1.0]],
+                     dtype=torch.float64)
+    sp = gram_spectrum(A.T @ A, null_weight=1.0)
+    assert (sp["responses"], sp["rank"], sp["null_dim"]) == (4, 2, 2)
+    assert sp["soft_floor"] == pytest.approx(0.0, abs=1e-9)
+    B = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)  # G = diag(4, 1)
+    sp = gram_spectrum(B.T @ B, null_weight=3.0)
+    assert (sp["rank"], sp["null_dim"]) == (2, 0)
+    assert sp["eig_min"] == pytest.approx(1.0) and sp["eig_max"] == pytest.approx(4.0)
+    assert sp["soft_floor"] == pytest.approx(3.0)
 
 
 def _run_cli(args, env, **kw):

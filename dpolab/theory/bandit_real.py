@@ -188,6 +188,8 @@ def run_one(s: RealSetting, *, loss: str, scope: str, train_path: Path, eval_pat
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/rewards/accuracies" in r]
     before, after = evals[0], final_metrics(run_dir)
     delta = final_delta(run_dir) if LOSSES[loss] == "auxdpo" else None
+    spectrum_path = run_dir / "auxdpo.json"  # rank of A over the training responses
+    spectrum = json.loads(spectrum_path.read_text()) if spectrum_path.exists() else None
     if not keep_weights:
         for heavy in ("model", "checkpoints"):
             shutil.rmtree(run_dir / heavy, ignore_errors=True)
@@ -195,7 +197,8 @@ def run_one(s: RealSetting, *, loss: str, scope: str, train_path: Path, eval_pat
             "before": group_metrics(before, s.groups), "after": group_metrics(after, s.groups),
             "train_after": group_metrics(after, s.groups, prefix="train_eval/"),
             "eval_accuracy_after": float(after["eval/rewards/accuracies"]),
-            "delta": None if delta is None else delta_summary(delta, train_groups, beta=s.beta)}
+            "delta": None if delta is None else delta_summary(delta, train_groups, beta=s.beta),
+            "null_space": spectrum}
 
 
 def final_delta(run_dir: Path):
@@ -301,7 +304,33 @@ def format_real_table(real: dict) -> str:
             f"{g} {v:+.4f}" for g, v in d["by_group"].items())
         lines.append(f"  {run['scope']:<11}{run['loss']:<7}{run['accuracy_gap']:>+8.3f}"
                      f"{run['preference_shift_gap']:>+10.3f}{run['wall_s']:>8.0f} s{aux}")
+    spectra = [(r["scope"], r["null_space"]) for r in real["runs"] if r.get("null_space")]
+    if spectra:
+        lines.append("")
+        lines.append("AuxDPO's room: A = d log pi_theta0 / d theta over the training responses")
+        for scope, sp in spectra:
+            lines.append(f"  {scope:<11}rank {sp['rank']} of {sp['responses']} responses, "
+                         f"null space dimension {sp['null_dim']}; eigenvalues of A^T A "
+                         f"{sp['eig_min']:.3g} .. {sp['eig_max']:.3g}; soft-penalty floor "
+                         f"lambda_null * eig_min = {sp['soft_floor']:.3g}")
     return "\n".join(lines)
+
+
+def null_space_note(real: dict) -> str:
+    """One paragraph on what the rank of A allows AuxDPO, from the runs' auxdpo.json."""
+    spectra = [(r["scope"], r["null_space"]) for r in real["runs"] if r.get("null_space")]
+    if not spectra:
+        return ""
+    parts = [f"{scope}: rank {sp['rank']} of {sp['responses']} responses, null space "
+             f"dimension {sp['null_dim']}, smallest eigenvalue of A^T A {sp['eig_min']:.3g} "
+             f"(largest {sp['eig_max']:.3g})" for scope, sp in spectra]
+    return ("AuxDPO's delta may only move inside N(A), A = d log pi_theta0 / d theta over the "
+            "training responses. " + "; ".join(parts) + ". A null space of dimension 0 leaves "
+            "delta no direction the penalty does not charge for: the soft penalty costs at "
+            "least lambda_null * eig_min * ||delta||^2, and where that floor is large next to "
+            "the preference loss's pull on delta (at most beta per pair) AuxDPO stays at DPO's "
+            "solution. The bandit's gain needs a policy class with fewer directions than "
+            "responses.")
 
 
 def report_blocks(real: dict) -> list[str]:
@@ -337,6 +366,7 @@ def report_blocks(real: dict) -> list[str]:
                       "moved, and their mean share beta * (delta_c - delta_r) of the training "
                       "margin per group."),
         htmlpage.table(gaps),
+        *([htmlpage.para(null_space_note(real))] if null_space_note(real) else []),
     ]
 
 

@@ -105,7 +105,8 @@ def test_runner_on_tiny_model_last_layer(tiny_dir, tmp_path, monkeypatch):
     report per-group held-out metrics before and after; before training every implicit
     margin is 0, so accuracy is exactly 0.5 (ties half) and margin 0; the policy preference
     before is the reference's, the same in both runs; accuracies lie in [0, 1]; the heavy
-    run outputs are removed; AuxDPO reports its deltas; the results are JSON-serialisable."""
+    run outputs are removed; AuxDPO reports its deltas and the rank of A over its 24 training
+    responses; the results are JSON-serialisable."""
     monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
     rows = make_rows("a", 20) + make_rows("b", 8)
     s = RealSetting(model=str(tiny_dir), groups=("a", "b"), counts=(10, 2), eval_per_group=3,
@@ -129,9 +130,12 @@ def test_runner_on_tiny_model_last_layer(tiny_dir, tmp_path, monkeypatch):
     dpo, aux = real["runs"]
     assert dpo["delta"] is None and set(aux["delta"]["by_group"]) == {"a", "b"}
     assert aux["delta"]["rms"] > 0  # the auxiliary rewards were trained
+    assert dpo["null_space"] is None and aux["null_space"]["responses"] == 2 * 12
+    assert aux["null_space"]["rank"] + aux["null_space"]["null_dim"] == 24
     json.dumps(real)
     table = format_real_table(real)
     assert "a (dominant)" in table and "AuxDPO" in table
+    assert f"rank {aux['null_space']['rank']} of 24 responses" in table
 
 
 def _parse(argv):
