@@ -71,7 +71,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay}]
     if aux is not None:
         groups.append({"params": [aux.delta], "lr": lc.aux_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr)
+    optimizer = make_adamw(groups, lr=tc.lr)
     global_batch = tc.batch_size * tc.grad_accum * dist.world
     steps_per_epoch = math.ceil(len(s.train) / global_batch)
     total = tc.max_steps or tc.epochs * steps_per_epoch
@@ -159,6 +159,18 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     dist.barrier()
     dist.close()
     return run_dir
+
+
+def make_adamw(groups: list[dict], *, lr: float) -> torch.optim.Optimizer:
+    """AdamW, in its fused form (one kernel over all parameters, no per-step temporaries the
+    size of the model) when every parameter is a plain floating-point tensor on the CPU or a
+    CUDA device; the per-parameter loop otherwise (e.g. FSDP2's sharded DTensors)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(
+        type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
+                                                    torch.float64)
+        and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
 
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
