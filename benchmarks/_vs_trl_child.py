@@ -99,6 +99,7 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
         "train.did_samples=0", "train.eval_every=0", "train.save_every=0", "train.progress=false",
         f"train.device={'cuda' if spec['cuda'] else 'cpu'}", f"train.bf16_autocast={spec['cuda']}",
         f"out={work / 'dpolab_run'}",
+        *spec.get("dpolab_overrides", []),
     ]
     cfg = build_config(apply_overrides({}, overrides))
     # Mark the step window: the benchmark observes the metrics log, it changes no behaviour.

@@ -223,6 +223,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated subset of the three systems")
     p.add_argument("--trl-grad-checkpointing", action="store_true",
                    help="keep TRL's default gradient checkpointing (off: like dpolab)")
+    p.add_argument("--dpolab-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dpolab config override, e.g. train.cpu_mmap_threshold_mib=0 "
+                        "(repeatable; recorded in the results)")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSONL file to append to")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = dict(model=model, train=str(train), eval=str(held), batch=a.batch,
                     warmup=a.warmup, steps=a.steps, lr=a.lr, beta=a.beta,
                     max_grad_norm=a.max_grad_norm, seed=a.seed, cuda=a.cuda,
-                    trl_grad_checkpointing=a.trl_grad_checkpointing, **kw)
+                    trl_grad_checkpointing=a.trl_grad_checkpointing,
+                    dpolab_overrides=list(a.dpolab_set), **kw)
         outs = {}
         for system, mode in SYSTEMS:
             if f"{system}-{mode}" in a.systems:

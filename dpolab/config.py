@@ -78,6 +78,8 @@ class TrainConfig:
     save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
     seed: int = 0  # data order, initialisation of new parameters, every random draw
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
+    activation_checkpointing: bool = False  # full/lora: recompute each block in backward
+    cpu_reuse_memory: bool = True  # CPU/glibc: keep freed tensor memory mapped (dpolab.memory)
     pair_forward: str = "shared_prompt"  # shared_prompt (one row per pair, 4D mask) | two_rows
     distributed: str = "ddp"  # under torchrun: ddp (replicated) | fsdp2 (decoder layers sharded)
     eval_batch_size: int = 16  # pairs per forward at evaluation and reference time

@@ -217,6 +217,39 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def decoder_layers(model):
+    """The decoder's list of transformer blocks (`.layers`, or GPT-2's `.h`)."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise ValueError(f"{type(decoder).__name__} has no .layers (or .h) list of blocks")
+    return layers
+
+
+def checkpoint_activations(model) -> int:
+    """Activation checkpointing of every decoder block: under autograd a block keeps only its
+    input and recomputes its inside during backward (one more forward of the body; the
+    activations held shrink from all blocks' internals to one hidden state per block). Works
+    in eval mode, where dpolab trains (no dropout, so the recomputation is exact). Returns the
+    number of blocks wrapped; idempotent."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_dpolab_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        layer.forward = forward
+        layer._dpolab_checkpointed = True
+    return len(layers)
+
+
 def body_and_head(model) -> tuple[Callable, "Head"]:
     """Split a causal LM into `body(input_ids, attention_mask, position_ids) -> (B, T, D)`
     final hidden states (after the final norm) and the output `Head`, so that

@@ -21,6 +21,10 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     from dpolab.models import body_and_head
 
     tc = cfg.train
+    if tc.activation_checkpointing and tc.scope in ("full", "lora"):
+        from dpolab.models import checkpoint_activations
+
+        checkpoint_activations(model)
     if tc.scope == "full":
         model.requires_grad_(True)
         if dist.world > 1 and tc.distributed == "fsdp2":

@@ -35,10 +35,9 @@ def shard_layers(model) -> int:
     """fully_shard every decoder layer; returns how many units were made."""
     from torch.distributed.fsdp import fully_shard
 
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    if layers is None:
-        raise ValueError(f"{type(decoder).__name__} has no .layers (or .h) list to shard")
+    from dpolab.models import decoder_layers
+
+    layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer)
         layer.set_gradient_divide_factor(1.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dpolab import checkpoint, session
+from dpolab import checkpoint, memory, session
 from dpolab.auxdpo import AuxRewards
 from dpolab.cli import UserError
 from dpolab.config import RunConfig
@@ -58,6 +58,8 @@ def global_batches(n: int, *, seed: int, epochs: int, global_batch: int):
 def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     # ---- setup -------------------------------------------------------------------------
     dist = session.Distributed.from_env(cfg.train.device)
+    if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
+        memory.reuse_freed_blocks()  # no page faults for the same buffers every step
     run_dir = session.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
     t_start = time.monotonic()
     s = session.build(cfg, run_dir, dist)  # data, reference, model scope, forward functions
