@@ -252,23 +252,24 @@ def _is_conversational(fmt: str) -> bool:
     return fmt in ("conversational", "implicit_conversational")
 
 
-def _check_text(value: Any, key: str, where: str) -> str:
+def _check_field(value: Any, key: str, where: str, kind: type, kind_name: str):
+    """The field's value if present, of type `kind` and not empty (a string of only
+    whitespace counts as empty); a DataError naming the field otherwise."""
     if value is _MISSING or value is None:
         raise DataError(f"{where}: field '{key}' is missing")
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {_type(value)}")
-    if not value.strip():
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field '{key}' must be {kind_name}, got {_type(value)}")
+    if not (value.strip() if isinstance(value, str) else value):
         raise DataError(f"{where}: field '{key}' is empty")
     return value
 
 
+def _check_text(value: Any, key: str, where: str) -> str:
+    return _check_field(value, key, where, str, "a string")
+
+
 def _check_messages(value: Any, key: str, where: str) -> list[dict]:
-    if value is _MISSING or value is None:
-        raise DataError(f"{where}: field '{key}' is missing")
-    if not isinstance(value, list):
-        raise DataError(f"{where}: field '{key}' must be a list of messages, got {_type(value)}")
-    if not value:
-        raise DataError(f"{where}: field '{key}' is empty")
+    _check_field(value, key, where, list, "a list of messages")
     for i, msg in enumerate(value):
         at = f"{where}: field '{key}[{i}]'"
         if not isinstance(msg, dict):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from contextlib import redirect_stdout
 from dataclasses import replace
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpolab import audit
-from dpolab.cli import UserError
+from dpolab.cli import UserError, stay_offline
 from dpolab.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
 
 USAGE = """dpolab inspect DATA [--model M] [--tokenizer T|none] [--max-length N]
@@ -104,10 +103,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
 
 def cli_main(argv: list[str]) -> int:
     a = parse(argv)
-    if not a.online:
-        # Offline by default: a hub lookup without a network hangs for ~45 s before failing.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    stay_offline(a.online)
     cfg = run_config(a)
     report = inspect(cfg, data=a.data, tokenizer_name=a.tokenizer, model=a.model,
                      similarity=a.similarity)

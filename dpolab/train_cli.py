@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from dpolab.cli import UserError
+from dpolab.cli import UserError, stay_offline
 
 USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--out RUN_DIR]
                     [--full] [--skip-invalid] [--online] [section.key=value ...]
@@ -64,10 +64,7 @@ def config_from_args(a) -> "RunConfig":  # noqa: F821
 
 def cli_main(argv: list[str]) -> int:
     a = parse(argv)
-    if not a.online:
-        # Offline by default: a hub lookup without a network hangs for ~45 s before failing.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    stay_offline(a.online)
     cfg = config_from_args(a)
     from dpolab.train import train
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +47,7 @@ from scipy.optimize import minimize_scalar
 
 from dpolab.auxdpo import null_space_basis
 from dpolab.losses import auxdpo_loss, dpo_loss, dpop_loss, ipo_loss
+from dpolab.threads import single_thread
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
@@ -268,21 +268,6 @@ def _scale(setting: BanditSetting) -> float:
     """Initial bracket half-width: optimal margins are O(max |r*_i - r*_j| + 1) / beta."""
     spread = max(setting.r_star) - min(setting.r_star)
     return 2.0 * (1.0 + spread) / setting.beta
-
-
-@contextmanager
-def single_thread():
-    """Run torch on one intra-op thread, restoring the caller's setting afterwards.
-
-    The objectives are 6-element tensors; torch's CPU log_sigmoid still forks its thread pool
-    for them, which costs ~100x the arithmetic (milliseconds per call on a busy machine).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def solve(method: str, setting: BanditSetting) -> Optimum:

@@ -35,13 +35,13 @@ The plotting, report and command line live in :mod:`dpolab.theory.did_report`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from dpolab.losses import gpo_loss
+from dpolab.threads import single_thread
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
@@ -247,20 +247,8 @@ def train_tabular(*, offset: Tensor, scale: Tensor, logp_ref: Tensor, pair_weigh
     """Fit a full softmax-logit policy log pi = log_softmax(theta) by Adam from theta = log pi_ref,
     then polish with L-BFGS so "converged" means the gradient is at float64 round-off.
     Returns (log pi (M,), final gradient norm)."""
-    with _one_thread():
+    with single_thread():
         return _fit(offset, scale, logp_ref, pair_weight, label, beta, steps, lr)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run on one intra-op thread, restoring the caller's setting afterwards: on (M, M) tensors
-    the thread pool's start-up costs far more than the work (measured ~30x slower on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit(offset: Tensor, scale: Tensor, logp_ref: Tensor, pair_weight: Tensor, label: Tensor,
