@@ -40,17 +40,34 @@ FULL = SweepConfig(qs=(2, 4, 8, 16, 32, 64, 128, 256, 512), n_seeds=8, q_test=10
                    n_configs_4_2=48, seeds_4_2=8, n_steps=64, q_growth=64, q_gpo=64)
 
 
-def run_sweep(cfg: SweepConfig, *, seed: int, target: float) -> dict:
-    """Every experiment of the synthetic part; returns the results.json dictionary."""
+def run_sweep(cfg: SweepConfig, *, seed: int, target: float, progress: bool = True) -> dict:
+    """Every experiment of the synthetic part; returns the results.json dictionary. Shows
+    one progress step per experiment (stderr) unless progress is False."""
+    from dpolab.progress import Progress
+
     grid = dict(n_seeds=cfg.n_seeds, q_test=cfg.q_test, seed=seed, n_steps=cfg.n_steps)
-    grids = {
-        "theorem_noise_distinct_tokens": V.run_grid(KS, cfg.qs, noise="theorem", v0=0.0,
-                                                    shared=False, **grid),
-        "stress_noise_shared_tokens": V.run_grid(KS, cfg.qs, noise="stress", v0=cfg.stress_v0,
-                                                 shared=True, **grid),
-        "stress_noise_distinct_tokens": V.run_grid(KS, cfg.qs, noise="stress",
-                                                   v0=cfg.stress_v0, shared=False, **grid),
+    stages = {
+        "theorem_noise_distinct_tokens": lambda: V.run_grid(
+            KS, cfg.qs, noise="theorem", v0=0.0, shared=False, **grid),
+        "stress_noise_shared_tokens": lambda: V.run_grid(
+            KS, cfg.qs, noise="stress", v0=cfg.stress_v0, shared=True, **grid),
+        "stress_noise_distinct_tokens": lambda: V.run_grid(
+            KS, cfg.qs, noise="stress", v0=cfg.stress_v0, shared=False, **grid),
+        "theorem_4_2": lambda: V.run_theorem_4_2(n_configs=cfg.n_configs_4_2,
+                                                 n_seeds=cfg.seeds_4_2, seed=seed,
+                                                 n_steps=cfg.n_steps),
+        "growth_rates": lambda: V.growth_rates(KS, q=cfg.q_growth, n_seeds=cfg.n_seeds,
+                                               seed=seed),
+        "gpo": lambda: V.run_gpo((1, 4, 16), q=cfg.q_gpo, n_seeds=max(2, cfg.n_seeds // 2),
+                                 seed=seed, n_steps=cfg.n_steps),
     }
+    bar = Progress(len(stages), "values sweep", enabled=progress)
+    done = {}
+    for i, (name, run) in enumerate(stages.items()):
+        done[name] = run()
+        bar.update(i + 1)
+    bar.close()
+    grids = {name: done[name] for name in list(stages)[:3]}
     empirical = {name: [{"k": k, "min_q_in_grid": next(
         (r["q"] for r in rows if r["k"] == k and r["error"] <= target), None)} for k in KS]
         for name, rows in grids.items()}
@@ -63,15 +80,13 @@ def run_sweep(cfg: SweepConfig, *, seed: int, target: float) -> dict:
                     "token pair, itself included: 1 for distinct tokens, K for shared Yes/No",
                     "stress_v0": cfg.stress_v0, "target": target, "seed": seed,
                     "config": cfg.__dict__},
-        "theorem_4_2": V.run_theorem_4_2(n_configs=cfg.n_configs_4_2, n_seeds=cfg.seeds_4_2,
-                                         seed=seed, n_steps=cfg.n_steps),
+        "theorem_4_2": done["theorem_4_2"],
         "theorem_4_3": {"bound": "2 K Q^2 exp(-Q/45)", "grids": grids,
                         "empirical_min_q": empirical},
         "min_q_table": V.min_q_table(KS, target=target),
         "q_vs_logk_fit": V.min_q_table(bound_ks, target=target),
-        "growth_rates": V.growth_rates(KS, q=cfg.q_growth, n_seeds=cfg.n_seeds, seed=seed),
-        "gpo": V.run_gpo((1, 4, 16), q=cfg.q_gpo, n_seeds=max(2, cfg.n_seeds // 2), seed=seed,
-                         n_steps=cfg.n_steps),
+        "growth_rates": done["growth_rates"],
+        "gpo": done["gpo"],
     }
 
 
