@@ -266,9 +266,9 @@ class AuxRewards:
         bar.close()
         spectrum = gram_spectrum(gram, null_weight=lc.aux_null_weight)
         if session.dist.is_main:  # how much room N(A) leaves delta, for whoever reads the run
-            from dpolab.checkpoint import atomic_write_text
+            from dpolab import atomic
 
-            atomic_write_text(session.run_dir / "auxdpo.json",
+            atomic.write_text(session.run_dir / "auxdpo.json",
                               json.dumps({"mode": lc.aux_mode, "gram": gram_source, **spectrum},
                                          indent=1))
         if lc.aux_mode == "exact":

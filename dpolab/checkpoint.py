@@ -11,25 +11,14 @@ included) leaves the previous checkpoint intact and readable.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpolab import atomic
 from dpolab.cli import UserError
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename: readers see the old file or
-    the whole new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
@@ -54,7 +43,7 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    atomic_write_text(root / "latest", final.name)
+    atomic.write_text(root / "latest", final.name)
     for old in root.glob("step-*"):  # keep only the newest complete checkpoint
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dpolab import atomic
 from dpolab.cli import UserError
 
 
@@ -245,6 +246,4 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: RunConfig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

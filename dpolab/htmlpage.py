@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from dpolab import atomic
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 h1 { border-bottom: 2px solid #444; } h2 { margin-top: 1.6em; border-bottom: 1px solid #bbb; }
@@ -72,8 +74,4 @@ def page(title: str, blocks: Iterable[str]) -> str:
 
 def write_page(path: str | Path, title: str, blocks: Iterable[str]) -> Path:
     """Write the page atomically (temp file + rename) and return its path."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(page(title, blocks), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic.write_text(path, page(title, blocks))

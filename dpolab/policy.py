@@ -13,16 +13,15 @@ Scopes:
 
 from __future__ import annotations
 
-import os
-
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dpolab import atomic
 from dpolab.tokenize import collate_pairs
 from dpolab.logps import Head, label_logps
 
@@ -121,11 +120,8 @@ class CachedHeadForward:
         hs = [e[0] for e in entries] + [e[2] for e in entries]
         ys = [e[1] for e in entries] + [e[3] for e in entries]
         offsets = torch.tensor([0] + [h.shape[0] for h in hs]).cumsum(0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process (torchrun)
-        save_file({"hidden": torch.cat(hs).cpu().contiguous(), "labels": torch.cat(ys).cpu(),
-                   "offsets": offsets}, str(tmp))
-        tmp.replace(path)
+        atomic.save_tensors({"hidden": torch.cat(hs).cpu().contiguous(),
+                             "labels": torch.cat(ys).cpu(), "offsets": offsets}, path)
 
     def _load(self, path: Path, examples: Sequence, split: str) -> bool:
         try:

@@ -12,8 +12,6 @@ tokens[offsets[i]:offsets[i+1]], its rejected ones tokens[offsets[N+i]:offsets[N
 
 from __future__ import annotations
 
-import os
-
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,7 +19,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from dpolab import atomic
 
 Tensor = torch.Tensor
 
@@ -94,11 +94,8 @@ def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
 
 def save(ref: ReferenceLogps, path: Path) -> None:
     """Atomic: write a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process (torchrun)
-    save_file({"tokens": ref.tokens.contiguous(), "offsets": ref.offsets.contiguous()}, str(tmp),
-              metadata={"key": ref.key})
-    tmp.replace(path)
+    atomic.save_tensors({"tokens": ref.tokens.contiguous(), "offsets": ref.offsets.contiguous()},
+                        path, metadata={"key": ref.key})
 
 
 def load(path: Path, key: str) -> ReferenceLogps | None:

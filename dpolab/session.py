@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from dpolab import atomic
 from dpolab import config as config_mod
 from dpolab import reference
 from dpolab.cli import UserError
@@ -123,9 +124,7 @@ class MetricsLog:
         self.path, self.enabled, self.lines = path, enabled, keep_lines
         if enabled:
             old = path.read_text().splitlines(keepends=True) if path.exists() else []
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(old[:keep_lines]))
-            tmp.replace(path)
+            atomic.write_text(path, "".join(old[:keep_lines]))
         self._tb = _tensorboard(path.parent) if enabled else None
 
     def write(self, row: dict[str, Any]) -> None:
@@ -171,9 +170,7 @@ def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[s
         "before": evals[0] if evals else {},
         "after": evals[-1] if evals else {},
     }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-    tmp.replace(run_dir / "summary.json")
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 
@@ -473,9 +470,7 @@ def _write_unflippable(s: "Session") -> None:
                       "ref_margin": float(rc[i] - rr[i])}
                      for i, (e, f) in enumerate(zip(examples, flags)) if f],
         }
-    tmp = s.run_dir / "unflippable.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(s.run_dir / "unflippable.json")
+    atomic.write_text(s.run_dir / "unflippable.json", json.dumps(out, indent=1))
     if s.cfg.train.progress:
         print(f"unflippable at beta={s.cfg.loss.beta}: {out['train']['count']} of "
               f"{out['train']['pairs']} training pairs, {out['held_out']['count']} of "

@@ -34,8 +34,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dpolab import atomic
 from dpolab.logps import Head, label_logps
 from dpolab.losses import dpo_loss
 
@@ -184,10 +185,7 @@ def build_states(model_name: str, train_rows: Sequence, held_rows: Sequence, *,
                                 batch_tokens=batch_tokens, progress=bar.update)
         bar.close()
         if store is not None:
-            store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = store.with_suffix(".tmp")
-            save_file(arrays, str(tmp))
-            tmp.replace(store)
+            atomic.save_tensors(arrays, store)
     groups = sorted({e.group for e in examples})
     gindex = {g: i for i, g in enumerate(groups)}
     n_tr = len(split_ex[0])
