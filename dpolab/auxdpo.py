@@ -162,15 +162,31 @@ def response_gradient_gram(forward, examples, params, *, max_bytes: float,
     return (rows.double() @ rows.double().T)
 
 
+def _eig_null(G: Tensor, *, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(eigenvalues, eigenvectors, null) of G = A^T A (m, m) in float64; null (m,) bool marks
+    the eigenvalues below rtol * max |eigenvalue| (default rtol: m * eps(float32), since A was
+    accumulated in float32): their eigenvectors span N(A) = N(G)."""
+    evals, evecs = torch.linalg.eigh(G.double())
+    if rtol is None:
+        rtol = G.shape[0] * torch.finfo(torch.float32).eps
+    top = evals.abs().max() if evals.numel() else evals.new_zeros(())
+    return evals, evecs, evals <= rtol * top.clamp_min(1e-300)
+
+
+def _spectrum(evals: Tensor, null: Tensor, *, null_weight: float) -> dict:
+    m, null_dim = evals.numel(), int(null.sum())
+    top = float(evals.abs().max()) if m else 0.0
+    eig_min = float(evals.min().clamp_min(0)) if m else 0.0
+    return {"responses": m, "rank": m - null_dim, "null_dim": null_dim, "eig_max": top,
+            "eig_min": eig_min, "soft_floor": null_weight * eig_min}
+
+
 def null_space_of_gram(G: Tensor, *, rtol: float | None = None) -> Tensor:
     """Orthonormal basis (2n, k) of N(A) from G = A^T A: N(A) = N(G), the eigenvectors of G
     whose eigenvalues are below rtol * max eigenvalue (default: 2n * eps(float32), since A
     was accumulated in float32)."""
-    evals, evecs = torch.linalg.eigh(G)
-    if rtol is None:
-        rtol = G.shape[0] * torch.finfo(torch.float32).eps
-    keep = evals <= rtol * evals.abs().max().clamp_min(1e-300)
-    return evecs[:, keep]
+    _, evecs, null = _eig_null(G, rtol=rtol)
+    return evecs[:, null]
 
 
 def gram_spectrum(G: Tensor, *, null_weight: float, rtol: float | None = None) -> dict:
@@ -184,15 +200,8 @@ def gram_spectrum(G: Tensor, *, null_weight: float, rtol: float | None = None) -
     charges at least lambda_null * eig_min * ||delta||^2, so AuxDPO can only differ from DPO
     where that floor is small next to the preference loss's pull on delta (at most beta per
     pair). `soft_floor` is lambda_null * eig_min."""
-    evals = torch.linalg.eigvalsh(G.double())
-    m = G.shape[0]
-    if rtol is None:
-        rtol = m * torch.finfo(torch.float32).eps
-    top = float(evals.abs().max()) if m else 0.0
-    null_dim = int((evals <= rtol * max(top, 1e-300)).sum()) if m else 0
-    eig_min = float(evals.min().clamp_min(0)) if m else 0.0
-    return {"responses": m, "rank": m - null_dim, "null_dim": null_dim, "eig_max": top,
-            "eig_min": eig_min, "soft_floor": null_weight * eig_min}
+    evals, _, null = _eig_null(G, rtol=rtol)
+    return _spectrum(evals, null, null_weight=null_weight)
 
 
 class AuxRewards:
@@ -215,10 +224,12 @@ class AuxRewards:
     """
 
     def __init__(self, n: int, *, device, null_weight: float, amp_weight: float,
-                 gram: Tensor | None = None, basis: Tensor | None = None, cache=None, head0=None):
+                 gram: Tensor | None = None, basis: Tensor | None = None, states=None):
+        """One of: gram (soft, G of all responses), basis (exact), states (soft, closed form:
+        the last_layer scope's CachedHeadForward, whose head0 is the reference head)."""
         self.n, self.device = n, device
         self.null_weight, self.amp_weight = null_weight, amp_weight
-        self.gram, self.basis, self.cache, self.head0 = gram, basis, cache, head0
+        self.gram, self.basis, self.states = gram, basis, states
         k = basis.shape[1] if basis is not None else 2 * n
         # soft: delta itself, (2n,) = [chosen..., rejected...]; exact: c, (k,)
         self.delta = torch.nn.Parameter(torch.zeros(k, device=device))
@@ -237,42 +248,42 @@ class AuxRewards:
                else session.scope_forward)
         kw = dict(device=session.dist.device, null_weight=lc.aux_null_weight,
                   amp_weight=lc.aux_amp_weight)
+        max_bytes = lc.aux_max_gib * 2**30
+        gram, err = None, None
         bar = Progress(n, "auxdpo: per-response gradients", enabled=tc.progress and session.dist.is_main)
-        gram_source = "per-response gradients"
         try:
             gram = response_gradient_gram(fwd, session.train, session.params,
-                                          max_bytes=lc.aux_max_gib * 2**30, progress=bar.update)
-        except ValueError as err:
-            bar.close()
-            gram = None
-            if cached:  # the head's Gram in closed form, from the cached states
-                sf = session.scope_forward
-                entries = [sf.cache[("train", ex.index)] for ex in session.train]
-                responses = ([(e[0], e[1]) for e in entries] + [(e[2], e[3]) for e in entries])
-                gram_source = "head closed form"
-                try:
-                    gram = head_gradient_gram(responses, sf.head0,
-                                              max_bytes=lc.aux_max_gib * 2**30)
-                except ValueError as head_err:
-                    err = head_err
-                    if lc.aux_mode == "soft":  # the closed-form penalty needs no Gram at all
-                        return cls(n, gram=None, cache=sf.cache, head0=sf.head0, **kw)
-            if gram is None:
-                raise UserError(f"loss auxdpo ({lc.aux_mode} mode, scope {tc.scope}): {err}. "
-                                + ("Use loss.aux_mode=soft, which for the last_layer scope needs "
-                                   "no per-response gradients." if cached else
-                                   "Use train.scope=last_layer or lora, or raise "
-                                   "loss.aux_max_gib.")) from None
+                                          max_bytes=max_bytes, progress=bar.update)
+            source = "per-response gradients"
+        except ValueError as too_big:
+            err = too_big
         bar.close()
-        spectrum = gram_spectrum(gram, null_weight=lc.aux_null_weight)
+        states = session.scope_forward if cached else None
+        if gram is None and cached:  # the head's Gram in closed form, from the cached states
+            hs, ys = states.responses(session.train, split="train")
+            try:
+                gram = head_gradient_gram(list(zip(hs, ys)), states.head0, max_bytes=max_bytes)
+                source = "head closed form"
+            except ValueError as too_big:
+                err = too_big
+        if gram is None:
+            if cached and lc.aux_mode == "soft":  # the closed-form penalty needs no Gram at all
+                return cls(n, states=states, **kw)
+            raise UserError(f"loss auxdpo ({lc.aux_mode} mode, scope {tc.scope}): {err}. "
+                            + ("Use loss.aux_mode=soft, which for the last_layer scope needs "
+                               "no per-response gradients." if cached else
+                               "Use train.scope=last_layer or lora, or raise "
+                               "loss.aux_max_gib."))
+        evals, evecs, null = _eig_null(gram)
         if session.dist.is_main:  # how much room N(A) leaves delta, for whoever reads the run
             from dpolab import atomic
 
+            spectrum = _spectrum(evals, null, null_weight=lc.aux_null_weight)
             atomic.write_text(session.run_dir / "auxdpo.json",
-                              json.dumps({"mode": lc.aux_mode, "gram": gram_source, **spectrum},
+                              json.dumps({"mode": lc.aux_mode, "gram": source, **spectrum},
                                          indent=1))
         if lc.aux_mode == "exact":
-            basis = null_space_of_gram(gram).float().to(session.dist.device)
+            basis = evecs[:, null].float().to(session.dist.device)
             if session.dist.is_main:
                 print(f"auxdpo exact mode: the null space of A has dimension {basis.shape[1]} "
                       f"of {2 * n}" + (" - delta is 0 and AuxDPO equals DPO here"
@@ -301,9 +312,8 @@ class AuxRewards:
             resp = torch.cat([i, self.n + i])
             null = per_seq @ self.gram[resp][:, resp] @ per_seq
         else:
-            entries = [self.cache[("train", ex.index)] for ex in examples]
-            hs = [e[0] for e in entries] + [e[2] for e in entries]
-            ys = [e[1] for e in entries] + [e[3] for e in entries]
+            hs, ys = self.states.responses(examples, split="train")
             token_delta = torch.cat([per_seq[j].expand(h.shape[0]) for j, h in enumerate(hs)])
-            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, self.head0)
+            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta,
+                                         self.states.head0)
         return self.null_weight * null * scale + amp

@@ -115,10 +115,15 @@ class CachedHeadForward:
         if store is not None:
             self._save(store, examples, split)
 
-    def _save(self, path: Path, examples: Sequence, split: str) -> None:
+    def responses(self, examples: Sequence, *, split: str) -> tuple[list[Tensor], list[Tensor]]:
+        """The cached (states, labels) of every response of `examples`, chosen ones first:
+        response j < B is pair j's chosen completion, B + j its rejected one."""
         entries = [self.cache[(split, ex.index)] for ex in examples]
-        hs = [e[0] for e in entries] + [e[2] for e in entries]
-        ys = [e[1] for e in entries] + [e[3] for e in entries]
+        return ([e[0] for e in entries] + [e[2] for e in entries],
+                [e[1] for e in entries] + [e[3] for e in entries])
+
+    def _save(self, path: Path, examples: Sequence, split: str) -> None:
+        hs, ys = self.responses(examples, split=split)
         offsets = torch.tensor([0] + [h.shape[0] for h in hs]).cumsum(0)
         atomic.save_tensors({"hidden": torch.cat(hs).cpu().contiguous(),
                              "labels": torch.cat(ys).cpu(), "offsets": offsets}, path)
@@ -139,9 +144,7 @@ class CachedHeadForward:
 
     def forward(self, examples: Sequence, *, split: str, head: Head | None = None) -> FlatLogps:
         """Log-probs under the current head, or under `head` (e.g. the reference head)."""
-        entries = [self.cache[(split, ex.index)] for ex in examples]
-        hs = [e[0] for e in entries] + [e[2] for e in entries]
-        ys = [e[1] for e in entries] + [e[3] for e in entries]
+        hs, ys = self.responses(examples, split=split)
         seg = torch.cat([torch.full((h.shape[0],), j, dtype=torch.long) for j, h in enumerate(hs)])
         tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
                           chunk_size=self.chunk_size)

@@ -23,14 +23,11 @@ from dpolab import reference
 from dpolab.cli import UserError
 from dpolab.config import RunConfig
 from dpolab.diagnostics import PairStats, growth_rate, group_summaries, summarize, unflippable
+from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.policy import CachedHeadForward, FlatLogps, SharedPromptForward
 from dpolab.progress import Progress
 
 Tensor = torch.Tensor
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DPOLAB_CACHE") or Path.home() / ".cache" / "dpolab")
 
 
 # ---------------------------------------------------------------------------------------

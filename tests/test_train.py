@@ -203,7 +203,7 @@ def test_auxdpo_gram_penalty_equals_closed_form(tiny_dir, tmp_path, cache):
     obj = Objective({"auxdpo": 1.0}, LossHyper())
     with_gram = AuxRewards.maybe(obj, s, cfg.loss)
     closed = AuxRewards(len(s.train), device="cpu", null_weight=1.0, amp_weight=0.0,
-                        cache=s.scope_forward.cache, head0=s.scope_forward.head0)
+                        states=s.scope_forward)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         with_gram.delta.copy_(torch.randn(with_gram.delta.shape, generator=g))
