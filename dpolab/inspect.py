@@ -212,7 +212,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     from dpolab import reference, session
     from dpolab.data import DataError
     from dpolab.models import body_and_head, load_model, load_tokenizer, resolve_model_path
-    from dpolab.policy import BodyForward
+    from dpolab.scopes import pair_forward
     from dpolab.tokenize import tokenize_rows
 
     tc, d = cfg.train, cfg.data
@@ -228,9 +228,9 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     model.requires_grad_(False)
     model_hash = reference.hash_parameters(model)[:16]   # the store's key, as train makes it
     body, head = body_and_head(model)
-    forward = BodyForward(body, lambda: head, pad_id=tokenizer.pad_token_id,
-                          chunk_size=tc.logps_chunk, device=dist.device,
-                          autocast=cuda and tc.bf16_autocast)
+    # the trainer's pair forward (train.pair_forward), so the stored reference is its own
+    forward = pair_forward(tc, body, head, pad_id=tokenizer.pad_token_id, device=dist.device,
+                           autocast=cuda and tc.bf16_autocast, dtype=model.dtype)
     with redirect_stdout(sys.stderr):     # load_split_rows reports skipped rows on stdout
         splits = session.load_split_rows(cfg)
     wheres, groups, chosen, rejected = [], [], [], []

@@ -350,7 +350,6 @@ class Session:
                     return policy(b).sums()[0]
         else:  # full scope: the reference weights are gone from memory; load them again
             ref_model = load_model(resolve_model_path(self.cfg.model.name), device=str(self.dist.device))
-            ref_model.eval()
             rb, rh = body_and_head(ref_model)
             ref_fwd = SharedPromptForward(rb, lambda: rh, dtype=ref_model.dtype, **kw)
             ref = lambda b: ref_fwd(b).sums()[0]  # noqa: E731
