@@ -85,6 +85,28 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise UserError(f"{path}: not valid JSON: {err}") from None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl, in order ([] when the file does not exist).
+    A cut-short last line (a run being written, or killed mid-write) is left out; a damaged
+    line elsewhere is a UserError naming FILE:LINE."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise UserError(f"{path}:{n}: not a JSON object") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Read a run directory; a missing directory or metrics.jsonl is a UserError."""
     run_dir = Path(run_dir)
@@ -93,20 +115,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise UserError(f"{run_dir}: no such run directory")
     if not metrics.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl in this directory (not a run directory?)")
-    rows = []
-    lines = metrics.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # The last line of a run being written may be cut short; elsewhere it is damage.
-            if n == len(lines):
-                continue
-            raise UserError(f"{metrics}:{n}: not a JSON object") from None
-        if isinstance(row, dict):
-            rows.append(row)
+    rows = read_metrics(metrics)
     config: dict[str, Any] = {}
     if (run_dir / "config.yaml").exists():
         try:

@@ -26,6 +26,7 @@ from dpolab.diagnostics import PairStats, growth_rate, group_summaries, summariz
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.policy import CachedHeadForward, FlatLogps, SharedPromptForward
 from dpolab.progress import Progress
+from dpolab.report import read_metrics
 
 Tensor = torch.Tensor
 
@@ -144,12 +145,6 @@ def _tensorboard(run_dir: Path):
     except Exception:  # tensorboard is optional
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[str, Any]:
