@@ -418,7 +418,8 @@ def cli_main(argv: list[str]) -> int:
     a real model with one value group dominant (:mod:`dpolab.theory.bandit_real`), written
     under "real" in results.json and as the last section of report.html."""
     from dpolab.cli import UserError
-    from dpolab.theory.bandit_real import add_real_arguments, real_setting_from_args
+    from dpolab.theory.bandit_real import (add_real_arguments, format_real_table,
+                                           real_setting_from_args, run_experiment)
     parser = _Parser(
         prog="dpolab reproduce misspecification",
         description="The 3-response bandit on which DPO is a misspecified estimator "
@@ -447,14 +448,12 @@ def cli_main(argv: list[str]) -> int:
               "beta": sweep(setting, over="beta", values=np.logspace(-1, 1, 41).tolist())}
     result = {"setting": asdict(setting), "table": rows, "sweeps": sweeps}
     if real is not None:
-        from dpolab.theory.bandit_real import run_experiment
         result["real"] = run_experiment(real, out / "real")
     (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     from dpolab.theory.bandit_plots import write_report
     write_report(result, setting, out)
     print(format_table(rows))
     if real is not None:
-        from dpolab.theory.bandit_real import format_real_table
         print(format_real_table(result["real"]))
     print(f"wrote {out / 'results.json'}, {out / 'report.html'}")
     return 0
