@@ -388,6 +388,52 @@ def test_activation_checkpointing_gives_the_same_run(tiny_dir, tmp_path, cache, 
         assert a["grad_norm"] > 0
 
 
+def test_activation_checkpointing_flag_wraps_the_trained_model(tiny_dir, tmp_path, cache):
+    """train.activation_checkpointing=true wraps every decoder block of the model a session
+    trains; the default leaves them alone."""
+    from dpolab import session as S
+    from dpolab.models import decoder_layers
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=12)
+    wrapped = {}
+    for flag in ("false", "true"):
+        cfg = cfg_for(tiny_dir, data, tmp_path / flag, "train.scope=full",
+                      f"train.activation_checkpointing={flag}")
+        (tmp_path / flag).mkdir()
+        s = S.build(cfg, tmp_path / flag, S.Distributed())
+        wrapped[flag] = [getattr(layer, "_dpolab_checkpointed", False)
+                         for layer in decoder_layers(s.model)]
+    assert wrapped["true"] and all(wrapped["true"])
+    assert not any(wrapped["false"])
+
+
+def test_cpu_reuse_memory_flag_reaches_the_allocator(tiny_dir, tmp_path, cache):
+    """A CPU run applies dpolab.memory.reuse_freed_blocks unless train.cpu_reuse_memory=false
+    (each in a fresh process: the setting is process-wide)."""
+    import platform
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=12)
+    repo = Path(__file__).resolve().parent.parent
+    out = {}
+    for flag in ("false", "true"):
+        code = (f"import sys; sys.path.insert(0, {str(repo)!r})\n"
+                "from pathlib import Path\n"
+                "from tests.test_train import cfg_for\n"
+                "from dpolab import memory\n"
+                "from dpolab.train import train\n"
+                f"train(cfg_for(Path({str(tiny_dir)!r}), Path({str(data)!r}), "
+                f"Path({str(tmp_path / flag)!r}), 'train.max_steps=1', "
+                f"'train.cpu_reuse_memory={flag}'))\n"
+                "print('APPLIED', memory._applied)\n")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "DPOLAB_CACHE": str(cache)}, timeout=300)
+        assert run.returncode == 0, run.stderr
+        out[flag] = run.stdout.split("APPLIED ", 1)[1].strip()
+    assert out["false"] == "None"
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert "'applied': True" in out["true"]
+
+
 def test_checkpoint_activations_wraps_every_block_once(tiny_dir):
     """Every decoder block is wrapped, a second call changes nothing, and without autograd
     the block runs as before (same output)."""
