@@ -236,7 +236,7 @@ class AuxRewards:
 
     @classmethod
     def maybe(cls, objective, session, lc) -> "AuxRewards | None":
-        from dpolab.cli import UserError
+        from dpolab.errors import UserError
         from dpolab.policy import CachedHeadForward
         from dpolab.progress import Progress
 

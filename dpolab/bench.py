@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 

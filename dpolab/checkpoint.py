@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab import atomic
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from dpolab.errors import UserError
 
 # reproduce NAME -> module whose cli_main(argv) -> int runs the experiment
 REPRODUCE = {
@@ -27,18 +28,6 @@ COMMANDS = {
     "bench": ("dpolab.bench", "run a benchmark script of the source checkout: logps, vs_trl, "
                               "values_sweep"),
 }
-
-
-class UserError(Exception):
-    """An error the user can fix (bad file, bad row, bad option): printed without a traceback."""
-
-
-def stay_offline(online: bool) -> None:
-    """Unless `online`, tell the Hugging Face libraries not to reach a hub: offline, a lookup
-    hangs for ~45 s before failing. Values the user set in the environment win."""
-    if not online:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:

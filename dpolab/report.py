@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from dpolab import htmlpage
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 # Thresholds of the "what to look at" notes, chosen to flag what the eye would flag on the
 # figures; they only select which sentences are printed.

@@ -93,7 +93,7 @@ def _add_lora(model, tc):
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in tc.lora_targets if t not in present]
     if missing:
-        from dpolab.cli import UserError
+        from dpolab.errors import UserError
 
         raise UserError(f"config train.lora_targets: module(s) {', '.join(missing)} not in the "
                         f"model; linear layers it has include: "

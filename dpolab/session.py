@@ -20,7 +20,7 @@ import torch
 from dpolab import atomic
 from dpolab import config as config_mod
 from dpolab import reference
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.config import RunConfig
 from dpolab.diagnostics import PairStats, growth_rate, group_summaries, summarize, unflippable
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab

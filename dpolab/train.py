@@ -19,7 +19,7 @@ import torch
 
 from dpolab import checkpoint, memory, session
 from dpolab.auxdpo import AuxRewards
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.config import RunConfig
 from dpolab.losses import LossHyper, Objective, PairLogps
 from dpolab.progress import Progress

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from dpolab.cli import UserError, stay_offline
+from dpolab.errors import UserError
+from dpolab.models import stay_offline
 
 USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--out RUN_DIR]
                     [--full] [--skip-invalid] [--online] [section.key=value ...]

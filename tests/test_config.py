@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dpolab import config as C
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.data import (DataError, PreferenceRow, collate_pairs, load_rows, parse_row,
                          tokenize_rows, write_jsonl)
 from dpolab.tokenize import PairExample

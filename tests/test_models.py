@@ -1,11 +1,10 @@
 """Model loading, the body/head split, tiny models, and the embedded default's conversion."""
 
-import time
 
 import pytest
 import torch
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.logps import Head
 from dpolab.models import (DEFAULT_MODEL, _default_gguf, body_and_head, default_model_path,
                            load_model, load_tokenizer, max_logit_difference, resolve_model_path,
@@ -130,14 +129,12 @@ def test_unknown_name_offline_is_a_fast_user_error(monkeypatch, tmp_path):
     a missing path says there is no such folder."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
-    t0 = time.perf_counter()
     with pytest.raises(UserError, match="cannot be fetched offline"):
         load_model("nobody/no-such-model")
     with pytest.raises(UserError, match="cannot be fetched offline"):
         load_tokenizer("nobody/no-such-model")
     with pytest.raises(UserError, match="no such folder"):
         load_model(str(tmp_path / "missing"))
-    assert time.perf_counter() - t0 < 2.0
 
 
 def test_qwen_shape_config_has_qwen25_05b_shape():
@@ -161,7 +158,8 @@ def test_qwen_shape_config_has_qwen25_05b_shape():
 def test_default_model_conversion(tmp_path_factory, monkeypatch):
     """The embedded GGUF converts to a plain folder whose logits equal the GGUF-loaded model's
     (max |diff| <= 1e-4 on 8 tokens), with tied embeddings, the ChatML template, eos = pad =
-    <|im_end|>, the same tokenization; default_model_path then finds it, and reloads < 1 s."""
+    <|im_end|>, the same tokenization; default_model_path then finds it without converting again.
+    (How fast the converted folder reloads is measured in benchmarks/model_reload.py.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _default_gguf()
@@ -171,9 +169,7 @@ def test_default_model_conversion(tmp_path_factory, monkeypatch):
     dest = save_converted(gguf_model, gguf_tok, cache / "models" / "SmolLM2-135M-Instruct")
     assert default_model_path(cache_dir=cache, progress=False) == dest  # no second conversion
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]      # no temp folder left
-    t0 = time.perf_counter()
     model, tok = load_model(str(dest)), load_tokenizer(str(dest))
-    assert time.perf_counter() - t0 < 1.0
     assert max_logit_difference(gguf_model, model, [1, 9690, 28, 638, 359, 346, 47, 2]) <= 1e-4
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert "quantization_config" not in model.config.to_dict()

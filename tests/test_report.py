@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dpolab import cli, report, report_figures
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 
 GROUPS = ("cats", "dogs")
 STEPS = 24

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpolab import config as C
-from dpolab.cli import UserError, main
+from dpolab.cli import main
+from dpolab.errors import UserError
 from dpolab.train import epoch_order, final_metrics, lr_at, train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -393,7 +393,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _parse_counts(text: str) -> tuple[float, float, float]:
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
     try:
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
@@ -407,7 +407,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, no usage dump) instead of exiting 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        from dpolab.cli import UserError
+        from dpolab.errors import UserError
         raise UserError(message)
 
 
@@ -417,7 +417,7 @@ def cli_main(argv: list[str]) -> int:
     sweeps, figures and report.html. --real runs, in addition to the bandit, DPO vs AuxDPO on
     a real model with one value group dominant (:mod:`dpolab.theory.bandit_real`), written
     under "real" in results.json and as the last section of report.html."""
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
     from dpolab.theory.bandit_real import (add_real_arguments, format_real_table,
                                            real_setting_from_args, run_experiment)
     parser = _Parser(

@@ -396,7 +396,7 @@ def add_real_arguments(parser) -> None:
 
 
 def _csv(text: str, flag: str) -> tuple[str, ...]:
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
 
     items = tuple(x.strip() for x in text.split(",") if x.strip())
     if not items:
@@ -407,7 +407,7 @@ def _csv(text: str, flag: str) -> tuple[str, ...]:
 def real_setting_from_args(args) -> RealSetting | None:
     """The RealSetting the parsed flags ask for, None without --real; UserError (one line)
     for a bad value or a --real-* option given without --real."""
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
     from dpolab.rho_data import GROUPS
 
     given = [f"--{f.replace('_', '-')}" for f in _FLAGS if getattr(args, f) is not None]

@@ -141,7 +141,7 @@ def write_report(results: dict[str, Any], figs: list[tuple[Path, str]], out: Pat
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # one line, no usage dump, non-zero exit
@@ -165,7 +165,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cli_main(argv: list[str]) -> int:
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
 
     args = _parse(argv)
     out = Path(args.out)

@@ -238,7 +238,7 @@ def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path,
 
 
 def main(argv: list[str]) -> int:
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dpolab reproduce values",
                                      description="Diverse-values scaling law (arXiv 2408.03459), "
@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
 
 
 def _real_config(args, seed: int):
-    from dpolab.cli import UserError
+    from dpolab.errors import UserError
     from dpolab.theory.values_real import RealConfig
 
     try:

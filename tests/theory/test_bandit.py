@@ -11,7 +11,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from dpolab.auxdpo import null_space_basis, project_to_null_space
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.theory import bandit
 from dpolab.theory.bandit import (DTYPE, METHODS, BanditSetting, auxdpo_profile, cli_main,
                                   derivatives, is_degradation, is_reversal, policy,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.data import PreferenceRow
 from dpolab.theory.bandit import cli_main
 from dpolab.theory.bandit_real import (RealSetting, add_real_arguments, delta_summary,

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from dpolab.cli import UserError, main
+from dpolab.cli import main
+from dpolab.errors import UserError
 from dpolab.theory import did
 
 D = torch.float64

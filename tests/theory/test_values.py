@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.theory import values as V
 
 BETA = 0.1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpolab.cli import UserError
+from dpolab.errors import UserError
 from dpolab.data import PreferenceRow
 from dpolab.logps import Head, label_logps
 from dpolab.losses import dpo_loss
