@@ -33,19 +33,14 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     final = root / f"step-{step:06d}"
     if not is_main:
         return final
-    tmp = root / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in named.items()},
-              str(tmp / "trainable.safetensors"))
-    torch.save(opt_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics_lines": metrics_lines}))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic.write_dir(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in named.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(opt_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "metrics_lines": metrics_lines}))
     atomic.write_text(root / "latest", final.name)
     for old in root.glob("step-*"):  # keep only the newest complete checkpoint
-        if old != final:
+        if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -89,15 +84,10 @@ def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Pat
     """A folder that `AutoModelForCausalLM.from_pretrained` loads: LoRA merged into the base
     weights (or, with merge_lora=False, the adapter alone), safetensors, the tokenizer beside.
     Written under a temporary name and renamed into place."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     is_peft = hasattr(model, "peft_config")
     if is_peft and merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    with atomic.write_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    return Path(out)

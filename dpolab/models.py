@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from dpolab import atomic
 from dpolab.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -89,9 +88,7 @@ def save_converted(gguf_model, tokenizer, dest: Path) -> Path:
 
     dest = Path(dest)
     plain = _plain_copy(gguf_model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic.write_dir(dest, keep_existing=True) as tmp:  # another process may finish first
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -99,13 +96,6 @@ def save_converted(gguf_model, tokenizer, dest: Path) -> Path:
         if not err <= _CHECK_ATOL:
             raise RuntimeError(f"converted {dest.name} differs from the GGUF model: "
                                f"max |logit difference| {err:.3g} > {_CHECK_ATOL}")
-        if dest.exists():  # another process finished first; its folder is as good as ours
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

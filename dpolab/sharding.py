@@ -108,21 +108,14 @@ def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
 def save_full_state(state: dict[str, Tensor], config, tokenizer, out) -> None:
     """Write a from_pretrained-loadable folder from a gathered state dict: model.safetensors
     (a tied head is stored once, as transformers does), config, tokenizer; atomically."""
-    import shutil
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from dpolab import atomic
+
     if getattr(config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
-    config.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic.write_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
