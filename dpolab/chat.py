@@ -53,8 +53,19 @@ class _Renderer:
         self.tokenizer, self.row, self.kwargs = tokenizer, row, kwargs
 
     def __call__(self, messages: list[dict], *, gen: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=self.row.tools, tokenize=False,
-                                                  add_generation_prompt=gen, **self.kwargs)
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=self.row.tools, tokenize=False, add_generation_prompt=gen,
+                **self.kwargs)
+        except (jinja2.TemplateError, TypeError, ValueError) as err:
+            # e.g. a template that concatenates 'content' meets a tool-call turn without text,
+            # or calls raise_exception on a role order it does not support
+            raise DataError(f"{self.row.source}:{self.row.row}: the chat template cannot render "
+                            f"this row ({len(messages)} messages, "
+                            f"{'with' if gen else 'without'} the generation prompt): "
+                            f"{type(err).__name__}: {err}") from None
 
     def pieces(self, prompt_text: str, completion: list[dict], key: str,
                gen: bool) -> list[Piece]:

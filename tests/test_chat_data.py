@@ -333,3 +333,12 @@ def test_single_turn_rows_have_no_masks(tokenizer):
     assert ex.chosen_mask is None and ex.rejected_mask is None
     assert ex.chosen_ids == tokenizer("Hello!", add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id]
+
+
+def test_template_that_cannot_render_a_row_names_it(tokenizer):
+    """Plain ChatML reads message['content'], which a tool-call turn does not have: the
+    template's own error comes back as a FILE:ROW error, not a traceback."""
+    with pytest.raises(DataError) as err:
+        tokenize_rows([_row(TOOL_ROW, row=3)], tokenizer, max_length=200, max_prompt_length=100)
+    assert str(err.value).startswith("m.jsonl:3: the chat template cannot render this row (2 "
+                                      "messages, without the generation prompt): UndefinedError")
