@@ -40,7 +40,10 @@ class RowProblem(ValueError):
 
 
 def check_messages(value: list, key: str) -> list[dict]:
-    """Every element of the non-empty list `value` is a valid message (see the module doc)."""
+    """Every element of the non-empty list `value` is a valid message (see the module doc).
+    Returns the messages without their null-valued keys: a table (Parquet, Dataset) gives
+    every message every key seen in its column, null where absent, and a template that asks
+    `message.name is defined` must not see a name "None"."""
     for i, msg in enumerate(value):
         at = f"field '{key}[{i}]'"
         if not isinstance(msg, dict):
@@ -64,7 +67,7 @@ def check_messages(value: list, key: str) -> list[dict]:
             raise RowProblem(f"{at} 'content' must be a string, got {_type(content)}")
         if not content.strip() and calls is None:
             raise RowProblem(f"{at} 'content' is empty")
-    return value
+    return [{k: v for k, v in msg.items() if v is not None} for msg in value]
 
 
 def _check_tool_calls(calls: Any, at: str) -> None:

@@ -51,11 +51,6 @@ class PairExample:
     rejected_mask: tuple[bool, ...] | None = None
 
 
-def scored_mask(ids: Sequence[int], mask: tuple[bool, ...] | None) -> list[bool]:
-    """One bool per completion token: is it scored (``mask`` None = every token is)."""
-    return [True] * len(ids) if mask is None else list(mask)
-
-
 @dataclass(frozen=True)
 class TokenizedPairs:
     examples: list[PairExample]   # kept pairs, in row order

@@ -132,6 +132,22 @@ def test_tool_columns_round_trip_through_jsonl(tmp_path):
     assert [getattr(again[0], k) for k in keys] == [getattr(rows[0], k) for k in keys]
 
 
+def test_table_nulls_are_absent_keys(tool_tokenizer):
+    """From a datasets.Dataset every message has every key of its column (null where absent);
+    the rows read back equal the JSON ones, so the template sees the same messages."""
+    import datasets
+
+    plain = {"prompt": [_user("Hi")], "chosen": [_bot("Hello!")], "rejected": [_bot("No.")]}
+    records = [dict(TOOL_ROW, tools=TOOLS), dict(plain, tools=None)]
+    table = datasets.Dataset.from_list(records)
+    assert table[1]["chosen"][0]["tool_calls"] is None          # the null a table adds
+    from_table = load_rows(table).rows
+    from_json = [_row(r, row=i + 1) for i, r in enumerate(records)]
+    for a, b in zip(from_table, from_json):
+        assert (a.prompt, a.chosen, a.rejected, a.tools) == (b.prompt, b.chosen, b.rejected,
+                                                             b.tools)
+
+
 def _with(message_index, **changes):
     """TOOL_ROW with its chosen[message_index] updated."""
     chosen = [dict(m) for m in TOOL_ROW["chosen"]]
