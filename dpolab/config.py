@@ -39,6 +39,7 @@ class DataConfig:
     eval_per_group: int = 24  # embedded default: held-out pairs per group (0 = all)
     groups: tuple[str, ...] = ()  # embedded default: groups to use (empty = all)
     group_weights: dict[str, float] = field(default_factory=dict)  # per-group loss weights (missing = 1)
+    chat_template_kwargs: dict[str, bool | int | float | str | list | dict] = field(default_factory=dict)  # chat-template variables, e.g. {enable_thinking: false}; a row's column wins
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,11 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(f"config: {msg}")
+    from dpolab.chat_data import RowProblem, check_template_kwargs
+    try:
+        check_template_kwargs(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
+    except RowProblem as err:
+        raise UserError(f"config: {err}") from None
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -6,12 +6,21 @@ Accepted formats (those of TRL's preference data sets, unchanged):
     conversational           {"prompt": [msg, ...], "chosen": [msg, ...], "rejected": [msg, ...]}
                              msg = {"role": "system"|"user"|"assistant"|"tool", "content": str};
                              multi-turn prompts allowed; the completion is the chosen/rejected
-                             list and must end with an assistant message.
+                             list and must end with an assistant message.  Messages that
+                             chosen and rejected share at their start join the prompt, so a
+                             completion may be several turns: its assistant turns are scored,
+                             its user and tool turns are context (see dpolab.chat).
     implicit                 {"chosen": str, "rejected": str}: the prompt is empty; a shared
                              leading text is *not* split out (it stays part of both completions).
     implicit_conversational  {"chosen": [msg, ...], "rejected": [msg, ...]}: full conversations;
                              the prompt is their common leading messages, the completion the
                              messages after it (ending with the final assistant turn).
+
+Conversational rows may also carry TRL's tool-use columns (dpolab.chat_data checks them):
+an assistant message may hold ``"tool_calls"`` (its "content" then optional), a ``"tools"``
+column (a list of JSON function schemas, or that list as a JSON string) and a
+``"chat_template_kwargs"`` column (extra variables for the chat template, e.g.
+{"enable_thinking": false}) are passed to the chat template.
 
 An optional "group" column (a string: the value label) is kept on each row; every other column
 is kept untouched in ``PreferenceRow.meta``.  Sources: a JSONL file, a JSON file (a list of
@@ -29,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from dpolab import chat_data
+from dpolab.chat_data import ROLES  # re-exported: the roles a message may have
 from dpolab.errors import UserError
 
-ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("standard", "conversational", "implicit", "implicit_conversational")
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -50,6 +60,8 @@ class PreferenceRow:
     source: str                   # the file as given, or "<dataset>"
     row: int                      # 1-based line (JSONL) or position (JSON, Parquet, Dataset)
     meta: dict = field(default_factory=dict)  # every other column, untouched
+    tools: list[dict] | None = None       # "tools" column: function schemas for the template
+    chat_template_kwargs: dict | None = None  # "chat_template_kwargs" column: template variables
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,10 @@ def write_jsonl(rows: list[PreferenceRow], path: str | Path) -> Path:
             record.update(chosen=row.chosen, rejected=row.rejected)
             if row.group is not None:
                 record["group"] = row.group
+            if row.tools is not None:
+                record["tools"] = row.tools
+            if row.chat_template_kwargs is not None:
+                record["chat_template_kwargs"] = row.chat_template_kwargs
             record.update(row.meta)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
@@ -202,20 +218,43 @@ def parse_row(record: Any, *, source: str, row: int,
     if fmt == "implicit":
         values["prompt"] = ""
     elif fmt == "implicit_conversational":
-        values = _split_conversations(values["chosen"], values["rejected"], where)
+        values["prompt"] = []
+        if values["chosen"][0] != values["rejected"][0]:
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' share no leading "
+                            "message, so there is no prompt; give a 'prompt' column")
+    extras = _chat_columns(record, where, conversational)
     if conversational:
-        for key in ("chosen", "rejected"):
-            if values[key][-1]["role"] != "assistant":
-                raise DataError(f"{where}: field '{key}' must end with an assistant message, "
-                                f"got role '{values[key][-1]['role']}'")
+        try:
+            values["prompt"], values["chosen"], values["rejected"] = chat_data.split_shared(
+                values["prompt"], values["chosen"], values["rejected"])
+        except chat_data.RowProblem as err:
+            raise DataError(f"{where}: {err}") from None
     group = record.get("group")
     if group is not None and (not isinstance(group, str) or not group.strip()):
         raise DataError(f"{where}: field 'group' must be a non-empty string, got "
                         f"{_type(group) if not isinstance(group, str) else 'an empty string'}")
-    meta = {k: v for k, v in record.items() if k not in (*_TEXT_FIELDS, "group")}
+    meta = {k: v for k, v in record.items() if k not in (*_TEXT_FIELDS, "group", *_CHAT_COLUMNS)}
     return PreferenceRow(prompt=values["prompt"], chosen=values["chosen"],
                          rejected=values["rejected"], group=group, source=source, row=row,
-                         meta=meta), fmt
+                         meta=meta, **extras), fmt
+
+
+_CHAT_COLUMNS = ("tools", "chat_template_kwargs")
+
+
+def _chat_columns(record: dict, where: str, conversational: bool) -> dict:
+    """The "tools" and "chat_template_kwargs" columns (null = absent); strings get no chat
+    template, so on string rows they are an error rather than silently unused."""
+    present = [k for k in _CHAT_COLUMNS if record.get(k) is not None]
+    if present and not conversational:
+        raise DataError(f"{where}: field '{present[0]}' needs conversational rows (lists of "
+                        "messages): string rows are not rendered with the chat template")
+    try:
+        return {"tools": chat_data.check_tools(record.get("tools")),
+                "chat_template_kwargs": chat_data.check_template_kwargs(
+                    record.get("chat_template_kwargs"))}
+    except chat_data.RowProblem as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 _MISSING = object()
@@ -270,36 +309,10 @@ def _check_text(value: Any, key: str, where: str) -> str:
 
 def _check_messages(value: Any, key: str, where: str) -> list[dict]:
     _check_field(value, key, where, list, "a list of messages")
-    for i, msg in enumerate(value):
-        at = f"{where}: field '{key}[{i}]'"
-        if not isinstance(msg, dict):
-            raise DataError(f"{at} must be a message {{'role', 'content'}}, got {_type(msg)}")
-        role, content = msg.get("role"), msg.get("content")
-        if role is None:
-            raise DataError(f"{at} has no 'role'")
-        if role not in ROLES:
-            raise DataError(f"{at} has role {role!r}; valid: {', '.join(ROLES)}")
-        if content is None:
-            raise DataError(f"{at} has no 'content'")
-        if not isinstance(content, str):
-            raise DataError(f"{at} 'content' must be a string, got {_type(content)}")
-        if not content.strip():
-            raise DataError(f"{at} 'content' is empty")
-    return value
-
-
-def _split_conversations(chosen: list[dict], rejected: list[dict], where: str) -> dict:
-    """Implicit prompt: the common leading messages become the prompt."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    if n == 0:
-        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no leading message, "
-                        "so there is no prompt; give a 'prompt' column")
-    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if n == len(msgs):
-            raise DataError(f"{where}: field '{key}' has no message after the shared prompt")
-    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    try:
+        return chat_data.check_messages(value, key)
+    except chat_data.RowProblem as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def _type(value: Any) -> str:

@@ -240,7 +240,9 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
         try:
             examples = tokenize_rows(rows, tokenizer, max_length=d.max_length,
                                      max_prompt_length=d.max_prompt_length,
-                                     truncation=d.truncation).examples if rows else []
+                                     truncation=d.truncation,
+                                     chat_template_kwargs=d.chat_template_kwargs
+                                     ).examples if rows else []
         except DataError:    # every pair made identical by truncation: nothing to score
             examples = []
         if not examples:

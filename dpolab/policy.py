@@ -159,8 +159,8 @@ def shared_prompt_batch(examples: Sequence, *, pad_id: int, dtype: torch.dtype):
     restart the rejected completion at len(prompt), so each completion sees exactly what it
     would see after the prompt alone. Padding attends to itself (a fully masked row would
     give NaN in softmax). Returns (input_ids, position_ids, mask (additive float, 0 = attend),
-    gather (N,) flat indices into (B * L) of the states that predict each completion token,
-    labels (N,), seg (N,)).
+    gather (N,) flat indices into (B * L) of the states that predict each scored completion
+    token (see PairExample.chosen_mask), labels (N,), seg (N,)).
     """
     B = len(examples)
     L = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
@@ -181,8 +181,11 @@ def shared_prompt_batch(examples: Sequence, *, pad_id: int, dtype: torch.dtype):
         allow[b, P + C + R:, P + C + R:] = torch.eye(L - P - C - R, dtype=torch.bool)
         chosen_src = [P - 1] + list(range(P, P + C - 1))
         rejected_src = [P - 1] + list(range(P + C, P + C + R - 1))
-        for k, (src, lab, sid) in enumerate(((chosen_src, e.chosen_ids, b),
-                                             (rejected_src, e.rejected_ids, B + b))):
+        for k, (src, lab, sid, scored) in enumerate((
+                (chosen_src, e.chosen_ids, b, getattr(e, "chosen_mask", None)),
+                (rejected_src, e.rejected_ids, B + b, getattr(e, "rejected_mask", None)))):
+            if scored is not None:  # multi-turn: user/tool tokens are read, not scored
+                src, lab = ([x for x, keep in zip(v, scored) if keep] for v in (src, lab))
             gather[k].extend(b * L + i for i in src)
             labels[k].extend(lab)
             seg[k].extend([sid] * len(lab))

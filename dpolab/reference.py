@@ -62,10 +62,16 @@ def hash_parameters(model: torch.nn.Module) -> str:
 
 
 def hash_examples(examples: Iterable) -> str:
-    """Hash of the token ids of every (prompt, chosen, rejected) in order."""
+    """Hash of the token ids of every (prompt, chosen, rejected) in order, and of their
+    scored-token masks where a pair has them (multi-turn rows): the stored log-probs cover
+    scored tokens only.  Pairs without masks hash as before, so existing stores stay valid."""
     h = hashlib.blake2b(digest_size=16)
     for ex in examples:
-        h.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
+        item = [ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]
+        masks = [getattr(ex, "chosen_mask", None), getattr(ex, "rejected_mask", None)]
+        if masks != [None, None]:
+            item.append(masks)
+        h.update(json.dumps(item).encode())
     return h.hexdigest()
 
 

@@ -397,7 +397,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     for split, rows in (("train", train_rows), ("held_out", held_rows)):
         tok[split] = tokenize_rows(rows, tokenizer, max_length=cfg.data.max_length,
                                    max_prompt_length=cfg.data.max_prompt_length,
-                                   truncation=cfg.data.truncation)
+                                   truncation=cfg.data.truncation,
+                                   chat_template_kwargs=cfg.data.chat_template_kwargs)
     if not tok["train"].examples:
         raise UserError("no training pairs left after tokenization "
                         f"({tok['train'].dropped_identical} made identical by truncation)")
@@ -528,7 +529,7 @@ def _write_data_report(run_dir: Path, tok: dict, dist: Distributed) -> None:
     if not dist.is_main:
         return
     info = {split: {"pairs": len(t.examples), "dropped_identical": t.dropped_identical,
-                    "truncated_prompt": t.truncated_prompt,
+                    "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
                     "truncated_completion": t.truncated_completion, "groups": t.groups}
             for split, t in tok.items()}
     (run_dir / "data.json").write_text(json.dumps(info, indent=1))

@@ -6,6 +6,10 @@ Rendering (TRL's convention):
                           full_text must start with prompt_text (checked; the error shows where
                           they diverge); completion_text = full_text[len(prompt_text):].
                           Both are tokenized without extra special tokens: the template owns them.
+                          A completion of several turns is rendered turn by turn
+                          (dpolab.chat); each turn is tokenized on its own, and the tokens of
+                          its user and tool turns (and turn headers) get mask False: the model
+                          reads them but they are not scored.
     string rows           plain text, no chat template; the prompt gets the tokenizer's special
                           tokens (its BOS, if it adds one), the completion none.
 Completion ids end with exactly one EOS: template text after the last EOS (e.g. the "\\n" after
@@ -14,7 +18,8 @@ one BOS (or EOS) token, because the first completion token must be predicted fro
 
 Notation for a batch of B pairs: rows 0..B-1 hold prompt+chosen, rows B..2B-1 prompt+rejected,
 T is the padded length.  labels[b, t] = input_ids[b, t+1], so the hidden state at position t is
-scored against the token at t+1 and loss_mask[b, t] marks the t whose t+1 is a completion token.
+scored against the token at t+1 and loss_mask[b, t] marks the t whose t+1 is a scored
+completion token.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from dpolab.chat import Piece, render_pair
 from dpolab.data import DataError, PreferenceRow
 
 TRUNCATIONS = ("keep_end", "keep_start")
@@ -38,6 +44,11 @@ class PairExample:
     index: int                    # position of the row in the row list given to tokenize_rows
     row: int                      # 1-based row in its source
     source: str                   # file name or "<dataset>"
+    # Which completion tokens are scored (enter log-probs, sums and token counts): None = all
+    # of them; else one bool per token of chosen_ids / rejected_ids, False on the user and tool
+    # turns of a multi-turn completion, which the model reads but did not write.
+    chosen_mask: tuple[bool, ...] | None = None
+    rejected_mask: tuple[bool, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,17 +59,21 @@ class TokenizedPairs:
     truncated_completion: int     # pairs with at least one completion cut to fit max_length
     groups: list[str]             # sorted distinct group names of the input rows
     dropped: list[str]            # "SOURCE:ROW" of every dropped pair
+    dropped_unscored: int = 0     # pairs dropped: a completion kept no scored token after the cut
 
 
 def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: int,
-                  max_prompt_length: int, truncation: str = "keep_end") -> TokenizedPairs:
+                  max_prompt_length: int, truncation: str = "keep_end",
+                  chat_template_kwargs: dict | None = None) -> TokenizedPairs:
     """Tokenize rows and apply the truncation policy.
 
     Truncation policy: first the prompt is cut to ``max_prompt_length`` tokens, keeping its end
     (``keep_end``: the turn closest to the answer survives) or its start (``keep_start``); then
     each completion is cut, keeping its start, so that prompt + completion <= ``max_length``.
     A cut completion loses its EOS.  A pair whose chosen and rejected ids are equal (before or
-    after the cut) carries no preference, so it is dropped and counted, never kept silently.
+    after the cut) carries no preference, so it is dropped and counted, never kept silently;
+    so is a multi-turn pair whose cut left a completion without a scored token.
+    ``chat_template_kwargs`` are extra chat-template variables for every conversational row.
     """
     if truncation not in TRUNCATIONS:
         raise DataError(f"truncation {truncation!r} is unknown; valid: {', '.join(TRUNCATIONS)}")
@@ -66,9 +81,10 @@ def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: 
         raise DataError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
                         f"({max_length})")
     examples, dropped = [], []
-    n_prompt_cut = n_completion_cut = 0
+    n_prompt_cut = n_completion_cut = n_identical = 0
     for index, row in enumerate(rows):
-        prompt, chosen, rejected = tokenize_row(row, tokenizer)
+        prompt, (chosen, c_mask), (rejected, r_mask) = tokenize_pair(
+            row, tokenizer, chat_template_kwargs=chat_template_kwargs)
         if len(prompt) > max_prompt_length:
             n_prompt_cut += 1
             prompt = (prompt[-max_prompt_length:] if truncation == "keep_end"
@@ -77,54 +93,87 @@ def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: 
         if len(chosen) > room or len(rejected) > room:
             n_completion_cut += 1
             chosen, rejected = chosen[:room], rejected[:room]
-        if chosen == rejected:
+            c_mask, r_mask = _cut_mask(c_mask, room), _cut_mask(r_mask, room)
+        if chosen == rejected or not (_any_scored(c_mask) and _any_scored(r_mask)):
+            n_identical += chosen == rejected
             dropped.append(f"{row.source}:{row.row}")
             continue
         examples.append(PairExample(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
                                     group=row.group, index=index, row=row.row,
-                                    source=row.source))
+                                    source=row.source, chosen_mask=c_mask, rejected_mask=r_mask))
     if rows and not examples:
-        raise DataError(f"all {len(rows)} pairs have identical chosen and rejected tokens after "
-                        f"truncation to max_length={max_length}; raise max_length")
+        raise DataError(f"all {len(rows)} pairs have identical chosen and rejected tokens (or "
+                        f"no scored assistant token) after truncation to "
+                        f"max_length={max_length}; raise max_length")
     groups = sorted({row.group for row in rows if row.group is not None})
-    return TokenizedPairs(examples=examples, dropped_identical=len(dropped),
+    return TokenizedPairs(examples=examples, dropped_identical=n_identical,
                           truncated_prompt=n_prompt_cut, truncated_completion=n_completion_cut,
-                          groups=groups, dropped=dropped)
+                          groups=groups, dropped=dropped,
+                          dropped_unscored=len(dropped) - n_identical)
 
 
-def tokenize_row(row: PreferenceRow, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+def _cut_mask(mask: tuple[bool, ...] | None, room: int) -> tuple[bool, ...] | None:
+    return None if mask is None else mask[:room]
+
+
+def _any_scored(mask: tuple[bool, ...] | None) -> bool:
+    return mask is None or any(mask)
+
+
+def tokenize_row(row: PreferenceRow, tokenizer: Any, *,
+                 chat_template_kwargs: dict | None = None
+                 ) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one row, untruncated."""
+    prompt, (chosen, _), (rejected, _) = tokenize_pair(
+        row, tokenizer, chat_template_kwargs=chat_template_kwargs)
+    return prompt, chosen, rejected
+
+
+Completion = tuple[list[int], "tuple[bool, ...] | None"]   # (ids, scored mask or None = all)
+
+
+def tokenize_pair(row: PreferenceRow, tokenizer: Any, *,
+                  chat_template_kwargs: dict | None = None
+                  ) -> tuple[list[int], Completion, Completion]:
+    """(prompt_ids, (chosen_ids, chosen_mask), (rejected_ids, rejected_mask)), untruncated;
+    a mask is None when every completion token is scored."""
     if isinstance(row.prompt, list):
-        prompt_text, chosen_text = _render(row, row.chosen, tokenizer)
-        _, rejected_text = _render(row, row.rejected, tokenizer)
+        prompt_text, chosen, rejected = render_pair(row, tokenizer, chat_template_kwargs)
         prompt = _encode(tokenizer, prompt_text, special=False)
+        chosen_c, rejected_c = _pieces_ids(tokenizer, chosen), _pieces_ids(tokenizer, rejected)
     else:
         prompt = _encode(tokenizer, row.prompt, special=True) if row.prompt else []
         # Some tokenizers also append EOS to every encoding; a prompt must not end the text.
         if prompt and prompt[-1] == tokenizer.eos_token_id and len(prompt) > 1:
             prompt = prompt[:-1]
-        chosen_text, rejected_text = row.chosen, row.rejected
+        chosen_c = (_completion_ids(tokenizer, row.chosen), None)
+        rejected_c = (_completion_ids(tokenizer, row.rejected), None)
     if not prompt:
         start = tokenizer.bos_token_id
         prompt = [start if start is not None else tokenizer.eos_token_id]
-    return (prompt, _completion_ids(tokenizer, chosen_text),
-            _completion_ids(tokenizer, rejected_text))
+    return prompt, chosen_c, rejected_c
 
 
-def _render(row: PreferenceRow, completion: list[dict], tokenizer: Any) -> tuple[str, str]:
-    """(prompt_text, completion_text) from the chat template; checks the prefix property."""
-    prompt_text = tokenizer.apply_chat_template(row.prompt, tokenize=False,
-                                                add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(row.prompt + completion, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        at = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b),
-                  min(len(prompt_text), len(full_text)))
-        lo = max(0, at - 20)
-        raise DataError(
-            f"{row.source}:{row.row}: the chat template's rendering of the prompt is not a "
-            f"prefix of its rendering of prompt + completion; they diverge at character {at}: "
-            f"prompt ...{prompt_text[lo:at + 20]!r} vs full ...{full_text[lo:at + 20]!r}")
-    return prompt_text, full_text[len(prompt_text):]
+def _pieces_ids(tokenizer: Any, pieces: list[Piece]) -> Completion:
+    """Token ids of a rendered completion and their scored mask (None when all are scored).
+
+    The last piece (the final assistant turn) ends with exactly one EOS, like a single-turn
+    completion.  An earlier assistant turn is scored up to and including its last EOS: the
+    template text after it (e.g. the "\n" after "<|im_end|>") is read, not generated."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    eos = tokenizer.eos_token_id
+    for k, piece in enumerate(pieces):
+        if k == len(pieces) - 1:
+            part = _completion_ids(tokenizer, piece.text)
+            n_scored = len(part)
+        else:
+            part = _encode(tokenizer, piece.text, special=False)
+            n_scored = (0 if not piece.scored else
+                        len(part) - part[::-1].index(eos) if eos in part else len(part))
+        ids += part
+        mask += [True] * n_scored + [False] * (len(part) - n_scored)
+    return ids, (None if all(mask) else tuple(mask))
 
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
@@ -174,24 +223,28 @@ def collate_pairs(examples: Sequence[PairExample], *, pad_id: int,
 
     loss_mask[b, t] is True for t in [P_b - 1, P_b + C_b - 2] (P_b prompt and C_b completion
     tokens), i.e. exactly where labels[b, t] = input_ids[b, t + 1] is a completion token, so
-    loss_mask.sum(1) equals the completion lengths.  ``groups`` maps PairExample.group to
-    group_ids; a group missing from it (or groups=None) gives -1.
+    loss_mask.sum(1) equals the completion lengths; with a completion mask (multi-turn rows)
+    only the positions whose next token is scored: loss_mask[b, P_b - 1 + j] = mask[j], and
+    loss_mask.sum(1) counts scored tokens.  ``groups`` maps PairExample.group to group_ids; a
+    group missing from it (or groups=None) gives -1.
     """
     if not examples:
         raise ValueError("collate_pairs needs at least one example")
-    seqs = ([(ex.prompt_ids, ex.chosen_ids) for ex in examples]
-            + [(ex.prompt_ids, ex.rejected_ids) for ex in examples])
-    width = max(len(p) + len(c) for p, c in seqs)
+    seqs = ([(ex.prompt_ids, ex.chosen_ids, ex.chosen_mask) for ex in examples]
+            + [(ex.prompt_ids, ex.rejected_ids, ex.rejected_mask) for ex in examples])
+    width = max(len(p) + len(c) for p, c, _ in seqs)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of   # ceil to a multiple
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for b, (prompt, completion) in enumerate(seqs):
+    for b, (prompt, completion, scored) in enumerate(seqs):
         n_p, n = len(prompt), len(prompt) + len(completion)
         input_ids[b, :n] = torch.tensor(prompt + completion, dtype=torch.long)
         attention_mask[b, :n] = 1
-        loss_mask[b, n_p - 1:n - 1] = True   # positions whose next token is in the completion
+        # positions whose next token is a (scored) completion token
+        loss_mask[b, n_p - 1:n - 1] = (True if scored is None
+                                       else torch.tensor(scored, dtype=torch.bool))
     labels = torch.full_like(input_ids, pad_id)
     labels[:, :-1] = input_ids[:, 1:]
     index_of = {name: i for i, name in enumerate(groups or [])}

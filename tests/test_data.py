@@ -143,7 +143,9 @@ BAD_ROWS = [
     ({"prompt": [_user("q")], "chosen": [_bot("a")], "rejected": []},
      "field 'rejected' is empty"),
     ({"prompt": [_user("q")], "chosen": [_bot("a")], "rejected": [_user("b")]},
-     "field 'rejected' must end with an assistant message, got role 'user'"),
+     "field 'rejected' must end with an assistant message, got role 'user'; no assistant "
+     "turn follows the point where chosen and rejected diverge (rejected[0]), so there is "
+     "nothing to prefer"),
     ({"prompt": "q", "chosen": [_bot("a")], "rejected": [_bot("b")]},
      "field 'prompt' must be a list of messages, got str"),
     ({"chosen": [_user("x"), _bot("a")], "rejected": [_user("y"), _bot("b")]},
