@@ -49,7 +49,7 @@ class LossConfig:
     label_smoothing: float = 0.0  # label-noise rate eps of cDPO (dpo), robust, aot, aot_unpaired, exo_pair
     dpop_lambda: float = 50.0  # DPOP penalty weight
     average_logps: bool = False  # per-token mean log-probs in the terms that follow this setting (changes beta's meaning)
-    f_divergence: str = "reverse_kl"  # sigmoid: regulariser reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
+    f_divergence: str = "reverse_kl"  # dpo, sigmoid: regulariser reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
     f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence (alpha -> 1 is reverse_kl)
     use_weighting: bool = False  # WPO: multiply each pair's loss by w(y_w) w(y_l) from the policy's token probabilities
     ld_alpha: float = 1.0  # LD-DPO: weight of completion tokens past the shorter completion's length (1 = off)

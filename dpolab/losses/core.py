@@ -19,7 +19,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dpolab.losses.modifiers import f_divergence_margin
+
 Tensor = torch.Tensor
+
+
+def per_token_mean(logps: Tensor, n_tokens: Tensor) -> Tensor:
+    """Summed completion log-probs (B,) divided by their token counts (B,), clamped to 1 so an
+    empty completion gives 0: the one averaging every per-token-mean loss uses."""
+    return logps / n_tokens.clamp_min(1).to(logps.dtype)
 
 
 def logratio_margin(policy_chosen: Tensor, policy_rejected: Tensor,
@@ -29,15 +37,20 @@ def logratio_margin(policy_chosen: Tensor, policy_rejected: Tensor,
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
-             ref_rejected: Tensor, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+             ref_rejected: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             divergence: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
     """-log sigma(beta h)   (Rafailov et al. 2023, Eq. 7).
 
     With eps = label_smoothing > 0 this is conservative DPO (cDPO, Mitchell 2023): the label
     is assumed flipped with probability eps,
         (1 - eps) * (-log sigma(beta h)) + eps * (-log sigma(-beta h)).
+    With another divergence than reverse_kl, h is the f-DPO margin f'(u_w) - f'(u_l)
+    (Wang et al. 2023; :func:`dpolab.losses.modifiers.f_divergence_score`, alpha its alpha).
     """
     _check_smoothing(label_smoothing, upper=1.0, name="dpo_loss")
-    z = beta * logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    h = f_divergence_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                            divergence=divergence, alpha=alpha)
+    z = beta * h
     # logsigmoid, never log(sigmoid(z)): sigmoid underflows to 0 for z < -100 in float32.
     loss = -F.logsigmoid(z)
     if label_smoothing:
@@ -97,9 +110,7 @@ def dpop_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor
 def sft_loss(policy_chosen: Tensor, n_chosen_tokens: Tensor, *, average: bool) -> Tensor:
     """Negative log-likelihood of the chosen completion: -log pi(y_w|x), or per token
     -log pi(y_w|x) / |y_w| when average. policy_chosen must be the *summed* log-prob."""
-    if average:
-        return -policy_chosen / n_chosen_tokens.clamp_min(1).to(policy_chosen.dtype)
-    return -policy_chosen
+    return -per_token_mean(policy_chosen, n_chosen_tokens) if average else -policy_chosen
 
 
 def auxdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,

@@ -14,11 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dpolab.losses.core import per_token_mean
+
 Tensor = torch.Tensor
-
-
-def _per_token(logps: Tensor, n: Tensor) -> Tensor:
-    return logps / n.clamp_min(1).to(logps.dtype)
 
 
 def simpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, *, beta: float, gamma: float,
@@ -30,7 +28,7 @@ def simpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, *, beta: float, g
     target reward margin. gamma is in reward units (TRL's CPOConfig.simpo_gamma; the SimPO
     code's gamma_beta_ratio is gamma / beta). The paper's beta is large (2 to 10).
     """
-    z = beta * (_per_token(policy_chosen, n_chosen) - _per_token(policy_rejected, n_rejected))
+    z = beta * (per_token_mean(policy_chosen, n_chosen) - per_token_mean(policy_rejected, n_rejected))
     return -F.logsigmoid(z - gamma)
 
 
@@ -44,7 +42,7 @@ def cpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, *, beta: float, alp
     summed log-probs, as TRL's CPO does for its "sigmoid" loss.
     """
     pref = -F.logsigmoid(beta * (policy_chosen - policy_rejected))
-    return pref + alpha * -_per_token(policy_chosen, n_chosen)
+    return pref + alpha * -per_token_mean(policy_chosen, n_chosen)
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -59,8 +57,8 @@ def orpo_log_odds_ratio(policy_chosen: Tensor, policy_rejected: Tensor, *, n_cho
     """log odds(y_w) - log odds(y_l), odds(y) = P(y|x) / (1 - P(y|x)), log P the per-token mean
     log-prob (ORPO, Eq. 4 and 5). Computed in log space: log odds = log P - log(1 - P) with
     log(1 - P) = log1mexp(log P), never 1 - exp(log P)."""
-    lw = _per_token(policy_chosen, n_chosen)
-    ll = _per_token(policy_rejected, n_rejected)
+    lw = per_token_mean(policy_chosen, n_chosen)
+    ll = per_token_mean(policy_rejected, n_rejected)
     return (lw - log1mexp(lw)) - (ll - log1mexp(ll))
 
 
@@ -74,4 +72,4 @@ def orpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, *, lam: float, n_c
     """
     ratio = orpo_log_odds_ratio(policy_chosen, policy_rejected, n_chosen=n_chosen,
                                 n_rejected=n_rejected)
-    return -_per_token(policy_chosen, n_chosen) - lam * F.logsigmoid(ratio)
+    return -per_token_mean(policy_chosen, n_chosen) - lam * F.logsigmoid(ratio)

@@ -74,9 +74,9 @@ class PairLogps:
             return four
         if reduction != "mean":
             raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
-        nc = self.n_chosen.clamp_min(1).to(self.policy_chosen.dtype)
-        nr = self.n_rejected.clamp_min(1).to(self.policy_chosen.dtype)
-        return four[0] / nc, four[1] / nr, four[2] / nc, four[3] / nr
+        nc, nr = self.n_chosen, self.n_rejected
+        return (core.per_token_mean(four[0], nc), core.per_token_mean(four[1], nr),
+                core.per_token_mean(four[2], nc), core.per_token_mean(four[3], nr))
 
     def preference_view(self, average: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`view` with a boolean: per-token means if average."""
@@ -94,7 +94,10 @@ class Term:
     f_divergence: bool = False  # honours loss.f_divergence (else only reverse_kl is allowed)
 
     def __call__(self, p: PairLogps, h: LossHyper) -> Tensor:
-        view = p.view(logps_reduction(self.logps, h)) if self.needs_reference else ()
+        # "mean" terms average inside their own pure functions (which take sums and counts),
+        # so they, like "sum" terms, are handed the sums.
+        view = p.view(logps_reduction(self.logps, h) if self.logps == "setting" else "sum") \
+            if self.needs_reference else ()
         return self.compute(view, p, h)
 
 
@@ -143,7 +146,8 @@ _GPO_AT_REFERENCE = {"logistic": LN2, "squared": 1.0, "hinge": 1.0}  # f(0)
 
 LOSSES: dict[str, Term] = {
     # the original DPO family (dpolab.losses.core)
-    "dpo": _pair(core.dpo_loss, _const(LN2), label_smoothing="label_smoothing"),
+    "dpo": _pair(core.dpo_loss, _const(LN2), f_divergence=True, label_smoothing="label_smoothing",
+                 divergence="f_divergence", alpha="f_alpha"),
     "robust": _pair(core.robust_dpo_loss, _const(LN2), label_smoothing="label_smoothing"),
     "ipo": _pair(core.ipo_loss, _ipo_at_reference),
     "slic": _pair(core.slic_loss, _const(1.0)),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpolab.losses.core import _check_smoothing, ipo_loss, logratio_margin, robust_dpo_loss, slic_loss
-from dpolab.losses.modifiers import f_divergence_margin
+from dpolab.losses.core import (_check_smoothing, dpo_loss, ipo_loss, logratio_margin, per_token_mean,
+                                robust_dpo_loss, slic_loss)
 
 Tensor = torch.Tensor
 
@@ -29,10 +29,10 @@ def sigmoid_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Ten
     With divergence="reverse_kl" (f' = log) this is DPO, Rafailov et al. 2023, Eq. 7; the
     other f-divergences are f-DPO (Wang et al. 2023, Thm. 1), see
     :func:`dpolab.losses.modifiers.f_divergence_score`; alpha is the alpha-divergence's.
+    It is :func:`dpo_loss` without label smoothing, which TRL's "sigmoid" ignores.
     """
-    m = f_divergence_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                            divergence=divergence, alpha=alpha)
-    return -F.logsigmoid(beta * m)
+    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta,
+                    divergence=divergence, alpha=alpha)
 
 
 def sigmoid_norm_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
@@ -43,9 +43,8 @@ def sigmoid_norm_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen
     DPO on per-token mean log-ratios, whatever loss.average_logps says; n_chosen, n_rejected
     (B,) are the completion token counts (clamped to 1).
     """
-    nc = n_chosen.clamp_min(1).to(policy_chosen.dtype)
-    nr = n_rejected.clamp_min(1).to(policy_chosen.dtype)
-    h = (policy_chosen - ref_chosen) / nc - (policy_rejected - ref_rejected) / nr
+    h = (per_token_mean(policy_chosen - ref_chosen, n_chosen)
+         - per_token_mean(policy_rejected - ref_rejected, n_rejected))
     return -F.logsigmoid(beta * h)
 
 
@@ -58,9 +57,8 @@ def ipo_norm_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
     not written in the paper); dpolab's "ipo" uses sums unless loss.average_logps, so the same
     beta means something else there. This is TRL's form, for comparisons.
     """
-    nc = n_chosen.clamp_min(1).to(policy_chosen.dtype)
-    nr = n_rejected.clamp_min(1).to(policy_chosen.dtype)
-    return ipo_loss(policy_chosen / nc, policy_rejected / nr, ref_chosen / nc, ref_rejected / nr,
+    return ipo_loss(per_token_mean(policy_chosen, n_chosen), per_token_mean(policy_rejected, n_rejected),
+                    per_token_mean(ref_chosen, n_chosen), per_token_mean(ref_rejected, n_rejected),
                     beta=beta)
 
 
