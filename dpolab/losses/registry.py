@@ -78,10 +78,6 @@ class PairLogps:
         return (core.per_token_mean(four[0], nc), core.per_token_mean(four[1], nr),
                 core.per_token_mean(four[2], nc), core.per_token_mean(four[3], nr))
 
-    def preference_view(self, average: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`view` with a boolean: per-token means if average."""
-        return self.view("mean" if average else "sum")
-
 
 @dataclass(frozen=True)
 class Term:
@@ -94,11 +90,12 @@ class Term:
     f_divergence: bool = False  # honours loss.f_divergence (else only reverse_kl is allowed)
 
     def __call__(self, p: PairLogps, h: LossHyper) -> Tensor:
+        if not self.needs_reference:
+            return self.compute((), p, h)
         # "mean" terms average inside their own pure functions (which take sums and counts),
-        # so they, like "sum" terms, are handed the sums.
-        view = p.view(logps_reduction(self.logps, h) if self.logps == "setting" else "sum") \
-            if self.needs_reference else ()
-        return self.compute(view, p, h)
+        # so only "setting" terms are handed per-token means, and only under average_logps.
+        reduction = logps_reduction(self.logps, h) if self.logps == "setting" else "sum"
+        return self.compute(p.view(reduction), p, h)
 
 
 def _pair(fn: Callable[..., Tensor], at_reference: Callable[[LossHyper], float], *,
