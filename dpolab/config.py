@@ -43,16 +43,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "dpo"  # one term of dpolab.losses.LOSSES (TRL's loss_type names too), used when `weights` is empty
-    weights: dict[str, float] = field(default_factory=dict)  # weighted terms, e.g. {dpo: 1.0, sft: 0.1} (TRL's loss_type + loss_weights)
+    name: str = "dpo"  # one term of dpolab.losses.LOSSES (TRL's names too), used when `weights` is empty
+    weights: dict[str, float] = field(default_factory=dict)  # weighted terms, e.g. {sigmoid: 1.0, sft: 0.1}
     beta: float = 0.5  # inverse temperature; 0.5 measured best of 0.1/0.5 on the embedded default
     label_smoothing: float = 0.0  # label-noise rate eps of cDPO (dpo), robust, aot, aot_unpaired, exo_pair
     dpop_lambda: float = 50.0  # DPOP penalty weight
-    average_logps: bool = False  # per-token mean log-probs in the terms that follow this setting (changes beta's meaning)
-    f_divergence: str = "reverse_kl"  # dpo, sigmoid: regulariser reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
+    average_logps: bool = False  # per-token means in the terms that follow it (changes beta's meaning)
+    f_divergence: str = "reverse_kl"  # dpo, sigmoid: reverse_kl | forward_kl | js_divergence | alpha_divergence
     f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence (alpha -> 1 is reverse_kl)
-    use_weighting: bool = False  # WPO: multiply each pair's loss by w(y_w) w(y_l) from the policy's token probabilities
-    ld_alpha: float = 1.0  # LD-DPO: weight of completion tokens past the shorter completion's length (1 = off)
+    use_weighting: bool = False  # WPO: multiply each pair's loss by w(y_w) w(y_l) (policy token probabilities)
+    ld_alpha: float = 1.0  # LD-DPO: weight of tokens past the shorter completion's length (1 = off)
     discopop_tau: float = 0.05  # discopop: temperature of the logistic/exponential blend
     gpo_f: str = "logistic"  # gpo: f of the margin, logistic (= DPO) | squared | hinge
     simpo_gamma: float = 0.5  # simpo: target reward margin gamma (reward units)

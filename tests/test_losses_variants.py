@@ -126,7 +126,7 @@ def test_aot_equals_dpo_on_a_sorted_batch(eps):
     pm = torch.sort(torch.randn(6, generator=g, dtype=torch.float64))[0]  # policy margins, ascending
     rm = 0.5 * pm - 0.3  # an increasing map keeps the order
     assert torch.equal(torch.argsort(rm), torch.arange(6)) and not torch.allclose(pm, rm)
-    pr, rr = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    pr, rr = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(2))
     pc, rc = pm + pr, rm + rr
     want = L.dpo_loss(pc, pr, rc, rr, beta=0.7, label_smoothing=eps)
     torch.testing.assert_close(L.aot_loss(pc, pr, rc, rr, beta=0.7, label_smoothing=eps), want)

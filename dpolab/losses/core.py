@@ -109,7 +109,9 @@ def dpop_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor
 
 def sft_loss(policy_chosen: Tensor, n_chosen_tokens: Tensor, *, average: bool) -> Tensor:
     """Negative log-likelihood of the chosen completion: -log pi(y_w|x), or per token
-    -log pi(y_w|x) / |y_w| when average. policy_chosen must be the *summed* log-prob."""
+    -log pi(y_w|x) / |y_w| when average. policy_chosen must be the *summed* log-prob.
+    The registry's "sft" is the per-token form, per example; TRL's "sft" divides the batch's
+    summed NLL by the batch's chosen tokens instead (equal when the lengths are equal)."""
     return -per_token_mean(policy_chosen, n_chosen_tokens) if average else -policy_chosen
 
 
