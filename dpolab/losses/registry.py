@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -190,7 +190,7 @@ def get_loss(name: str) -> Term:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
 
 
-def check_hyper(names: Mapping[str, float] | list[str], h: LossHyper) -> None:
+def check_hyper(names: Iterable[str], h: LossHyper) -> None:
     """Raise ValueError for hyperparameters the named terms cannot use. Unknown names are
     skipped here (:func:`get_loss` reports them)."""
     names = [n for n in names if n in LOSSES]
