@@ -45,7 +45,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     is assumed flipped with probability eps,
         (1 - eps) * (-log sigma(beta h)) + eps * (-log sigma(-beta h)).
     With another divergence than reverse_kl, h is the f-DPO margin f'(u_w) - f'(u_l)
-    (Wang et al. 2023; :func:`dpolab.losses.modifiers.f_divergence_score`, alpha its alpha).
+    (f-DPO, Wang et al. 2023; :func:`dpolab.losses.modifiers.f_divergence_score`).
     """
     _check_smoothing(label_smoothing, upper=1.0, name="dpo_loss")
     h = f_divergence_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected,

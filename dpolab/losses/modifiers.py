@@ -25,7 +25,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 def f_divergence_score(logratio: Tensor, *, divergence: str, alpha: float = 0.5) -> Tensor:
     """f'(u) at u = pi_theta / pi_ref = exp(logratio): the score that replaces the log-ratio
     in the DPO margin when the KL regulariser is swapped for another f-divergence
-    (Wang et al. 2023, "Beyond Reverse KL", Thm. 1; TRL's f_divergence_type). Shape (B,).
+    (f-DPO, Wang et al. 2023, arXiv 2309.16240; TRL's f_divergence_type). Shape (B,).
 
         reverse_kl         log u                     (standard DPO)
         forward_kl         1 - 1/u  = -expm1(-logratio)
@@ -58,7 +58,7 @@ def f_divergence_margin(policy_chosen: Tensor, policy_rejected: Tensor, ref_chos
 
 
 def wpo_sequence_weight(token_logps: Tensor, log_sum_sq_probs: Tensor, mask: Tensor) -> Tensor:
-    """WPO's weight of one completion (Zhou et al. 2024, Eq. 2, with its aligned probabilities):
+    """WPO's weight of one completion (Zhou et al. 2024, arXiv 2406.11827, Eq. 2, aligned form):
 
         w(y) = exp( (1/|y|) sum_t [ log pi(y_t|.) - log sum_v pi(v|.)^2 ] )
 

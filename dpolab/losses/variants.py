@@ -27,7 +27,7 @@ def sigmoid_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Ten
     """-log sigma(beta (f'(u_w) - f'(u_l))), u = pi_theta / pi_ref   (TRL's "sigmoid").
 
     With divergence="reverse_kl" (f' = log) this is DPO, Rafailov et al. 2023, Eq. 7; the
-    other f-divergences are f-DPO (Wang et al. 2023, Thm. 1), see
+    other f-divergences are f-DPO (Wang et al. 2023, arXiv 2309.16240), see
     :func:`dpolab.losses.modifiers.f_divergence_score`; alpha is the alpha-divergence's.
     It is :func:`dpo_loss` without label smoothing, which TRL's "sigmoid" ignores.
     """
@@ -64,7 +64,7 @@ def ipo_norm_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
 
 def exo_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                   ref_rejected: Tensor, *, beta: float, label_smoothing: float) -> Tensor:
-    """KL(q || p_eps) over {y_w, y_l}   (EXO, Ji et al. 2024, Eq. 16 with K = 2):
+    """KL(q || p_eps) over {y_w, y_l}   (EXO, Ji et al. 2024, arXiv 2402.00856, Eq. 16, K = 2):
 
         q = (sigma(beta h), sigma(-beta h)),   p_eps = (1 - eps, eps),
         loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps).
@@ -85,7 +85,7 @@ def exo_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
 def nca_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                   ref_rejected: Tensor, *, beta: float) -> Tensor:
     """-log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l),  r = beta * lr
-    (NCA, Chen et al. 2024, "Noise Contrastive Alignment", pairwise form; TRL's "nca_pair").
+    (NCA, Chen et al. 2024, arXiv 2402.05369, pairwise form; TRL's "nca_pair").
 
     Each response's own reward is classified against the reference, so the chosen reward is
     pushed up in absolute terms, not only relative to the rejected one. 2 ln 2 at the reference.
@@ -98,7 +98,7 @@ def nca_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
 def bco_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                   ref_rejected: Tensor, *, beta: float, delta: float | Tensor = 0.0) -> Tensor:
     """-log sigma(r_w - delta) - log sigma(-(r_l - delta)),  r = beta * lr
-    (BCO, Jung et al. 2024, "Binary Classifier Optimization", Eq. 7 applied to both responses).
+    (BCO, Jung et al. 2024, arXiv 2404.04656, applied to both responses of a pair).
 
     Chosen responses are one class, rejected ones the other. delta is the paper's reward
     shift: a running mean of past rewards beta * lr (chosen and rejected, detached). That mean
@@ -114,7 +114,8 @@ def bco_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
 def sppo_hard_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                    ref_rejected: Tensor, *, beta: float) -> Tensor:
     """(lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2
-    (SPPO, Wu et al. 2024, Eq. 4.7 with the hard win probability P = 1 for y_w, 0 for y_l).
+    (SPPO, Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 with the hard win probability P = 1
+    for y_w and 0 for y_l).
 
     Each log-ratio regresses to +-1/(2 beta) on its own; 1/(2 beta^2) at the reference.
     """
@@ -162,7 +163,7 @@ def aot_unpaired_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen
 def apo_zero_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                   ref_rejected: Tensor, *, beta: float) -> Tensor:
     """(1 - sigma(r_w)) + sigma(r_l),  r = beta * lr   (APO-zero, D'Oosterlinck et al. 2024,
-    "Anchored Preference Optimization", Eq. 7). For chosen answers better than the model's
+    arXiv 2408.06266, Eq. 7). For chosen answers better than the model's
     own: raise the chosen likelihood, lower the rejected one. 1 at the reference."""
     return (1.0 - torch.sigmoid(beta * (policy_chosen - ref_chosen))
             + torch.sigmoid(beta * (policy_rejected - ref_rejected)))
