@@ -9,6 +9,8 @@ TRL's "sigmoid" is :func:`sigmoid_loss` (= ``dpo_loss`` plus the f-divergence ch
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -77,9 +79,9 @@ def exo_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
         raise ValueError(f"exo_pair_loss: label_smoothing must lie in (0, 1) (EXO uses 1e-3), "
                          f"got {label_smoothing}")
     z = beta * logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    eps = torch.tensor(label_smoothing, dtype=z.dtype)
-    return (torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps))
-            + torch.sigmoid(-z) * (F.logsigmoid(-z) - torch.log(eps)))
+    eps = label_smoothing
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
 
 def nca_pair_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
