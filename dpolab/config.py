@@ -44,18 +44,36 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "dpo"  # one term of dpolab.losses.LOSSES, used when `weights` is empty
-    weights: dict[str, float] = field(default_factory=dict)  # weighted terms, e.g. {dpo: 1.0, sft: 0.1}
+    name: str = "dpo"  # one term of dpolab.losses.LOSSES (TRL's names too), used when `weights` is empty
+    weights: dict[str, float] = field(default_factory=dict)  # weighted terms, e.g. {sigmoid: 1.0, sft: 0.1}
     beta: float = 0.5  # inverse temperature; 0.5 measured best of 0.1/0.5 on the embedded default
-    label_smoothing: float = 0.0  # cDPO / robust DPO label-noise rate
+    label_smoothing: float = 0.0  # label-noise rate eps of cDPO (dpo), robust, aot, aot_unpaired, exo_pair
     dpop_lambda: float = 50.0  # DPOP penalty weight
-    average_logps: bool = False  # per-token mean log-probs in preference terms (changes beta's meaning)
-    sft_average: bool = True  # SFT term as per-token NLL
+    average_logps: bool = False  # per-token means in the terms that follow it (changes beta's meaning)
+    f_divergence: str = "reverse_kl"  # dpo, sigmoid: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence (alpha -> 1 is reverse_kl)
+    use_weighting: bool = False  # WPO: multiply each pair's loss by w(y_w) w(y_l) (policy token probabilities)
+    ld_alpha: float = 1.0  # LD-DPO: weight of tokens past the shorter completion's length (1 = off)
+    discopop_tau: float = 0.05  # discopop: temperature of the logistic/exponential blend
+    gpo_f: str = "logistic"  # gpo: f of the margin, logistic (= DPO) | squared | hinge
+    simpo_gamma: float = 0.5  # simpo: target reward margin gamma (reward units)
+    cpo_alpha: float = 1.0  # cpo: weight of the NLL term
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term
     aux_lr: float = 0.05  # AuxDPO: learning rate of the per-pair auxiliary rewards
     aux_null_weight: float = 1.0  # AuxDPO: lambda_null of the batchwise null-space penalty
     aux_amp_weight: float = 0.01  # AuxDPO: lambda_amp of the amplitude penalty
     aux_mode: str = "soft"  # AuxDPO: soft (batchwise penalty) | exact (delta in N(A) by construction)
     aux_max_gib: float = 2.0  # AuxDPO: memory allowed for the per-response gradients of A
+
+    def __post_init__(self):
+        # The loss terms read these fields directly (dpolab.losses.LossHyper is this class),
+        # so a value they cannot use is refused where it is set.
+        from dpolab.losses.registry import check_hyper
+
+        try:
+            check_hyper(list(self.term_weights()), self)
+        except ValueError as err:
+            raise UserError(f"config loss: {err}") from None
 
     def term_weights(self) -> dict[str, float]:
         return dict(self.weights) if self.weights else {self.name: 1.0}

@@ -8,11 +8,10 @@ forward functions, evaluation, metrics log, distributed helpers.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -219,10 +218,10 @@ def clip(params: list[Tensor], max_norm: float) -> float:
                                                         for p in grads])))
 
 
-def check_step0(pairs, terms: dict[str, Tensor], ln2_terms: Sequence[str]) -> None:
+def check_step0(pairs, terms: dict[str, Tensor], at_reference: Mapping[str, float]) -> None:
     """Before any update the policy is its reference: log-probs agree with the stored ones
-    and every DPO-like term equals ln 2. A mismatch means the store belongs to other
-    weights or other data."""
+    and every term has its value at zero log-ratios (`at_reference`, from the loss registry:
+    ln 2 for DPO). A mismatch means the store belongs to other weights or other data."""
     with torch.no_grad():
         for pol, ref, what in ((pairs.policy_chosen, pairs.ref_chosen, "chosen"),
                                (pairs.policy_rejected, pairs.ref_rejected, "rejected")):
@@ -233,12 +232,12 @@ def check_step0(pairs, terms: dict[str, Tensor], ln2_terms: Sequence[str]) -> No
                     f"step-0 invariant failed: policy {what} log-probs differ from the stored "
                     f"reference by up to {float(err.max()):.3g} nats; the reference store does "
                     f"not match this model and data (delete it from {cache_dir() / 'reference'})")
-        for name in ln2_terms:
+        for name, expected in at_reference.items():
             if name in terms:
                 v = float(terms[name].double().mean())
-                if abs(v - math.log(2.0)) > 1e-3:
+                if abs(v - expected) > 1e-3 * max(1.0, abs(expected)):
                     raise UserError(f"step-0 invariant failed: the {name} loss is {v:.6f}, "
-                                    f"expected ln 2 = 0.693147 with the policy at its reference")
+                                    f"expected {expected:.6f} with the policy at its reference")
 
 
 # ---------------------------------------------------------------------------------------

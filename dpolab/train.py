@@ -21,13 +21,10 @@ from dpolab import checkpoint, memory, session
 from dpolab.auxdpo import AuxRewards
 from dpolab.errors import UserError
 from dpolab.config import RunConfig
-from dpolab.losses import LossHyper, Objective, PairLogps
+from dpolab.losses import Objective, PairLogps
 from dpolab.progress import Progress
 from dpolab.report import write_run_report
 
-LN2 = math.log(2.0)
-# Terms whose value at h = 0 (the policy equal to its reference) is ln 2.
-_LN2_AT_START = ("dpo", "robust", "dpop", "auxdpo")
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str) -> float:
@@ -64,9 +61,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     t_start = time.monotonic()
     s = session.build(cfg, run_dir, dist)  # data, reference, model scope, forward functions
     tc, lc = cfg.train, cfg.loss
-    objective = Objective(lc.term_weights(), LossHyper(
-        beta=lc.beta, label_smoothing=lc.label_smoothing, dpop_lambda=lc.dpop_lambda,
-        average_logps=lc.average_logps, sft_average=lc.sft_average))
+    objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
 
     # ---- optimizer and schedule ----------------------------------------------------------
@@ -122,7 +117,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             if aux is not None:
                 loss = loss + aux.penalty(idx, examples, n_global=len(positions))
             if step == 0 and start == 0 and micro == 0:
-                session.check_step0(pairs, terms, _LN2_AT_START)
+                session.check_step0(pairs, terms, objective.at_reference())
             if not torch.isfinite(loss):
                 raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
                                 f"stopped, the last good checkpoint is kept in {run_dir}")

@@ -39,7 +39,7 @@ def test_overrides_parse_yaml_values():
     (["loss.betta=1"], "unknown key\\(s\\) betta; valid: .*beta"),
     (["loss.beta=abc"], "loss.beta: expected float, got 'abc'"),
     (["train.scope=half"], "train.scope must be full, lora or last_layer"),
-    (["loss.name=dop"], "unknown loss 'dop'; valid: auxdpo, dpo"),
+    (["loss.name=dop"], "unknown loss 'dop'; valid: aot, aot_unpaired, apo_down"),
     (["beta=1"], "key must be one of"),
     (["loss.beta"], "expected section.key=value"),
     (["train.epochs=true"], "train.epochs: expected int, got True"),

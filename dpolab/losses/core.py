@@ -1,4 +1,4 @@
-"""The DPO family as pure functions of per-sequence log-probs.
+"""The DPO family of the original papers as pure functions of per-sequence log-probs.
 
 Notation (all tensors (B,), one entry per preference pair):
     policy_chosen, policy_rejected   log pi_theta(y_w | x), log pi_theta(y_l | x)
@@ -8,19 +8,26 @@ Notation (all tensors (B,), one entry per preference pair):
     reward = beta * logratio                                the implicit reward (DPO Sec. 5)
 
 Every loss returns per-example (unreduced) losses (B,); hyperparameters are keyword-only.
-Whether the log-probs are sums or per-token means over the completion is the caller's
-choice (it changes what beta means); :class:`Objective` takes it as a named setting.
+Whether the log-probs are sums or per-token means over the completion is decided in one place,
+the registry (:mod:`dpolab.losses.registry`, ``Term.logps``), because it changes what beta means.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from dpolab.losses.modifiers import f_divergence_margin
+
 Tensor = torch.Tensor
+
+
+def per_token_mean(logps: Tensor, n_tokens: Tensor) -> Tensor:
+    """Summed completion log-probs (B,) divided by their token counts (B,), clamped to 1 so an
+    empty completion gives 0: the one averaging every per-token-mean loss uses."""
+    return logps / n_tokens.clamp_min(1).to(logps.dtype)
 
 
 def logratio_margin(policy_chosen: Tensor, policy_rejected: Tensor,
@@ -30,15 +37,20 @@ def logratio_margin(policy_chosen: Tensor, policy_rejected: Tensor,
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
-             ref_rejected: Tensor, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+             ref_rejected: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             divergence: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
     """-log sigma(beta h)   (Rafailov et al. 2023, Eq. 7).
 
     With eps = label_smoothing > 0 this is conservative DPO (cDPO, Mitchell 2023): the label
     is assumed flipped with probability eps,
         (1 - eps) * (-log sigma(beta h)) + eps * (-log sigma(-beta h)).
+    With another divergence than reverse_kl, h is the f-DPO margin f'(u_w) - f'(u_l)
+    (f-DPO, Wang et al. 2023; :func:`dpolab.losses.modifiers.f_divergence_score`).
     """
     _check_smoothing(label_smoothing, upper=1.0, name="dpo_loss")
-    z = beta * logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    h = f_divergence_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                            divergence=divergence, alpha=alpha)
+    z = beta * h
     # logsigmoid, never log(sigmoid(z)): sigmoid underflows to 0 for z < -100 in float32.
     loss = -F.logsigmoid(z)
     if label_smoothing:
@@ -65,7 +77,8 @@ def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     """(h - 1/(2 beta))^2   (Azar et al. 2023, Eq. 17; their tau is our beta).
 
     Minimised at h = 1/(2 beta): IPO regresses the margin to a target instead of pushing it
-    to infinity. The paper uses per-token mean log-probs; the caller decides.
+    to infinity. The registry's "ipo" feeds it sums (per-token means with loss.average_logps);
+    "ipo_norm" always feeds per-token means, which is TRL's "ipo" (its authors' normalisation).
     """
     if beta <= 0:
         raise ValueError(f"ipo_loss: beta must be > 0 (target margin 1/(2 beta)), got {beta}")
@@ -96,10 +109,10 @@ def dpop_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor
 
 def sft_loss(policy_chosen: Tensor, n_chosen_tokens: Tensor, *, average: bool) -> Tensor:
     """Negative log-likelihood of the chosen completion: -log pi(y_w|x), or per token
-    -log pi(y_w|x) / |y_w| when average. policy_chosen must be the *summed* log-prob."""
-    if average:
-        return -policy_chosen / n_chosen_tokens.clamp_min(1).to(policy_chosen.dtype)
-    return -policy_chosen
+    -log pi(y_w|x) / |y_w| when average. policy_chosen must be the *summed* log-prob.
+    The registry's "sft" is the per-token form, per example; TRL's "sft" divides the batch's
+    summed NLL by the batch's chosen tokens instead (equal when the lengths are equal)."""
+    return -per_token_mean(policy_chosen, n_chosen_tokens) if average else -policy_chosen
 
 
 def auxdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
@@ -148,6 +161,7 @@ _GPO: dict[str, Callable[[Tensor], Tensor]] = {
     "squared": lambda r: (r - 1.0) ** 2,
     "hinge": lambda r: torch.relu(1.0 - r),
 }
+GPO_FAMILY = tuple(_GPO)  # the f's gpo_loss accepts
 
 
 def gpo_derivative(margin: Tensor, *, f: str) -> Tensor:
@@ -169,110 +183,3 @@ def rewards(policy: Tensor, ref: Tensor, *, beta: float) -> Tensor:
 def _check_smoothing(eps: float, *, upper: float, name: str) -> None:
     if not 0.0 <= eps < upper:
         raise ValueError(f"{name}: label_smoothing must lie in [0, {upper}), got {eps}")
-
-
-# ----------------------------------------------------------------------------------------
-# Named terms and weighted objectives
-
-
-@dataclass(frozen=True)
-class PairLogps:
-    """What one batch gives the objective. Log-probs are *summed* over completion tokens;
-    token counts let the objective average them when asked. All tensors (B,)."""
-
-    policy_chosen: Tensor
-    policy_rejected: Tensor
-    ref_chosen: Tensor
-    ref_rejected: Tensor
-    n_chosen: Tensor  # completion tokens of y_w
-    n_rejected: Tensor  # completion tokens of y_l
-    delta_chosen: Tensor | None = None  # AuxDPO auxiliary rewards, when trained
-    delta_rejected: Tensor | None = None
-
-    def preference_view(self, average: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(policy_chosen, policy_rejected, ref_chosen, ref_rejected), per-token means if average."""
-        if not average:
-            return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
-        nc = self.n_chosen.clamp_min(1).to(self.policy_chosen.dtype)
-        nr = self.n_rejected.clamp_min(1).to(self.policy_chosen.dtype)
-        return (self.policy_chosen / nc, self.policy_rejected / nr,
-                self.ref_chosen / nc, self.ref_rejected / nr)
-
-
-@dataclass(frozen=True)
-class LossHyper:
-    """Every hyperparameter a named term may read."""
-
-    beta: float = 0.1  # inverse temperature of the implicit reward
-    label_smoothing: float = 0.0  # eps of cDPO ("dpo") and of robust DPO ("robust")
-    dpop_lambda: float = 50.0  # lambda of DPOP (Pal et al. use 50 on their data)
-    average_logps: bool = False  # per-token means instead of sums in the preference terms
-    sft_average: bool = True  # SFT term: per-token NLL (True) or summed NLL (False)
-
-
-def _pref(fn: Callable[..., Tensor], **keys: str) -> Callable[[PairLogps, LossHyper], Tensor]:
-    """Adapt a pure loss to the (PairLogps, LossHyper) signature; keys maps the loss's
-    keyword names to LossHyper fields."""
-
-    def term(p: PairLogps, h: LossHyper) -> Tensor:
-        kwargs = {k: getattr(h, field) for k, field in keys.items()}
-        return fn(*p.preference_view(h.average_logps), beta=h.beta, **kwargs)
-
-    term.__doc__ = fn.__doc__
-    return term
-
-
-def _sft_term(p: PairLogps, h: LossHyper) -> Tensor:
-    return sft_loss(p.policy_chosen, p.n_chosen, average=h.sft_average)
-
-
-def _auxdpo_term(p: PairLogps, h: LossHyper) -> Tensor:
-    if p.delta_chosen is None or p.delta_rejected is None:
-        raise ValueError("the 'auxdpo' term needs the batch's auxiliary rewards (delta_chosen, "
-                         "delta_rejected); the trainer supplies them when loss.name=auxdpo")
-    return auxdpo_loss(*p.preference_view(h.average_logps), delta_chosen=p.delta_chosen,
-                       delta_rejected=p.delta_rejected, beta=h.beta)
-
-
-LOSSES: dict[str, Callable[[PairLogps, LossHyper], Tensor]] = {
-    "dpo": _pref(dpo_loss, label_smoothing="label_smoothing"),
-    "robust": _pref(robust_dpo_loss, label_smoothing="label_smoothing"),
-    "ipo": _pref(ipo_loss),
-    "slic": _pref(slic_loss),
-    "dpop": _pref(dpop_loss, lam="dpop_lambda"),
-    "sft": _sft_term,
-    "auxdpo": _auxdpo_term,
-}
-
-
-def get_loss(name: str) -> Callable[[PairLogps, LossHyper], Tensor]:
-    """The named term; an unknown name raises and lists the valid ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
-
-
-class Objective:
-    """A weighted sum of named per-example terms, e.g. {"dpo": 1.0, "sft": 0.1}.
-
-    This is the preference + SFT objective of NeMo RL's DPO, L_pref + beta * L_SFT, which is
-    the special case {"dpo": 1.0, "sft": beta}; here the SFT weight is its own number.
-    Names are looked up once, here.
-    """
-
-    def __init__(self, weights: Mapping[str, float], hyper: LossHyper):
-        if not weights:
-            raise ValueError("an objective needs at least one named term")
-        self.terms = {name: (get_loss(name), float(w)) for name, w in weights.items()}
-        self.hyper = hyper
-
-    def __call__(self, p: PairLogps) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (total per-example loss (B,), {name: unweighted per-example term (B,)})."""
-        parts = {name: fn(p, self.hyper) for name, (fn, _) in self.terms.items()}
-        total = sum(w * parts[name] for name, (_, w) in self.terms.items())
-        return total, parts
-
-    @property
-    def needs_delta(self) -> bool:
-        return "auxdpo" in self.terms

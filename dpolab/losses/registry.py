@@ -1,0 +1,262 @@
+"""Named terms and weighted objectives: what the config's `loss.name` / `loss.weights` select.
+
+Every term records, beside its function, three facts the rest of dpolab reads from here and
+nowhere else:
+  at_reference     its value when every log-ratio is zero (the policy equal to its reference,
+                   i.e. step 0), as a function of the hyperparameters; None when it depends on
+                   the policy's own log-probs (SFT and the reference-free losses)
+  needs_reference  whether it reads pi_ref at all; a run whose terms all say no needs no
+                   reference pass
+  logps            how it reads the per-sequence log-probs (the one rule, :func:`logps_reduction`)
+
+Hyperparameters come from :class:`dpolab.config.LossConfig` itself (``LossHyper`` is that
+class), so each default lives in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from dpolab.config import LossConfig
+from dpolab.losses import core, reference_free as rf, variants as v
+from dpolab.losses.core import GPO_FAMILY
+from dpolab.losses.modifiers import F_DIVERGENCES
+
+Tensor = torch.Tensor
+LN2 = math.log(2.0)
+
+# The terms read the loss section of the run config directly: one default per hyperparameter.
+LossHyper = LossConfig
+
+# The one rule for summed vs averaged log-probs. A term's `logps` is
+#   "setting"  sums over completion tokens, or per-token means when loss.average_logps=true
+#              (the original DPO family: DPO, IPO, SLiC, ... are defined on sums; averaging
+#              changes what beta means, so it is one recorded switch);
+#   "mean"     per-token means always, because the loss is defined on them (TRL's
+#              sigmoid_norm and ipo, SimPO, ORPO, the per-token SFT NLL); such a term gets the
+#              sums and the token counts and normalises inside its own pure function;
+#   "sum"      sums always (CPO's preference term).
+LOGPS_CHOICES = ("setting", "mean", "sum")
+
+
+def logps_reduction(logps: str, hyper: LossHyper) -> str:
+    """"sum" or "mean": how a term declared `logps` reads log-probs under these settings."""
+    if logps == "setting":
+        return "mean" if hyper.average_logps else "sum"
+    return logps
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """What one batch gives the objective. Log-probs are *summed* over completion tokens;
+    token counts let a term average them (see :func:`logps_reduction`). All tensors (B,)."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor | None  # None in a run whose terms need no reference
+    ref_rejected: Tensor | None
+    n_chosen: Tensor  # completion tokens of y_w
+    n_rejected: Tensor  # completion tokens of y_l
+    delta_chosen: Tensor | None = None  # AuxDPO auxiliary rewards, when trained
+    delta_rejected: Tensor | None = None
+    pair_weight: Tensor | None = None  # WPO's w(y_w) w(y_l), when loss.use_weighting
+
+    def view(self, reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(policy_chosen, policy_rejected, ref_chosen, ref_rejected) as sums or per-token means."""
+        if self.ref_chosen is None or self.ref_rejected is None:
+            raise ValueError("this loss term needs the reference log-probs, and the batch has none")
+        four = (self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected)
+        if reduction == "sum":
+            return four
+        if reduction != "mean":
+            raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
+        nc, nr = self.n_chosen, self.n_rejected
+        return (core.per_token_mean(four[0], nc), core.per_token_mean(four[1], nr),
+                core.per_token_mean(four[2], nc), core.per_token_mean(four[3], nr))
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named per-example loss term; calling it gives (B,) losses."""
+
+    compute: Callable[[tuple[Tensor, ...], PairLogps, LossHyper], Tensor]  # (view, batch, hyper)
+    at_reference: Callable[[LossHyper], float] | None  # value at zero log-ratios; None: policy-dependent
+    needs_reference: bool = True  # reads pi_ref
+    logps: str = "setting"  # one of LOGPS_CHOICES
+    f_divergence: bool = False  # honours loss.f_divergence (else only reverse_kl is allowed)
+
+    def __call__(self, p: PairLogps, h: LossHyper) -> Tensor:
+        if not self.needs_reference:
+            return self.compute((), p, h)
+        # "mean" terms average inside their own pure functions (which take sums and counts),
+        # so only "setting" terms are handed per-token means, and only under average_logps.
+        reduction = logps_reduction(self.logps, h) if self.logps == "setting" else "sum"
+        return self.compute(p.view(reduction), p, h)
+
+
+def _pair(fn: Callable[..., Tensor], at_reference: Callable[[LossHyper], float], *,
+          f_divergence: bool = False, **keys: str) -> Term:
+    """A term from a pure pairwise loss fn(pc, pr, rc, rr, *, beta, ...); keys maps the loss's
+    keyword names to LossConfig fields."""
+
+    def compute(view, p, h):
+        return fn(*view, beta=h.beta, **{k: getattr(h, f) for k, f in keys.items()})
+
+    return Term(compute, at_reference, f_divergence=f_divergence)
+
+
+def _counted(fn: Callable[..., Tensor], at_reference: Callable[[LossHyper], float]) -> Term:
+    """A term from a pairwise loss that takes sums and token counts and averages itself."""
+
+    def compute(view, p, h):
+        return fn(*view, beta=h.beta, n_chosen=p.n_chosen, n_rejected=p.n_rejected)
+
+    return Term(compute, at_reference, logps="mean")
+
+
+def _auxdpo(view, p, h):
+    if p.delta_chosen is None or p.delta_rejected is None:
+        raise ValueError("the 'auxdpo' term needs the batch's auxiliary rewards (delta_chosen, "
+                         "delta_rejected); the trainer supplies them when loss.name=auxdpo")
+    return core.auxdpo_loss(*view, delta_chosen=p.delta_chosen, delta_rejected=p.delta_rejected,
+                            beta=h.beta)
+
+
+def _const(value: float) -> Callable[[LossHyper], float]:
+    return lambda h: value
+
+
+def _ipo_at_reference(h: LossHyper) -> float:
+    return 0.25 / h.beta**2 if h.beta > 0 else math.inf  # (0 - 1/(2 beta))^2
+
+
+def _exo_at_reference(h: LossHyper) -> float:
+    eps = h.label_smoothing  # q = (1/2, 1/2): 2 * 1/2 * log(1/2) - 1/2 log(1 - eps) - 1/2 log eps
+    return -LN2 - 0.5 * math.log(eps * (1.0 - eps)) if 0 < eps < 1 else math.inf
+
+
+_GPO_AT_REFERENCE = {"logistic": LN2, "squared": 1.0, "hinge": 1.0}  # f(0)
+
+LOSSES: dict[str, Term] = {
+    # the original DPO family (dpolab.losses.core)
+    "dpo": _pair(core.dpo_loss, _const(LN2), f_divergence=True, label_smoothing="label_smoothing",
+                 divergence="f_divergence", alpha="f_alpha"),
+    "robust": _pair(core.robust_dpo_loss, _const(LN2), label_smoothing="label_smoothing"),
+    "ipo": _pair(core.ipo_loss, _ipo_at_reference),
+    "slic": _pair(core.slic_loss, _const(1.0)),
+    "dpop": _pair(core.dpop_loss, _const(LN2), lam="dpop_lambda"),
+    "auxdpo": Term(_auxdpo, _const(LN2)),  # delta = 0 before the first update
+    "gpo": Term(lambda view, p, h: core.gpo_loss(h.beta * core.logratio_margin(*view), f=h.gpo_f),
+                lambda h: _GPO_AT_REFERENCE[h.gpo_f]),
+    "sft": Term(lambda view, p, h: core.sft_loss(p.policy_chosen, p.n_chosen, average=True), None,
+                needs_reference=False, logps="mean"),
+    # TRL's loss types under TRL's names (dpolab.losses.variants); "robust" and "sft" are above
+    "sigmoid": _pair(v.sigmoid_loss, _const(LN2), f_divergence=True,
+                     divergence="f_divergence", alpha="f_alpha"),
+    "hinge": _pair(v.hinge_loss, _const(1.0)),
+    "ipo_norm": _counted(v.ipo_norm_loss, _ipo_at_reference),
+    "sigmoid_norm": _counted(v.sigmoid_norm_loss, _const(LN2)),
+    "exo_pair": _pair(v.exo_pair_loss, _exo_at_reference, label_smoothing="label_smoothing"),
+    "nca_pair": _pair(v.nca_pair_loss, _const(2 * LN2)),
+    "bco_pair": _pair(v.bco_pair_loss, _const(2 * LN2)),  # delta = 0: TRL 1.16's form
+    "sppo_hard": _pair(v.sppo_hard_loss, lambda h: 0.5 / h.beta**2 if h.beta > 0 else math.inf),
+    "aot": _pair(v.aot_loss, _const(LN2), label_smoothing="label_smoothing"),
+    "aot_unpaired": _pair(v.aot_unpaired_loss, _const(LN2), label_smoothing="label_smoothing"),
+    "apo_zero": _pair(v.apo_zero_loss, _const(1.0)),
+    "apo_down": _pair(v.apo_down_loss, _const(1.0)),
+    "discopop": _pair(v.discopop_loss, _const(0.5 * (LN2 + 1.0)), tau="discopop_tau"),
+    # reference-free (dpolab.losses.reference_free)
+    "simpo": Term(lambda view, p, h: rf.simpo_loss(
+        p.policy_chosen, p.policy_rejected, beta=h.beta, gamma=h.simpo_gamma,
+        n_chosen=p.n_chosen, n_rejected=p.n_rejected), None, needs_reference=False, logps="mean"),
+    "cpo": Term(lambda view, p, h: rf.cpo_loss(
+        p.policy_chosen, p.policy_rejected, beta=h.beta, alpha=h.cpo_alpha, n_chosen=p.n_chosen),
+        None, needs_reference=False, logps="sum"),
+    "orpo": Term(lambda view, p, h: rf.orpo_loss(
+        p.policy_chosen, p.policy_rejected, lam=h.orpo_lambda, n_chosen=p.n_chosen,
+        n_rejected=p.n_rejected), None, needs_reference=False, logps="mean"),
+}
+
+
+def get_loss(name: str) -> Term:
+    """The named term; an unknown name raises and lists the valid ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+
+
+def check_hyper(names: Iterable[str], h: LossHyper) -> None:
+    """Raise ValueError for hyperparameters the named terms cannot use. Unknown names are
+    skipped here (:func:`get_loss` reports them)."""
+    names = [n for n in names if n in LOSSES]
+    if h.f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"loss.f_divergence must be one of {', '.join(F_DIVERGENCES)}, "
+                         f"got {h.f_divergence!r}")
+    if h.f_divergence != "reverse_kl":
+        bad = [n for n in names if LOSSES[n].needs_reference and not LOSSES[n].f_divergence]
+        if bad:
+            ok = sorted(n for n, t in LOSSES.items() if t.f_divergence)
+            raise ValueError(f"loss.f_divergence={h.f_divergence} applies to {', '.join(ok)} "
+                             f"only, not to {', '.join(bad)}")
+    if h.gpo_f not in GPO_FAMILY:
+        raise ValueError(f"loss.gpo_f must be one of {', '.join(GPO_FAMILY)}, got {h.gpo_f!r}")
+    if "exo_pair" in names and not 0.0 < h.label_smoothing < 1.0:
+        raise ValueError("loss exo_pair needs 0 < loss.label_smoothing < 1 (EXO uses 1e-3)")
+    if "robust" in names and not 0.0 <= h.label_smoothing < 0.5:
+        raise ValueError("loss robust needs 0 <= loss.label_smoothing < 0.5")
+    if any(n in names for n in ("ipo", "ipo_norm", "sppo_hard")) and h.beta <= 0:
+        raise ValueError("loss ipo, ipo_norm and sppo_hard need loss.beta > 0 (targets 1/(2 beta))")
+    if not 0.0 <= h.ld_alpha <= 1.0:
+        raise ValueError(f"loss.ld_alpha must lie in [0, 1], got {h.ld_alpha}")
+    if h.discopop_tau <= 0:
+        raise ValueError(f"loss.discopop_tau must be > 0, got {h.discopop_tau}")
+    if h.use_weighting and any(n in names for n in ("aot", "aot_unpaired")):
+        raise ValueError("loss.use_weighting cannot weight aot/aot_unpaired: they sort the batch, "
+                         "so entry i is no longer pair i")
+
+
+class Objective:
+    """A weighted sum of named per-example terms, e.g. {"dpo": 1.0, "sft": 0.1}.
+
+    This is the preference + SFT objective of NeMo RL's DPO, L_pref + beta * L_SFT, which is
+    the special case {"dpo": 1.0, "sft": beta}; here the SFT weight is its own number, and
+    TRL's loss_type=[...] with loss_weights=[...] is the same data. Names are looked up once,
+    here. With loss.use_weighting every term is multiplied by the batch's WPO pair weight.
+    """
+
+    def __init__(self, weights: Mapping[str, float], hyper: LossHyper):
+        if not weights:
+            raise ValueError("an objective needs at least one named term")
+        self.terms = {name: (get_loss(name), float(w)) for name, w in weights.items()}
+        check_hyper(list(self.terms), hyper)
+        self.hyper = hyper
+
+    def __call__(self, p: PairLogps) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (total per-example loss (B,), {name: unweighted per-example term (B,)})."""
+        parts = {name: term(p, self.hyper) for name, (term, _) in self.terms.items()}
+        total = sum(w * parts[name] for name, (_, w) in self.terms.items())
+        if self.hyper.use_weighting:
+            if p.pair_weight is None:
+                raise ValueError("loss.use_weighting needs the batch's WPO pair weights "
+                                 "(PairLogps.pair_weight, see dpolab.losses.wpo_pair_weight)")
+            total = total * p.pair_weight
+        return total, parts
+
+    def at_reference(self) -> dict[str, float]:
+        """{name: value of the unweighted term at zero log-ratios} for every term whose value
+        there does not depend on the policy: what the step-0 check expects."""
+        return {name: term.at_reference(self.hyper) for name, (term, _) in self.terms.items()
+                if term.at_reference is not None}
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(term.needs_reference for term, _ in self.terms.values())
+
+    @property
+    def needs_delta(self) -> bool:
+        return "auxdpo" in self.terms
