@@ -211,6 +211,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     import torch
 
     from dpolab import reference, session
+    from dpolab.distributed import Distributed
     from dpolab.data import DataError
     from dpolab.models import body_and_head, load_model, load_tokenizer, resolve_model_path
     from dpolab.scopes import pair_forward
@@ -220,7 +221,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and tc.device != "cpu"
     if tc.device == "cuda" and not cuda:
         raise UserError("--device cuda but no CUDA device is available")
-    dist = session.Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    dist = Distributed(device=torch.device("cuda" if cuda else "cpu"))
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(path, dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dpolab.report import Run
+    from dpolab.rundir import Run
 
 Figure = tuple[str, Path, str]
 

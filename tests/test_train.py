@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dpolab import config as C
 from dpolab.cli import main
+from dpolab.distributed import Distributed
 from dpolab.errors import UserError
 from dpolab.train import epoch_order, final_metrics, lr_at, train
 
@@ -200,20 +201,20 @@ def test_auxdpo_gram_penalty_equals_closed_form(tiny_dir, tmp_path, cache):
     data = write_pairs(tmp_path / "pairs.jsonl", n=12)
     cfg = cfg_for(tiny_dir, data, tmp_path / "g", "loss.name=auxdpo")
     (tmp_path / "g").mkdir()
-    s = S.build(cfg, tmp_path / "g", S.Distributed())
+    s = S.build(cfg, tmp_path / "g", Distributed())
     obj = Objective({"auxdpo": 1.0}, LossHyper())
     with_gram = AuxRewards.maybe(obj, s, cfg.loss)
     closed = AuxRewards(len(s.train), device="cpu", null_weight=1.0, amp_weight=0.0,
-                        states=s.scope_forward)
+                        states=s.scope.head_states, examples=s.train,
+                        head0=s.scope.reference_head)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         with_gram.delta.copy_(torch.randn(with_gram.delta.shape, generator=g))
         closed.delta.copy_(with_gram.delta)
     with_gram.amp_weight = 0.0
     idx = [0, 3, 5]
-    ex = [s.train[i] for i in idx]
-    a = with_gram.penalty(idx, ex, n_global=3)
-    b = closed.penalty(idx, ex, n_global=3)
+    a = with_gram.penalty(idx, n_global=3)
+    b = closed.penalty(idx, n_global=3)
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
 
 
@@ -337,7 +338,7 @@ def test_unflippable_pairs_listed_before_training(tiny_dir, tmp_path, cache):
     run = train(cfg)
     info = json.loads((run / "unflippable.json").read_text())
     (tmp_path / "v").mkdir()
-    s = S.build(cfg, tmp_path / "v", S.Distributed())
+    s = S.build(cfg, tmp_path / "v", Distributed())
     pc, pr = s.pair_stats("train").ref_chosen, s.pair_stats("train").ref_rejected
     expected = [f"{e.source}:{e.row}" for e, a, b in zip(s.train, pc, pr) if b - a > np.log(3) / 2.0]
     assert [x["where"] for x in info["train"]["list"]] == expected
@@ -401,7 +402,7 @@ def test_activation_checkpointing_flag_wraps_the_trained_model(tiny_dir, tmp_pat
         cfg = cfg_for(tiny_dir, data, tmp_path / flag, "train.scope=full",
                       f"train.activation_checkpointing={flag}")
         (tmp_path / flag).mkdir()
-        s = S.build(cfg, tmp_path / flag, S.Distributed())
+        s = S.build(cfg, tmp_path / flag, Distributed())
         wrapped[flag] = [getattr(layer, "_dpolab_checkpointed", False)
                          for layer in decoder_layers(s.model)]
     assert wrapped["true"] and all(wrapped["true"])

@@ -468,7 +468,7 @@ def run_real(cfg: RealConfig, *, progress: bool = True) -> dict[str, Any]:
     """
     from dpolab.config import DataConfig
     from dpolab.rho_data import default_rows
-    from dpolab.session import cache_dir
+    from dpolab.models import dpolab_cache_dir as cache_dir
 
     t0 = time.perf_counter()
     dc = DataConfig()

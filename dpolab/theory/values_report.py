@@ -237,7 +237,8 @@ def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path,
                                "(synthetic reproduction)", blocks + list(extra))
 
 
-def main(argv: list[str]) -> int:
+def cli_main(argv: list[str]) -> int:
+    """`dpolab reproduce values [--quick] [--out DIR] [--seed S] [--target EPS] [--real]`."""
     from dpolab.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dpolab reproduce values",

@@ -10,7 +10,7 @@ import torch
 
 from dpolab.errors import UserError
 from dpolab.data import PreferenceRow
-from dpolab.theory.bandit import cli_main
+from dpolab.theory.bandit_plots import cli_main
 from dpolab.theory.bandit_real import (RealSetting, add_real_arguments, delta_summary,
                                        format_real_table, imbalanced_split,
                                        real_setting_from_args, run_experiment, run_overrides)
