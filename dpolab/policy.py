@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from dpolab import atomic
 from dpolab.tokenize import collate_pairs
@@ -101,7 +100,7 @@ class CachedHeadForward:
         `states(examples) -> (h (N, D), labels (N,), seg (N,), n_tokens)` is a pair forward's
         `hidden` (tokens sorted by sequence id). With `store` (a safetensors path keyed by
         weights and token ids) they are read from there when present, else written there."""
-        if store is not None and store.exists() and self._load(store, examples, split):
+        if store is not None and self._load(store, examples, split):
             if progress:
                 progress(len(examples))
             return
@@ -133,9 +132,8 @@ class CachedHeadForward:
                              "labels": torch.cat(ys).cpu(), "offsets": offsets}, path)
 
     def _load(self, path: Path, examples: Sequence, split: str) -> bool:
-        try:
-            t = load_file(str(path))
-        except Exception:  # unreadable: recompute
+        t = atomic.read_tensors(path)
+        if t is None:
             return False
         n, off = len(examples), t["offsets"].tolist()
         if len(off) != 2 * n + 1:

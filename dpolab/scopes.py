@@ -125,9 +125,9 @@ def _adapter_off_forward(peft_model, kw: dict) -> Forward:
 
 def _reloaded_forward(cfg, kw: dict) -> Forward:
     """The full scope's reference: its weights are gone from memory; load them again."""
-    from dpolab.models import body_and_head, load_model, resolve_model_path
+    from dpolab.models import body_and_head, load_configured
 
-    ref_model = load_model(resolve_model_path(cfg.model.name), device=str(kw["device"]))
+    ref_model = load_configured(cfg.model, device=kw["device"])
     body, head = body_and_head(ref_model)
     return SharedPromptForward(body, lambda: head, dtype=ref_model.dtype, **kw)
 

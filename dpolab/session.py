@@ -162,20 +162,15 @@ class Session:
 
 def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     from dpolab import scopes
-    from dpolab.models import load_model, load_tokenizer, resolve_model_path
+    from dpolab.models import load_configured, load_tokenizer
     from dpolab.tokenize import tokenize_rows
 
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
-    path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model = load_model(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                       device=str(device))
-    model.eval()  # dropout off throughout (as TRL's default disable_dropout): determinism
-    model.requires_grad_(False)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_configured(cfg.model, device=device)  # eval mode: dropout off, as TRL's default
 
     rows = dict(zip(("train", "held_out"), load_split_rows(cfg)))
     tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,

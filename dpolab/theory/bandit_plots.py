@@ -77,9 +77,7 @@ def _geometry_panel(ax, setting: BanditSetting, rows: list[dict], title: str) ->
 def geometry_figure(setting: BanditSetting, rows: list[dict], path: Path) -> Path:
     """Two panels, the given counts and balanced counts: contours of the weighted-KL objective
     in reward-difference space, the implicit-reward line, and where each method lands."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     balanced = replace(setting, counts=(1.0, 1.0, 1.0))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
@@ -89,10 +87,7 @@ def geometry_figure(setting: BanditSetting, rows: list[dict], path: Path) -> Pat
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle(f"Learned rewards in the plane of reward differences (beta = {setting.beta:g}); "
                  "grey: weighted KL to p(r*), DPO's projection objective", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return htmlpage.save_figure(fig, path)
 
 
 def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
@@ -100,9 +95,7 @@ def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
     """E_pi[r*] (left) and beta * theta (right; = r(a1) - r(a3) of the implicit reward, which
     keeps small-beta runs on one scale) of every method against one swept setting (log x).
     betas: the beta of each swept point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.4))
     x = sweep["values"]
@@ -117,10 +110,7 @@ def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
     ax_t.set(xscale="log", xlabel=xlabel, ylabel="beta * theta",
              title="optimal beta * theta (> 0 promotes a1 over a2: reversal)")
     ax_t.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return htmlpage.save_figure(fig, path)
 
 
 def write_report(result: dict, setting: BanditSetting, out: Path) -> Path:

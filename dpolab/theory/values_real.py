@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from dpolab import atomic
 from dpolab.logps import Head, label_logps
@@ -205,11 +204,8 @@ def build_states(model_name: str, train_rows: Sequence, held_rows: Sequence, *,
 
 
 def _load(store: Path | None, n: int) -> dict[str, Tensor] | None:
-    if store is None or not store.exists():
-        return None
-    try:
-        arrays = load_file(str(store))
-    except Exception:  # unreadable: recompute
+    arrays = atomic.read_tensors(store)
+    if arrays is None:
         return None
     ok = set(arrays) == {"x", "prompt_last", "prompt_mean"} and all(
         v.shape[0] == n for v in arrays.values())
