@@ -21,9 +21,15 @@ SM1 = math.log1p(math.exp(1.0))  # -log sigma(-1) = log(1 + e^1)  = 1.31326169
 
 
 def test_dpo_hand_value():
-    """-log sigma(beta h) at beta h = 1 is log(1 + e^-1) = 0.3132617."""
-    assert L.dpo_loss(*BASE, beta=0.5).item() == pytest.approx(0.31326169, abs=1e-8)
-    assert SP1 == pytest.approx(0.31326169, abs=1e-8)
+    """-log sigma(beta h) at beta h = 1 is log(1 + e^-1) = log(1.3678794) = 0.3132617, and its
+    gradient w.r.t. the policy's chosen log-prob is -beta sigma(-beta h)
+    = -0.5 / (1 + e^1) = -0.5 * 0.2689414 = -0.1344707 (+0.1344707 for the rejected one)."""
+    pc, pr, rc, rr = (t.clone().requires_grad_(True) for t in BASE)
+    loss = L.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(0.31326169, abs=1e-8)
+    loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.13447071, abs=1e-8)
+    assert pr.grad.item() == pytest.approx(0.13447071, abs=1e-8)
 
 
 def test_cdpo_hand_value():

@@ -93,13 +93,6 @@ def test_delta_summary_by_hand():
     assert delta_summary(d, ["a"], beta=0.5)["by_group"] == {}  # groups do not match delta
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from dpolab.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
-
-
 def test_runner_on_tiny_model_last_layer(tiny_dir, tmp_path, monkeypatch):
     """Two groups (a dominant 5:1), last_layer scope, DPO and AuxDPO for 3 steps: both runs
     report per-group held-out metrics before and after; before training every implicit
