@@ -61,7 +61,7 @@ def test_training_steps_and_evaluation_share_one_tie_rule():
     from dpolab.train import StepStats
 
     pc = torch.tensor([-1.0, -1.0, -1.0, -1.0, -2.0], dtype=torch.float64)
-    pr = torch.tensor([-1.0 - 5e-7, -1.0 + 5e-7, -1.0 - 2e-6, -1.0 + 2e-6, -1.0],
+    pr = torch.tensor([-1.0 + 3e-7, -1.0 + 5e-7, -1.0 - 2e-6, -1.0 + 2e-6, -1.0],
                       dtype=torch.float64)
     ref = torch.full((5,), -1.0, dtype=torch.float64)
     n = torch.ones(5, dtype=torch.long)
@@ -73,7 +73,8 @@ def test_training_steps_and_evaluation_share_one_tie_rule():
     step = stats.summary(Distributed(), n_global=5)
     evaluation = summarize(PairStats(pc.numpy(), pr.numpy(), ref.numpy(), ref.numpy(),
                                      n.numpy(), n.numpy(), beta=0.1))
-    # h = [5e-7, -5e-7, 2e-6, -2e-6, -1]: two ties, one win, two losses
+    # h = [-3e-7, -5e-7, 2e-6, -2e-6, -1]: two ties (a strict h > 0 would count them 0),
+    # one win, two losses
     assert step["rewards/accuracies"] == evaluation["rewards/accuracies"] == (0.5 + 0.5 + 1) / 5
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
