@@ -1,4 +1,5 @@
-"""Figures and report.html for the misspecified-bandit experiment (:mod:`dpolab.theory.bandit`).
+"""`dpolab reproduce misspecification`: figures and report.html for the misspecified-bandit
+experiment (:mod:`dpolab.theory.bandit`), and its `cli_main`.
 
 Reward vectors are drawn in the plane of reward differences (x, y) = (r1 - r3, r2 - r3):
 Bradley-Terry labels and every DPO-family loss see rewards only up to a constant, so this plane
