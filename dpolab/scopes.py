@@ -26,7 +26,6 @@ Forward = Callable[..., FlatLogps]
 class Scope:
     """What training one scope means, decided once by :func:`apply`."""
 
-    name: str  # "full", "lora" or "last_layer"
     params: tuple[Tensor, ...]  # the trained parameters
     forward: Forward  # the policy's log-probs of stored pairs, differentiable
     reference: Forward  # the same at the reference point theta0 (computed once, then stored)
@@ -71,7 +70,7 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
                            dtype=model.dtype)
         # The reference weights are gone from memory once training starts: load them again.
-        return Scope("full", tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
+        return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
                      model, None, None, lambda kw: _reloaded_forward(cfg, kw))
     if tc.scope == "lora":
         peft_model = _add_lora(model, tc)
@@ -79,8 +78,8 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
                            dtype=model.dtype)
         # LoRA starts with B = 0: the scope's own forward is the reference's exactly.
-        return Scope("lora", tuple(p for p in peft_model.parameters() if p.requires_grad), fwd,
-                     fwd, peft_model, None, None, lambda kw: _adapter_off_forward(peft_model, kw))
+        return Scope(tuple(p for p in peft_model.parameters() if p.requires_grad), fwd, fwd,
+                     peft_model, None, None, lambda kw: _adapter_off_forward(peft_model, kw))
     # last_layer
     untie_head(model)
     body, head = body_and_head(model)
@@ -106,7 +105,7 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
 
     def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
         return fwd(examples, split=split, head=head0)
-    return Scope("last_layer", tuple(params), fwd, reference, model, fwd, head0,
+    return Scope(tuple(params), fwd, reference, model, fwd, head0,
                  lambda kw: SharedPromptForward(body, lambda: head0, dtype=model.dtype, **kw))
 
 
