@@ -79,7 +79,7 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
     evaluation line is written (reference already stored) and closes after the last step."""
     import torch
 
-    from dpolab import session
+    from dpolab import rundir, session
     from dpolab.config import apply_overrides, build_config
     from dpolab.tokenize import tokenize_rows
     from dpolab.train import train
@@ -103,7 +103,7 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
     ]
     cfg = build_config(apply_overrides({}, overrides))
     # Mark the step window: the benchmark observes the metrics log, it changes no behaviour.
-    original_write = session.MetricsLog.write
+    original_write = rundir.MetricsLog.write
 
     def observed_write(self, row):
         original_write(self, row)
@@ -116,12 +116,12 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
             out["steps_cuda_peak_mib"] = cuda_peak_mib()
 
     out: dict = {}
-    session.MetricsLog.write = observed_write
+    rundir.MetricsLog.write = observed_write
     try:
         run_dir = train(cfg)
     finally:
-        session.MetricsLog.write = original_write
-    rows = session.read_metrics(run_dir / "metrics.jsonl")
+        rundir.MetricsLog.write = original_write
+    rows = rundir.read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "lr" in r]
     elapsed = [r["elapsed_s"] for r in steps]
     out["step_seconds"] = [b - a for a, b in zip(elapsed, elapsed[1:])]  # steps 2..N

@@ -45,6 +45,19 @@ def save_tensors(tensors: dict, path: str | Path, *, metadata: dict[str, str] | 
     return path
 
 
+def read_tensors(path: str | Path | None) -> dict | None:
+    """The tensors of a file `save_tensors` wrote, or None when there is no such file or it
+    cannot be read (cut short, foreign): a cache miss, recomputed rather than trusted."""
+    from safetensors.torch import load_file
+
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception:  # any unreadable file is a miss
+        return None
+
+
 @contextmanager
 def write_dir(dest: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Fill a folder that appears at `dest` whole: yields an empty temporary sibling folder;

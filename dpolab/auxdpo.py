@@ -14,7 +14,7 @@ problems the constraint is exact: delta = Gamma c with Gamma an orthonormal basi
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import torch
 
@@ -77,6 +77,13 @@ def head_gradient_penalty(hidden: Tensor, labels: Tensor, token_delta: Tensor, h
         if head0.bias is not None:
             vb = vb + gd.sum(0)
     return v.pow(2).sum() + vb.pow(2).sum()
+
+
+def gram_penalty(delta: Tensor, gram: Tensor, responses: Tensor) -> Tensor:
+    """||A_B delta||^2 = delta^T G_BB delta for the responses B of a batch, from the Gram
+    matrix G = A^T A (m, m) of all m responses. delta (|B|,) is the auxiliary reward of each
+    response in `responses` (|B|,) long indices into G's rows, in that order."""
+    return delta @ gram[responses][:, responses] @ delta
 
 
 def _size(n_bytes: float) -> str:
@@ -224,64 +231,66 @@ class AuxRewards:
     """
 
     def __init__(self, n: int, *, device, null_weight: float, amp_weight: float,
-                 gram: Tensor | None = None, basis: Tensor | None = None, states=None):
-        """One of: gram (soft, G of all responses), basis (exact), states (soft, closed form:
-        the last_layer scope's CachedHeadForward, whose head0 is the reference head)."""
+                 gram: Tensor | None = None, basis: Tensor | None = None, states=None,
+                 examples=None, head0=None):
+        """One of: gram (soft, G of all responses), basis (exact), or states with examples and
+        head0 (soft, closed form: the last_layer scope's cached body states of the `examples`
+        trained on and its head at theta0)."""
         self.n, self.device = n, device
         self.null_weight, self.amp_weight = null_weight, amp_weight
-        self.gram, self.basis, self.states = gram, basis, states
+        self.gram, self.basis = gram, basis
+        self.states, self.examples, self.head0 = states, examples, head0
         k = basis.shape[1] if basis is not None else 2 * n
         # soft: delta itself, (2n,) = [chosen..., rejected...]; exact: c, (k,)
         self.delta = torch.nn.Parameter(torch.zeros(k, device=device))
 
     @classmethod
     def maybe(cls, objective, session, lc) -> "AuxRewards | None":
+        """The auxiliary rewards of `session`'s training pairs when the objective has the
+        auxdpo term, else None; records the Gram spectrum in the run directory."""
+        from dpolab import rundir
         from dpolab.errors import UserError
-        from dpolab.policy import CachedHeadForward
         from dpolab.progress import Progress
 
         if not objective.needs_delta:
             return None
-        n, tc = len(session.train), session.cfg.train
-        cached = isinstance(session.scope_forward, CachedHeadForward)
-        fwd = ((lambda ex: session.scope_forward.forward(ex, split="train")) if cached
-               else session.scope_forward)
+        n, tc, scope = len(session.train), session.cfg.train, session.scope
         kw = dict(device=session.dist.device, null_weight=lc.aux_null_weight,
                   amp_weight=lc.aux_amp_weight)
         max_bytes = lc.aux_max_gib * 2**30
         gram, err = None, None
         bar = Progress(n, "auxdpo: per-response gradients", enabled=tc.progress and session.dist.is_main)
         try:
-            gram = response_gradient_gram(fwd, session.train, session.params,
+            gram = response_gradient_gram(lambda ex: scope.forward(ex, split="train"),
+                                          session.train, session.params,
                                           max_bytes=max_bytes, progress=bar.update)
             source = "per-response gradients"
         except ValueError as too_big:
             err = too_big
         bar.close()
-        states = session.scope_forward if cached else None
-        if gram is None and cached:  # the head's Gram in closed form, from the cached states
-            hs, ys = states.responses(session.train, split="train")
+        closed_form = scope.head_states is not None  # the head's A has a closed form
+        if gram is None and closed_form:  # the head's Gram in closed form, from the cached states
+            hs, ys = scope.head_states.responses(session.train, split="train")
             try:
-                gram = head_gradient_gram(list(zip(hs, ys)), states.head0, max_bytes=max_bytes)
+                gram = head_gradient_gram(list(zip(hs, ys)), scope.reference_head,
+                                          max_bytes=max_bytes)
                 source = "head closed form"
             except ValueError as too_big:
                 err = too_big
         if gram is None:
-            if cached and lc.aux_mode == "soft":  # the closed-form penalty needs no Gram at all
-                return cls(n, states=states, **kw)
+            if closed_form and lc.aux_mode == "soft":  # the closed-form penalty needs no Gram
+                return cls(n, states=scope.head_states, examples=session.train,
+                           head0=scope.reference_head, **kw)
             raise UserError(f"loss auxdpo ({lc.aux_mode} mode, scope {tc.scope}): {err}. "
                             + ("Use loss.aux_mode=soft, which for the last_layer scope needs "
-                               "no per-response gradients." if cached else
+                               "no per-response gradients." if closed_form else
                                "Use train.scope=last_layer or lora, or raise "
                                "loss.aux_max_gib."))
         evals, evecs, null = _eig_null(gram)
         if session.dist.is_main:  # how much room N(A) leaves delta, for whoever reads the run
-            from dpolab import atomic
-
             spectrum = _spectrum(evals, null, null_weight=lc.aux_null_weight)
-            atomic.write_text(session.run_dir / "auxdpo.json",
-                              json.dumps({"mode": lc.aux_mode, "gram": source, **spectrum},
-                                         indent=1))
+            rundir.write_auxdpo_record(session.run_dir,
+                                       {"mode": lc.aux_mode, "gram": source, **spectrum})
         if lc.aux_mode == "exact":
             basis = evecs[:, null].float().to(session.dist.device)
             if session.dist.is_main:
@@ -300,7 +309,15 @@ class AuxRewards:
         d = self.full_delta()
         return d[i], d[self.n + i]
 
-    def penalty(self, idx, examples, *, n_global: int) -> Tensor:
+    def with_delta(self, pairs, idx):
+        """`pairs` (a losses.PairLogps of the training pairs at positions idx) carrying their
+        auxiliary rewards."""
+        dc, dr = self.batch(idx)
+        return dataclasses.replace(pairs, delta_chosen=dc, delta_rejected=dr)
+
+    def penalty(self, idx, *, n_global: int) -> Tensor:
+        """lambda_null ||A_B delta_B||^2 + lambda_amp ||delta_B||^2 on the training pairs at
+        positions idx, scaled by |B| / n_global."""
         dc, dr = self.batch(idx)
         per_seq = torch.cat([dc, dr])  # (2B,)
         scale = len(idx) / n_global
@@ -309,11 +326,9 @@ class AuxRewards:
             return amp
         if self.gram is not None:
             i = torch.as_tensor(list(idx), dtype=torch.long, device=self.delta.device)
-            resp = torch.cat([i, self.n + i])
-            null = per_seq @ self.gram[resp][:, resp] @ per_seq
+            null = gram_penalty(per_seq, self.gram, torch.cat([i, self.n + i]))
         else:
-            hs, ys = self.states.responses(examples, split="train")
+            hs, ys = self.states.responses([self.examples[j] for j in idx], split="train")
             token_delta = torch.cat([per_seq[j].expand(h.shape[0]) for j, h in enumerate(hs)])
-            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta,
-                                         self.states.head0)
+            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, self.head0)
         return self.null_weight * null * scale + amp

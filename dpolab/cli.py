@@ -14,9 +14,9 @@ from dpolab.errors import UserError
 
 # reproduce NAME -> module whose cli_main(argv) -> int runs the experiment
 REPRODUCE = {
-    "misspecification": "dpolab.theory.bandit",
-    "values": "dpolab.theory.values",
-    "did": "dpolab.theory.did",
+    "misspecification": "dpolab.theory.bandit_plots",
+    "values": "dpolab.theory.values_report",
+    "did": "dpolab.theory.did_report",
 }
 
 # subcommand -> (module, one-line help); each module has cli_main(argv: list[str]) -> int

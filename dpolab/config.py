@@ -66,7 +66,7 @@ class LossConfig:
     aux_max_gib: float = 2.0  # AuxDPO: memory allowed for the per-response gradients of A
 
     def __post_init__(self):
-        # The loss terms read these fields directly (dpolab.losses.LossHyper is this class),
+        # The loss terms read these fields directly (dpolab.losses' Objective takes this class),
         # so a value they cannot use is refused where it is set.
         from dpolab.losses.registry import check_hyper
 

@@ -28,7 +28,7 @@ objects or {"data": [...]}), a Parquet file, or a ``datasets.Dataset``.
 
 Errors name the place and the field, ``FILE:ROW: field 'chosen' is empty``; ROW is the 1-based
 line of a JSONL file or the 1-based position in a list/table.  Tokenization and collation live in
-:mod:`dpolab.tokenize` and are re-exported here.
+:mod:`dpolab.tokenize`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -317,17 +317,3 @@ def _check_messages(value: Any, key: str, where: str) -> list[dict]:
 
 def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-# Tokenization and collation are in dpolab.tokenize (which imports this module); they are
-# re-exported lazily (PEP 562) so that `from dpolab.data import tokenize_rows` works without
-# an import cycle.
-_TOKENIZE_NAMES = ("PairExample", "TokenizedPairs", "PairBatch", "tokenize_rows",
-                   "tokenize_row", "collate_pairs")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _TOKENIZE_NAMES:
-        from dpolab import tokenize
-        return getattr(tokenize, name)
-    raise AttributeError(f"module 'dpolab.data' has no attribute {name!r}")

@@ -52,19 +52,29 @@ def tie_half(x: np.ndarray) -> np.ndarray:
     return np.where(x > TIE, 1.0, np.where(np.abs(x) <= TIE, 0.5, 0.0))
 
 
+def reward_sums(s: PairStats) -> dict[str, float]:
+    """Sums over the pairs of TRL's per-pair metrics (`rewards/...`, `logps/...`); their means
+    are these over N. The training steps sum them over micro-batches and ranks, evaluation
+    divides at once: one definition, one tie rule, for both."""
+    return {
+        "rewards/chosen": float(np.sum(s.beta * s.logratio_chosen)),
+        "rewards/rejected": float(np.sum(s.beta * s.logratio_rejected)),
+        "rewards/margins": float(np.sum(s.margins)),
+        "rewards/accuracies": float(np.sum(tie_half(s.h))),
+        "logps/chosen": float(np.sum(s.policy_chosen)),
+        "logps/rejected": float(np.sum(s.policy_rejected)),
+    }
+
+
 def summarize(s: PairStats) -> dict[str, float]:
     """TRL's metric names plus dpolab's distribution and displacement metrics."""
-    if len(s.h) == 0:
+    n = len(s.h)
+    if n == 0:
         return {}
     m = s.margins
     q10, q50, q90 = np.quantile(m, [0.1, 0.5, 0.9])
     return {
-        "rewards/chosen": float(np.mean(s.beta * s.logratio_chosen)),
-        "rewards/rejected": float(np.mean(s.beta * s.logratio_rejected)),
-        "rewards/margins": float(np.mean(m)),
-        "rewards/accuracies": float(np.mean(tie_half(s.h))),
-        "logps/chosen": float(np.mean(s.policy_chosen)),
-        "logps/rejected": float(np.mean(s.policy_rejected)),
+        **{k: v / n for k, v in reward_sums(s).items()},  # np.mean is the same sum over n
         "margins/p10": float(q10), "margins/p50": float(q50), "margins/p90": float(q90),
         "margins/negative_fraction": float(np.mean(s.h < -TIE)),
         "displacement/chosen": float(np.mean(s.logratio_chosen)),

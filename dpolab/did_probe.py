@@ -5,7 +5,7 @@ For P held-out prompts, K completions are sampled from the policy (seeded, at mo
 `max_new_tokens` tokens: the distribution is over those truncated sequences) and scored under
 the policy and the reference. With log w = log pi - log pi_ref per sample:
     did/entropy      self-normalised importance estimate of H(q_{pi/pi_ref}), the DID entropy
-                     (dpolab.theory.did.did_entropy_estimate, proposal = the policy);
+                     (:func:`did_entropy_estimate`, proposal = the policy);
     did/kl           E_pi[log pi - log pi_ref] = KL(pi || pi_ref), how far training moved;
     did/logratio_std the spread of log w within a prompt (a low-entropy DID concentrates
                      w on few sequences: large spread).
@@ -13,12 +13,13 @@ the policy and the reference. With log w = log pi - log pi_ref per sample:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from dpolab.theory.did import did_entropy_estimate
+Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,37 @@ class _Scored:
     index: int = 0
     row: int = 0
     source: str = "<sample>"
+
+
+def did_entropy_estimate(logp_policy: Tensor, logp_ref: Tensor, *, sampled_from: str) -> Tensor:
+    """Self-normalised importance-sampling estimate of H(q_{pi/pi_ref}) per prompt.
+
+    logp_policy, logp_ref (P, K): per-sequence log pi(y_k|x_p), log pi_ref(y_k|x_p) of K samples
+    per prompt drawn from the proposal rho = pi ("policy") or rho = pi_ref ("ref"). Returns (P,).
+
+    Derivation. With w = pi/pi_ref, Z = sum_y w(y) and q = w/Z,
+        H(q) = -sum_y q(y) (log w(y) - log Z) = log Z - E_q[log w].
+    Both terms are expectations under the proposal with weights v(y) = w(y)/rho(y):
+        Z        = E_rho[v]                       ->  Z_hat = (1/K) sum_k v_k
+        E_q[f]   = E_rho[v f] / E_rho[v]          ->  sum_k softmax(log v)_k f(y_k)
+    so  H_hat = logmeanexp_k(log v_k) - sum_k softmax(log v)_k log w_k, with
+        log v = -log pi_ref           (rho = pi:      w/pi = 1/pi_ref)
+        log v = log pi - 2 log pi_ref (rho = pi_ref:  w/pi_ref = pi/pi_ref^2).
+    Both terms are consistent as K -> inf (the log of the mean is biased low by O(1/K)); the
+    weights are heavy-tailed for long sequences, so compare estimates at equal K only.
+    """
+    if logp_policy.shape != logp_ref.shape or logp_policy.dim() != 2:
+        raise ValueError("did_entropy_estimate: logp_policy and logp_ref must both be (P, K), got "
+                         f"{tuple(logp_policy.shape)} and {tuple(logp_ref.shape)}")
+    log_w = logp_policy - logp_ref                                          # (P, K)
+    proposals = {"policy": lambda: -logp_ref, "ref": lambda: log_w - logp_ref}
+    if sampled_from not in proposals:
+        raise ValueError(f"did_entropy_estimate: sampled_from must be one of "
+                         f"{sorted(proposals)}, got {sampled_from!r}")
+    log_v = proposals[sampled_from]()                                       # (P, K)
+    k = log_v.shape[-1]
+    log_z = torch.logsumexp(log_v, dim=-1) - math.log(k)                    # (P,)
+    return log_z - (torch.softmax(log_v, dim=-1) * log_w).sum(-1)
 
 
 def sample_completions(model, prompt_ids: list[int], *, k: int, max_new_tokens: int,

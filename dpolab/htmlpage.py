@@ -25,6 +25,23 @@ figcaption { font-size: 0.9em; color: #555; } pre { background: #f6f6f6; padding
 """
 
 
+def pyplot():
+    """matplotlib.pyplot drawing into files only (the Agg backend; never a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
+    """Lay out `fig`, write it as a PNG to `path` (creating the folder) and free it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def heading(text: str, level: int = 2) -> str:
     return f"<h{level}>{html.escape(text)}</h{level}>"
 

@@ -211,8 +211,9 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     import torch
 
     from dpolab import reference, session
+    from dpolab.distributed import Distributed
     from dpolab.data import DataError
-    from dpolab.models import body_and_head, load_model, load_tokenizer, resolve_model_path
+    from dpolab.models import body_and_head, load_configured, load_tokenizer
     from dpolab.scopes import pair_forward
     from dpolab.tokenize import tokenize_rows
 
@@ -220,13 +221,9 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and tc.device != "cpu"
     if tc.device == "cuda" and not cuda:
         raise UserError("--device cuda but no CUDA device is available")
-    dist = session.Distributed(device=torch.device("cuda" if cuda else "cpu"))
-    path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(path, dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16"
-                       else torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                       device=str(dist.device))
-    model.requires_grad_(False)
+    dist = Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_configured(cfg.model, device=dist.device)
     model_hash = reference.hash_parameters(model)[:16]   # the store's key, as train makes it
     body, head = body_and_head(model)
     # the trainer's pair forward (train.pair_forward), so the stored reference is its own

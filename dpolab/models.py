@@ -277,3 +277,13 @@ def body_and_head(model) -> tuple[Callable, "Head"]:
         return out.last_hidden_state  # (B, T, D)
 
     return body, head
+
+
+def load_configured(model_cfg, *, device: str | torch.device) -> torch.nn.Module:
+    """The model a run's `model:` section names (name, dtype, trust_remote_code) on `device`,
+    in eval mode (dropout off: determinism) with no parameter requiring grad: the one way the
+    trainer, its reference reload and the data audit load weights."""
+    dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
+    model = load_model(model_cfg.name, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                       device=str(device))
+    return model.requires_grad_(False)

@@ -5,6 +5,10 @@ A forward returns a *flat* view: the log-probs of every completion token of the 
 chosen completion, B + i its rejected one. Sums per sequence are an index_add away, and the
 per-token values stay available for displacement diagnostics.
 
+Every forward is called the same way, `forward(examples, split=...) -> FlatLogps`; `split`
+names the stored split the examples come from ("train", "held_out") and only the cached-state
+forward reads it (its states are stored per split).
+
 Scopes:
     full, lora   chosen and rejected go through the body in one forward of 2B rows;
     last_layer   the body runs once per example, before training; its final hidden states at
@@ -19,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from dpolab import atomic
 from dpolab.tokenize import collate_pairs
@@ -78,7 +81,7 @@ class BodyForward:
         return (hidden[mask], batch.labels[mask], mask.nonzero()[:, 0],
                 int(batch.attention_mask.sum()))
 
-    def __call__(self, examples: Sequence) -> FlatLogps:
+    def __call__(self, examples: Sequence, *, split: str | None = None) -> FlatLogps:
         h, labels, seg, n_tokens = self.hidden(examples)
         tok = label_logps(h, self.head_fn(), labels, chunk_size=self.chunk_size)
         return FlatLogps(tok, seg, len(examples), n_tokens)
@@ -97,7 +100,7 @@ class CachedHeadForward:
         `states(examples) -> (h (N, D), labels (N,), seg (N,), n_tokens)` is a pair forward's
         `hidden` (tokens sorted by sequence id). With `store` (a safetensors path keyed by
         weights and token ids) they are read from there when present, else written there."""
-        if store is not None and store.exists() and self._load(store, examples, split):
+        if store is not None and self._load(store, examples, split):
             if progress:
                 progress(len(examples))
             return
@@ -129,9 +132,8 @@ class CachedHeadForward:
                              "labels": torch.cat(ys).cpu(), "offsets": offsets}, path)
 
     def _load(self, path: Path, examples: Sequence, split: str) -> bool:
-        try:
-            t = load_file(str(path))
-        except Exception:  # unreadable: recompute
+        t = atomic.read_tensors(path)
+        if t is None:
             return False
         n, off = len(examples), t["offsets"].tolist()
         if len(off) != 2 * n + 1:
@@ -142,8 +144,12 @@ class CachedHeadForward:
             self.cache[(split, ex.index)] = (h[c], y[c], h[r], y[r])
         return True
 
-    def forward(self, examples: Sequence, *, split: str, head: Head | None = None) -> FlatLogps:
-        """Log-probs under the current head, or under `head` (e.g. the reference head)."""
+    def __call__(self, examples: Sequence, *, split: str | None = None,
+                 head: Head | None = None) -> FlatLogps:
+        """Log-probs under the current head, or under `head` (e.g. the reference head), of
+        examples whose states `fill` cached under `split`."""
+        if split is None:
+            raise ValueError("CachedHeadForward needs the split whose cached states to read")
         hs, ys = self.responses(examples, split=split)
         seg = torch.cat([torch.full((h.shape[0],), j, dtype=torch.long) for j, h in enumerate(hs)])
         tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
@@ -215,7 +221,7 @@ class SharedPromptForward:
         n_tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
         return h, labels.to(self.device), seg.to(self.device), n_tokens
 
-    def __call__(self, examples: Sequence) -> FlatLogps:
+    def __call__(self, examples: Sequence, *, split: str | None = None) -> FlatLogps:
         h, labels, seg, n_tokens = self.hidden(examples)
         tok = label_logps(h, self.head_fn(), labels, chunk_size=self.chunk_size)
         return FlatLogps(tok, seg, len(examples), n_tokens)

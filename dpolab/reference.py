@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from dpolab import atomic
 
@@ -106,10 +105,5 @@ def save(ref: ReferenceLogps, path: Path) -> None:
 
 def load(path: Path, key: str) -> ReferenceLogps | None:
     """The stored reference for `key`, or None when absent or unreadable (then recompute)."""
-    if not path.exists():
-        return None
-    try:
-        t = load_file(str(path))
-    except Exception:  # a truncated or foreign file is recomputed, not trusted
-        return None
-    return ReferenceLogps(t["tokens"], t["offsets"], key)
+    t = atomic.read_tensors(path)
+    return None if t is None else ReferenceLogps(t["tokens"], t["offsets"], key)

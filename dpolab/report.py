@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import yaml
 
 from dpolab import htmlpage
 from dpolab.errors import UserError
+from dpolab.rundir import Run, load_run, loss_name, read_metrics  # noqa: F401  (report's API)
 
 # Thresholds of the "what to look at" notes, chosen to flag what the eye would flag on the
 # figures; they only select which sentences are printed.
@@ -35,97 +35,6 @@ SATURATED = 0.05  # mean DPO gradient weight sigma(-margin) below this: most pai
 _IMAGE_CHECK = ("<script>window.addEventListener('load',function(){var im=document.images,n=0;"
                 "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)n++;}"
                 "document.body.setAttribute('data-images-loaded',n+'/'+im.length);});</script>")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One run directory, read once. `train` and `evals` are metrics.jsonl lines, in order."""
-    path: Path
-    config: dict[str, Any]  # config.yaml as written ({} if missing)
-    summary: dict[str, Any] | None  # summary.json; None while the run is in progress
-    data: dict[str, Any] | None  # data.json (per split pair counts)
-    train: list[dict[str, Any]]  # lines with a training `loss`
-    evals: list[dict[str, Any]]  # lines with `eval/` or `train_eval/` keys
-    name: str = ""  # how the run is named in a comparison; empty = the directory's name
-
-    @property
-    def label(self) -> str:
-        return f"{self.name or self.path.name} ({loss_name(self.config)})"
-
-    @property
-    def groups(self) -> list[str]:
-        keys = {k for r in self.evals for k in r}
-        return sorted({k.split("/")[2] for k in keys
-                       if k.startswith("eval/groups/") and k.endswith("/accuracy")})
-
-    @property
-    def before(self) -> dict[str, Any]:
-        return self.evals[0] if self.evals else {}
-
-    @property
-    def after(self) -> dict[str, Any]:
-        return self.evals[-1] if len(self.evals) > 1 else {}
-
-
-def loss_name(config: dict[str, Any]) -> str:
-    """`dpo`, or the weighted terms as `dpo+0.1*sft` when `loss.weights` is set."""
-    loss = config.get("loss") or {}
-    weights = loss.get("weights") or {}
-    if not weights:
-        return str(loss.get("name", "?"))
-    return "+".join(k if float(w) == 1.0 else f"{float(w):g}*{k}" for k, w in weights.items())
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON: {err}") from None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl, in order ([] when the file does not exist).
-    A cut-short last line (a run being written, or killed mid-write) is left out; a damaged
-    line elsewhere is a UserError naming FILE:LINE."""
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                continue
-            raise UserError(f"{path}:{n}: not a JSON object") from None
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory; a missing directory or metrics.jsonl is a UserError."""
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    if not metrics.is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl in this directory (not a run directory?)")
-    rows = read_metrics(metrics)
-    config: dict[str, Any] = {}
-    if (run_dir / "config.yaml").exists():
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{run_dir / 'config.yaml'}: not valid YAML: {err}") from None
-    return Run(path=run_dir, config=config,
-               summary=_read_json(run_dir / "summary.json"), data=_read_json(run_dir / "data.json"),
-               train=[r for r in rows if "loss" in r],
-               evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)])
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,11 +9,14 @@ lines at step 0 were written before the first update.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpolab.htmlpage import pyplot, save_figure
+
 if TYPE_CHECKING:
-    from dpolab.report import Run
+    from dpolab.rundir import Run
 
 Figure = tuple[str, Path, str]
 
@@ -30,13 +33,8 @@ KNOWN_EVAL = {
 DIAGNOSTICS = ["margins/negative_fraction", "displacement/chosen_fell_fraction",
                "preference/model", "gradient_weight/mean"]
 MAX_PANELS = 12  # other-metrics panels per figure; the rest are named in the caption
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-    return plt
+# A run report holds many figures: smaller files than the theory reports' 110 dpi.
+_png = partial(save_figure, dpi=90)
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -56,14 +54,6 @@ def _plot(ax, rows, key, label=None, **kw) -> bool:
     return True
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    _plt().close(fig)
-    return path
-
-
 def _finish(ax, xlabel="optimizer step", ylabel="", legend=True) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
@@ -78,20 +68,20 @@ def _finish(ax, xlabel="optimizer step", ylabel="", legend=True) -> None:
 def loss_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     _plot(ax, run.train, "loss", "loss (weighted total)", lw=2, color="k")
     for key in sorted({k for r in run.train for k in r if k.startswith("loss/")}):
         _plot(ax, run.train, key)
     _finish(ax, ylabel="loss per pair")
-    return [("Loss", _save(fig, out / "loss.png"),
+    return [("Loss", _png(fig, out / "loss.png"),
              "Training loss per optimizer step and each loss term (unweighted).")]
 
 
 def margins_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train and not run.evals:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for prefix, color, what in (("eval/", "C0", "held-out"), ("train_eval/", "C1", "train pairs")):
         x, lo = _series(run.evals, prefix + "margins/p10")
@@ -102,7 +92,7 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
     _plot(ax, run.train, "rewards/margins", "train batch mean", color="k", alpha=0.7)
     ax.axhline(0, color="grey", lw=0.8)
     _finish(ax, ylabel="reward margin beta*h")
-    return [("Reward margins", _save(fig, out / "margins.png"),
+    return [("Reward margins", _png(fig, out / "margins.png"),
              "Reward margins: p10-p90 band and median at each evaluation, and the mean over "
              "each training batch. A band reaching below 0 means pairs still ranked wrongly.")]
 
@@ -110,7 +100,7 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
 def displacement_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train and not run.evals:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     drawn = {a1: False, a2: False}
     for side, color in (("chosen", "C2"), ("rejected", "C3")):
@@ -127,7 +117,7 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
     a2.set_title("implicit rewards (training batches)", fontsize=10)
     _finish(a1, ylabel="log pi(y) - log pi_ref(y)  [nats]")
     _finish(a2, ylabel="beta * (log pi - log pi_ref)")
-    return [("Chosen and rejected displacement", _save(fig, out / "displacement.png"),
+    return [("Chosen and rejected displacement", _png(fig, out / "displacement.png"),
              "Left: mean change of the sequence log-prob against the reference, held-out "
              "(solid) and train pairs (dotted). Right: training-batch rewards. Both below 0 "
              "is likelihood displacement.")]
@@ -137,7 +127,7 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
     groups = run.groups
     if not groups:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     _plot(ax, run.evals, "eval/rewards/accuracies", "(all) held-out", color="k", lw=2)
     for i, g in enumerate(groups):
@@ -146,14 +136,14 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
               color=f"C{i % 10}", ls=":")
     ax.set_ylim(-0.02, 1.02)
     _finish(ax, ylabel="reward accuracy")
-    figs = [("Per-group accuracy", _save(fig, out / "group_accuracy.png"),
+    figs = [("Per-group accuracy", _png(fig, out / "group_accuracy.png"),
              "Reward accuracy per group at each evaluation: held-out (solid), train pairs "
              "(dotted).")]
     return figs + [_group_bars(run, groups, out)]
 
 
 def _group_bars(run: Run, groups: list[str], out: Path) -> Figure:
-    plt = _plt()
+    plt = pyplot()
     bars = [("before", run.before, "accuracy"), ("after", run.after, "accuracy"),
             ("after, no cue", run.after, "accuracy_no_cue")]
     bars = [b for b in bars if any(f"eval/groups/{g}/{b[2]}" in b[1] for g in groups)]
@@ -167,7 +157,7 @@ def _group_bars(run: Run, groups: list[str], out: Path) -> Figure:
     ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 6 else 0)
     ax.set_ylim(0, 1.05)
     _finish(ax, xlabel="group", ylabel="held-out reward accuracy")
-    return ("Per-group accuracy before and after", _save(fig, out / "group_before_after.png"),
+    return ("Per-group accuracy before and after", _png(fig, out / "group_before_after.png"),
             "Held-out reward accuracy per group before and after training, and on the pairs "
             "without the group's cue where logged (dashed line: chance).")
 
@@ -175,13 +165,13 @@ def _group_bars(run: Run, groups: list[str], out: Path) -> Figure:
 def lr_throughput_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3))
     _plot(a1, run.train, "lr", "learning rate")
     _plot(a2, run.train, "tokens_per_s", "tokens/s", color="C4")
     _finish(a1, ylabel="learning rate", legend=False)
     _finish(a2, ylabel="tokens / s", legend=False)
-    return [("Learning rate and throughput", _save(fig, out / "lr_throughput.png"),
+    return [("Learning rate and throughput", _png(fig, out / "lr_throughput.png"),
              "Learning-rate schedule and training throughput (completion tokens per second).")]
 
 
@@ -197,7 +187,7 @@ def diagnostics_figure(run: Run, out: Path) -> list[Figure]:
 
 def _panels(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
     """One small panel per key, `eval/` solid and `train_eval/` dotted."""
-    plt = _plt()
+    plt = pyplot()
     cols = min(len(keys), 4)
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(2.8 * cols + 1, 2.6 * nrows), squeeze=False)
@@ -208,7 +198,7 @@ def _panels(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
         _finish(ax, xlabel="step", legend=False)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    return _save(fig, path)
+    return _png(fig, path)
 
 
 def other_keys(run: Run) -> list[str]:
@@ -254,14 +244,14 @@ def run_figures(run: Run, out: Path) -> list[Figure]:
 
 def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
     """Loss, held-out accuracy, held-out margins and displacement, one color per run."""
-    plt = _plt()
+    plt = pyplot()
     figs: list[Figure] = []
     if any(r.train for r in runs):
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for i, r in enumerate(runs):
             _plot(ax, r.train, "loss", r.label, color=f"C{i % 10}")
         _finish(ax, ylabel="training loss per pair")
-        figs.append(("Loss", _save(fig, out / "loss.png"), "Training loss of each run. Losses "
+        figs.append(("Loss", _png(fig, out / "loss.png"), "Training loss of each run. Losses "
                      "of different objectives are on different scales."))
     if not any(r.evals for r in runs):
         return figs
@@ -270,7 +260,7 @@ def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
         _plot(ax, r.evals, "eval/rewards/accuracies", r.label, color=f"C{i % 10}")
     ax.set_ylim(-0.02, 1.02)
     _finish(ax, ylabel="held-out reward accuracy")
-    figs.append(("Held-out accuracy", _save(fig, out / "accuracy.png"),
+    figs.append(("Held-out accuracy", _png(fig, out / "accuracy.png"),
                  "Held-out reward accuracy at each evaluation."))
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for i, r in enumerate(runs):
@@ -281,7 +271,7 @@ def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
         _plot(ax, r.evals, "eval/margins/p50", r.label, color=f"C{i % 10}")
     ax.axhline(0, color="grey", lw=0.8)
     _finish(ax, ylabel="held-out reward margin")
-    figs.append(("Held-out margins", _save(fig, out / "margins.png"),
+    figs.append(("Held-out margins", _png(fig, out / "margins.png"),
                  "Median held-out reward margin (line) and its p10-p90 band per run. Margins "
                  "scale with each run's beta."))
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -291,7 +281,7 @@ def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
               color=f"C{i % 10}", ls="--")
     ax.axhline(0, color="grey", lw=0.8)
     _finish(ax, ylabel="log pi(y) - log pi_ref(y)  [nats]")
-    figs.append(("Held-out displacement", _save(fig, out / "displacement.png"),
+    figs.append(("Held-out displacement", _png(fig, out / "displacement.png"),
                  "Mean held-out displacement of the chosen (solid) and rejected (dashed) "
                  "responses per run."))
     return figs

@@ -1,23 +1,58 @@
 """Which parameters train: `full`, `lora` (peft adapters) or `last_layer` (the output head).
 
-`apply` returns the trainable parameters, the forward function for the scope and the head.
+`apply` decides it once and returns a frozen :class:`Scope`: everything a caller needs to know
+about the scope is a field of it, so no other module asks which scope it has.
 `last_layer` unties a head that shares its weight with the input embedding, so training it
 leaves the embedding (and thus the cached body states) untouched and the export keeps both.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
 import torch
 
 from dpolab.logps import Head
-from dpolab.policy import BodyForward, CachedHeadForward, SharedPromptForward
+from dpolab.policy import BodyForward, CachedHeadForward, FlatLogps, SharedPromptForward
 from dpolab.progress import Progress
+
+Tensor = torch.Tensor
+# (examples, *, split=None) -> FlatLogps: the one call signature of every pair forward
+Forward = Callable[..., FlatLogps]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What training one scope means, decided once by :func:`apply`."""
+
+    params: tuple[Tensor, ...]  # the trained parameters
+    forward: Forward  # the policy's log-probs of stored pairs, differentiable
+    reference: Forward  # the same at the reference point theta0 (computed once, then stored)
+    model: torch.nn.Module  # the module that samples and is exported (the peft model for lora)
+    # last_layer only: the cached body states (CachedHeadForward.responses) and the head at
+    # theta0; with them AuxDPO's null-space penalty has a closed form. None otherwise.
+    head_states: CachedHeadForward | None
+    reference_head: Head | None
+    # kw -> the reference's forward over any pairs (e.g. sampled completions), where kw are
+    # SharedPromptForward's keywords: the reference weights as this scope still has them.
+    text_reference: Callable[[dict], Forward]
+
+    def text_forwards(self, *, pad_id: int, chunk_size: int, device) -> tuple[Forward, Forward]:
+        """(policy, reference) forwards over any pairs, one row per pair with the prompt
+        shared, no autocast: the training forward's log-probs without its caches."""
+        from dpolab.models import body_and_head
+
+        kw = dict(pad_id=pad_id, chunk_size=chunk_size, device=device, autocast=False)
+        body, head = body_and_head(self.model)
+        policy = SharedPromptForward(body, lambda: head, dtype=self.model.dtype, **kw)
+        return policy, self.text_reference(kw)
 
 
 def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist,
-          state_store=None):
-    """state_store(split, examples) -> Path | None: where the last_layer scope keeps its cached
-    body states between runs."""
+          state_store=None) -> Scope:
+    """Make `model` train as `cfg.train.scope` says. state_store(split, examples) -> Path |
+    None: where the last_layer scope keeps its cached body states between runs."""
     from dpolab.models import body_and_head
 
     tc = cfg.train
@@ -32,17 +67,19 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
 
             shard_layers(model)
         body, head = body_and_head(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return params, pair_forward(tc, body, head, pad_id=pad_id, device=device,
-                                    autocast=autocast, dtype=model.dtype), head
+        fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
+                           dtype=model.dtype)
+        # The reference weights are gone from memory once training starts: load them again.
+        return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
+                     model, None, None, lambda kw: _reloaded_forward(cfg, kw))
     if tc.scope == "lora":
         peft_model = _add_lora(model, tc)
         body, head = body_and_head(peft_model)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
         fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
                            dtype=model.dtype)
-        fwd.peft_model = peft_model
-        return params, fwd, head
+        # LoRA starts with B = 0: the scope's own forward is the reference's exactly.
+        return Scope(tuple(p for p in peft_model.parameters() if p.requires_grad), fwd, fwd,
+                     peft_model, None, None, lambda kw: _adapter_off_forward(peft_model, kw))
     # last_layer
     untie_head(model)
     body, head = body_and_head(model)
@@ -53,9 +90,10 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         out.bias.requires_grad_(True)
         params.append(out.bias)
     fwd = CachedHeadForward(lambda: head, chunk_size=tc.logps_chunk, device=device)
-    # The reference head, kept for AuxDPO's null-space penalty and for scoring samples.
-    fwd.head0 = Head(head.weight.detach().clone(),
-                     None if head.bias is None else head.bias.detach().clone(), head.softcap)
+    # The reference head: the reference forward (cached body states under the original head,
+    # no second body pass), AuxDPO's null-space penalty and scoring samples.
+    head0 = Head(head.weight.detach().clone(),
+                 None if head.bias is None else head.bias.detach().clone(), head.softcap)
     for split, t in tok.items():
         bar = Progress(len(t.examples), f"cache body states ({split})",
                        enabled=tc.progress and dist.is_main)
@@ -64,7 +102,33 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         fwd.fill(states, t.examples, split=split, batch_size=tc.eval_batch_size,
                  progress=bar.update, store=state_store(split, t.examples) if state_store else None)
         bar.close()
-    return params, fwd, head
+
+    def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
+        return fwd(examples, split=split, head=head0)
+    return Scope(tuple(params), fwd, reference, model, fwd, head0,
+                 lambda kw: SharedPromptForward(body, lambda: head0, dtype=model.dtype, **kw))
+
+
+def _adapter_off_forward(peft_model, kw: dict) -> Forward:
+    """LoRA's reference: the same model with its adapters switched off."""
+    from dpolab.models import body_and_head
+
+    body, head = body_and_head(peft_model)
+    fwd = SharedPromptForward(body, lambda: head, dtype=peft_model.dtype, **kw)
+
+    def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
+        with peft_model.disable_adapter():
+            return fwd(examples)
+    return reference
+
+
+def _reloaded_forward(cfg, kw: dict) -> Forward:
+    """The full scope's reference: its weights are gone from memory; load them again."""
+    from dpolab.models import body_and_head, load_configured
+
+    ref_model = load_configured(cfg.model, device=kw["device"])
+    body, head = body_and_head(ref_model)
+    return SharedPromptForward(body, lambda: head, dtype=ref_model.dtype, **kw)
 
 
 def pair_forward(tc, body, head, *, pad_id: int, device, autocast: bool, dtype):

@@ -3,10 +3,11 @@
     setup -> data -> reference (once, stored) -> scope -> optimizer -> [resume] ->
     loop { schedule, forward, loss, backward, step, log, evaluate, checkpoint } -> export
 
-Everything it builds is prepared by small helpers in `dpolab.session`; the loop itself only
-moves batches through them. More than one process (torchrun) means data parallelism: each
-rank takes an interleaved slice of every global batch and gradients are averaged with an
-all-reduce, so N processes give the same step as one process on the same global batch.
+What it trains on is assembled by `dpolab.session.build`; per micro-batch the loop asks the
+session for the pairs' log-probs (`pair_logps`) and does the rest itself. More than one
+process (torchrun) means data parallelism: each rank takes an interleaved slice of every
+global batch and gradients are averaged with an all-reduce, so N processes give the same
+step as one process on the same global batch.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
-from dpolab import checkpoint, memory, session
+from dpolab import checkpoint, memory, rundir, session
 from dpolab.auxdpo import AuxRewards
-from dpolab.errors import UserError
 from dpolab.config import RunConfig
+from dpolab.diagnostics import PairStats, reward_sums
+from dpolab.distributed import Distributed
+from dpolab.errors import UserError
 from dpolab.losses import Objective, PairLogps
+from dpolab.models import dpolab_cache_dir as cache_dir
 from dpolab.progress import Progress
 from dpolab.report import write_run_report
 
+Tensor = torch.Tensor
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str) -> float:
@@ -54,15 +60,16 @@ def global_batches(n: int, *, seed: int, epochs: int, global_batch: int):
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     # ---- setup -------------------------------------------------------------------------
-    dist = session.Distributed.from_env(cfg.train.device)
+    dist = Distributed.from_env(cfg.train.device)
     if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
         memory.reuse_freed_blocks()  # no page faults for the same buffers every step
-    run_dir = session.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
+    run_dir = rundir.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
     t_start = time.monotonic()
     s = session.build(cfg, run_dir, dist)  # data, reference, model scope, forward functions
     tc, lc = cfg.train, cfg.loss
     objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
+    trained = s.params + ([aux.delta] if aux is not None else [])
 
     # ---- optimizer and schedule ----------------------------------------------------------
     groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay}]
@@ -76,8 +83,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     start = 0
     if resume:
         start = checkpoint.restore(run_dir, s.trainable_named(aux), optimizer)
-    metrics = session.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
-                                 keep_lines=checkpoint.metrics_lines(run_dir) if start else 0)
+    metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
+                                keep_lines=checkpoint.metrics_lines(run_dir) if start else 0)
     if start == 0:
         metrics.write(s.evaluate(step=0))
     bar = Progress(total, "train", enabled=tc.progress and dist.is_main)
@@ -90,57 +97,57 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             break
         if step < start:
             continue  # already trained before the checkpoint; the order is deterministic
-        t0 = time.monotonic()
+        # schedule
+        t0, tokens0 = time.monotonic(), s.tokens_processed
         lr = lr_at(step, peak=tc.lr, warmup=tc.warmup_steps, total=total, schedule=tc.schedule)
         optimizer.param_groups[0]["lr"] = lr
         if aux is not None:
             optimizer.param_groups[1]["lr"] = lc.aux_lr
         optimizer.zero_grad(set_to_none=True)
-        stats = session.StepStats()
+        stats = StepStats()
         mine = positions[dist.rank::dist.world]
         for micro in range(tc.grad_accum):
             idx = mine[micro * tc.batch_size:(micro + 1) * tc.batch_size]
             if not idx:
                 continue
             # forward
-            examples = [s.train[i] for i in idx]
-            flat = s.forward(examples, split="train")
-            pc, pr = flat.sums()
-            nc, nr = flat.counts()
-            rc, rr = s.ref_sums("train", idx)
-            delta_c, delta_r = aux.batch(idx) if aux is not None else (None, None)
-            pairs = PairLogps(pc, pr, rc, rr, nc, nr, delta_c, delta_r)
+            pairs = s.pair_logps("train", idx)
+            if aux is not None:
+                pairs = aux.with_delta(pairs, idx)
             # loss
             per_example, terms = objective(pairs)
             weights = s.group_weights("train", idx)
             loss = (weights * per_example).sum() / len(positions)
             if aux is not None:
-                loss = loss + aux.penalty(idx, examples, n_global=len(positions))
+                loss = loss + aux.penalty(idx, n_global=len(positions))
             if step == 0 and start == 0 and micro == 0:
-                session.check_step0(pairs, terms, objective.at_reference())
+                check_step0(pairs, terms, objective.at_reference())
             if not torch.isfinite(loss):
                 raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
                                 f"stopped, the last good checkpoint is kept in {run_dir}")
             # backward
             loss.backward()
-            stats.add(pairs, terms, per_example, weights, flat, beta=lc.beta)
+            stats.add(pairs, terms, per_example, weights, beta=lc.beta)
         # step
-        dist.average_gradients(s.params + ([aux.delta] if aux is not None else []))
-        grad_norm = session.clip(s.params, tc.max_grad_norm)
+        dist.average_gradients(trained)
+        grad_norm = clip(s.params, tc.max_grad_norm)
         optimizer.step()
         # log
         row = stats.summary(dist, n_global=len(positions))
+        tokens = (s.tokens_processed - tokens0) * dist.world
         row.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
-                   tokens_per_s=stats.tokens * dist.world / max(time.monotonic() - t0, 1e-9),
+                   tokens_per_s=tokens / max(time.monotonic() - t0, 1e-9),
                    elapsed_s=time.monotonic() - t_start)
         metrics.write(row)
         bar.update(step + 1, loss=row["loss"], acc=row["rewards/accuracies"])
+        # evaluate
         done = step + 1 == total
         if done or (tc.eval_every and (step + 1) % tc.eval_every == 0):
             row = s.evaluate(step=step + 1)
             if done:
                 row.update(s.did_eval())
             metrics.write(row)
+        # checkpoint
         if done or (tc.save_every and (step + 1) % tc.save_every == 0):
             checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
                             metrics_lines=metrics.lines, is_main=dist.is_main)  # collective
@@ -150,12 +157,79 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     # ---- export ------------------------------------------------------------------------
     s.export(run_dir / "model")  # collective
     if dist.is_main:
-        session.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
+        rundir.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
         if tc.report:
             write_run_report(run_dir)
     dist.barrier()
     dist.close()
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# One step's statistics, gradient norm and the step-0 check
+
+
+class StepStats:
+    """Accumulates one optimizer step's pair statistics across micro-batches (and ranks):
+    sums here, divided by the global batch size in `summary`."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+
+    def add(self, pairs: PairLogps, terms: dict[str, Tensor], per_example: Tensor,
+            weights: Tensor, *, beta: float) -> None:
+        with torch.no_grad():
+            add = reward_sums(PairStats(*(t.detach().double().cpu().numpy() for t in (
+                pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected,
+                pairs.n_chosen, pairs.n_rejected)), beta=beta))
+            add["loss"] = float((weights * per_example.detach().double()).sum())
+            for name, t in terms.items():
+                add[f"loss/{name}"] = float(t.double().sum())
+        for k, v in add.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def summary(self, dist: Distributed, *, n_global: int) -> dict[str, float]:
+        keys = sorted(self.sums)
+        totals = dist.all_sum([self.sums[k] for k in keys])
+        return {k: v / n_global for k, v in zip(keys, totals)}
+
+
+def clip(params: list[Tensor], max_norm: float) -> float:
+    """The gradient norm before clipping; clipped to max_norm when max_norm > 0."""
+    from dpolab import sharding
+
+    if any(sharding.is_sharded(p) for p in params):
+        return sharding.clip_grad_norm(params, max_norm)
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                        for p in grads])))
+
+
+def check_step0(pairs: PairLogps, terms: dict[str, Tensor],
+                at_reference: Mapping[str, float]) -> None:
+    """Before any update the policy is its reference: log-probs agree with the stored ones
+    and every term has its value at zero log-ratios (`at_reference`, from the loss registry:
+    ln 2 for DPO). A mismatch means the store belongs to other weights or other data."""
+    with torch.no_grad():
+        for pol, ref, what in ((pairs.policy_chosen, pairs.ref_chosen, "chosen"),
+                               (pairs.policy_rejected, pairs.ref_rejected, "rejected")):
+            err = (pol.double() - ref.double()).abs()
+            tol = 1e-3 + 1e-5 * ref.double().abs()
+            if (err > tol).any():
+                raise UserError(
+                    f"step-0 invariant failed: policy {what} log-probs differ from the stored "
+                    f"reference by up to {float(err.max()):.3g} nats; the reference store does "
+                    f"not match this model and data (delete it from {cache_dir() / 'reference'})")
+        for name, expected in at_reference.items():
+            if name in terms:
+                v = float(terms[name].double().mean())
+                if abs(v - expected) > 1e-3 * max(1.0, abs(expected)):
+                    raise UserError(f"step-0 invariant failed: the {name} loss is {v:.6f}, "
+                                    f"expected {expected:.6f} with the policy at its reference")
 
 
 def make_adamw(groups: list[dict], *, lr: float) -> torch.optim.Optimizer:
@@ -172,7 +246,7 @@ def make_adamw(groups: list[dict], *, lr: float) -> torch.optim.Optimizer:
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The last evaluation line of a run, for callers and tests."""
-    rows = session.read_metrics(run_dir / "metrics.jsonl")
+    rows = rundir.read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     return evals[-1] if evals else {}
 

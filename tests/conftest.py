@@ -1,7 +1,26 @@
-"""Test-wide settings: never reach a model hub (a lookup would hang ~45 s before failing)."""
+"""Test-wide settings and shared fixtures. Never reach a model hub (a lookup would hang ~45 s
+before failing)."""
 
 import os
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama-style model and its tokenizer (vocabulary 512, seed 0), saved once
+    per test session; tests only read it."""
+    from dpolab.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """A fresh $DPOLAB_CACHE (reference store, cached states) for one test."""
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

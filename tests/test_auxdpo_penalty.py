@@ -74,3 +74,57 @@ def test_head_gradient_gram_equals_autograd(bias, softcap):
     torch.testing.assert_close(G, A.T @ A, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="10 completion tokens over a vocabulary of 7"):
         head_gradient_gram(list(zip(hs, ys)), head0, max_bytes=100)
+
+
+def _linear_responses(n: int, P: int, seed: int):
+    """A forward whose log-prob of every token is x_t . w: the gradient of response a's summed
+    log-prob is the sum of its tokens' x_t, so A is known without autograd."""
+    from dpolab.policy import FlatLogps
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(P, generator=g, dtype=torch.float64))
+    feats = [torch.randn(1 + (a % 3), P, generator=g, dtype=torch.float64)
+             for a in range(2 * n)]  # response a < n: chosen of pair a; n + i: rejected of i
+
+    def forward(idx):
+        xs = [feats[i] for i in idx] + [feats[n + i] for i in idx]
+        seg = torch.cat([torch.full((x.shape[0],), j) for j, x in enumerate(xs)])
+        return FlatLogps(torch.cat(xs) @ w, seg, len(idx), int(seg.numel()))
+
+    A = torch.stack([x.sum(0) for x in feats], dim=1)  # (P, 2n)
+    return forward, w, A
+
+
+def test_response_gradient_gram_is_AtA():
+    """response_gradient_gram (what AuxRewards.maybe computes for every scope) equals A^T A
+    with A's columns the exact gradients of each response's log-prob; too little memory is a
+    ValueError naming the sizes."""
+    from dpolab.auxdpo import response_gradient_gram
+
+    forward, w, A = _linear_responses(n=3, P=4, seed=5)
+    G = response_gradient_gram(forward, [0, 1, 2], [w], max_bytes=2**20)
+    torch.testing.assert_close(G, A.T @ A, rtol=1e-6, atol=1e-6)  # rows held in float32
+    with pytest.raises(ValueError, match="4 trained parameters for 6 responses"):
+        response_gradient_gram(forward, [0, 1, 2], [w], max_bytes=10)
+
+
+def test_trainer_penalty_from_gram_equals_norm_of_A_delta():
+    """AuxRewards.penalty (the term the training loop adds) with the Gram matrix of all
+    responses is, for the batch B = pairs {0, 2} of n = 3 and n_global = 4,
+        (|B| / n_global) * (lambda_null * ||A_B delta_B||^2 + lambda_amp * ||delta_B||^2),
+    A_B the columns of B's chosen and rejected responses; gram_penalty alone is the norm."""
+    from dpolab.auxdpo import AuxRewards, gram_penalty
+
+    forward, w, A = _linear_responses(n=3, P=4, seed=6)
+    G = A.T @ A
+    aux = AuxRewards(3, device="cpu", null_weight=2.0, amp_weight=0.5, gram=G.float())  # as maybe()
+    d = torch.tensor([0.3, -1.0, 0.7, 1.5, 0.2, -0.4], dtype=torch.float64)
+    with torch.no_grad():
+        aux.delta.copy_(d)
+    resp = torch.tensor([0, 2, 3, 5])  # chosen 0, chosen 2, rejected 0, rejected 2
+    dB = d[resp]
+    norm = (A[:, resp] @ dB).pow(2).sum()
+    assert gram_penalty(dB, G, resp).item() == pytest.approx(norm.item(), rel=1e-12)
+    expected = (2 / 4) * (2.0 * norm + 0.5 * dB.pow(2).sum())
+    got = aux.penalty([0, 2], n_global=4)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)  # delta is float32

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from dpolab.errors import UserError
-from dpolab.data import (DataError, PreferenceRow, collate_pairs, load_rows, parse_row,
-                         tokenize_rows, write_jsonl)
-from dpolab.tokenize import PairExample
+from dpolab.data import DataError, PreferenceRow, load_rows, parse_row, write_jsonl
+from dpolab.tokenize import PairExample, collate_pairs, tokenize_rows
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"

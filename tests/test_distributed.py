@@ -14,13 +14,6 @@ from safetensors.torch import load_file
 from tests.test_train import write_pairs
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from dpolab.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
-
-
 @pytest.mark.parametrize("scope,mode", [("full", "ddp"), ("lora", "ddp"), ("full", "fsdp2")])
 def test_two_process_gloo_matches_one_process(scope, mode, tiny_dir, tmp_path):
     """Losses, gradient norms and the exported weights of 2 processes x 2 pairs equal those of

@@ -24,23 +24,10 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from dpolab.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
     from dpolab.models import load_tokenizer
 
     return load_tokenizer(str(tiny_dir))
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def run_json(capsys, *args) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpolab import losses as L
+from dpolab.config import LossConfig
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -21,9 +22,15 @@ SM1 = math.log1p(math.exp(1.0))  # -log sigma(-1) = log(1 + e^1)  = 1.31326169
 
 
 def test_dpo_hand_value():
-    """-log sigma(beta h) at beta h = 1 is log(1 + e^-1) = 0.3132617."""
-    assert L.dpo_loss(*BASE, beta=0.5).item() == pytest.approx(0.31326169, abs=1e-8)
-    assert SP1 == pytest.approx(0.31326169, abs=1e-8)
+    """-log sigma(beta h) at beta h = 1 is log(1 + e^-1) = log(1.3678794) = 0.3132617, and its
+    gradient w.r.t. the policy's chosen log-prob is -beta sigma(-beta h)
+    = -0.5 / (1 + e^1) = -0.5 * 0.2689414 = -0.1344707 (+0.1344707 for the rejected one)."""
+    pc, pr, rc, rr = (t.clone().requires_grad_(True) for t in BASE)
+    loss = L.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(0.31326169, abs=1e-8)
+    loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.13447071, abs=1e-8)
+    assert pr.grad.item() == pytest.approx(0.13447071, abs=1e-8)
 
 
 def test_cdpo_hand_value():
@@ -161,7 +168,7 @@ def test_extreme_margins_are_finite(name):
     z = torch.zeros(5)
     p = L.PairLogps(h, z, z, z, torch.ones(5), torch.ones(5))
     fn = L.get_loss(name)
-    loss = fn(p, L.LossHyper(beta=1.0, label_smoothing=0.1, dpop_lambda=1.0))
+    loss = fn(p, LossConfig(beta=1.0, label_smoothing=0.1, dpop_lambda=1.0))
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(h.grad).all()
     if name == "dpo":  # -log sigma(-1e4) = 1e4 (exactly, up to float32 rounding)
@@ -182,16 +189,16 @@ def test_objective_weighted_sum_and_average():
     pc, pr, rc, rr = T(-4.0), T(-8.0), T(-6.0), T(-8.0)
     nc, nr = torch.tensor([2]), torch.tensor([4])
     p = L.PairLogps(pc, pr, rc, rr, nc, nr)
-    obj = L.Objective({"dpo": 1.0, "sft": 0.1}, L.LossHyper(beta=0.5))
+    obj = L.Objective({"dpo": 1.0, "sft": 0.1}, LossConfig(beta=0.5))
     total, parts = obj(p)
     assert parts["sft"].item() == 2.0  # 4 nats over 2 tokens
     assert total.item() == pytest.approx(L.dpo_loss(pc, pr, rc, rr, beta=0.5).item() + 0.2)
-    obj_avg = L.Objective({"dpo": 1.0}, L.LossHyper(beta=0.5, average_logps=True))
+    obj_avg = L.Objective({"dpo": 1.0}, LossConfig(beta=0.5, average_logps=True))
     # means: pc -2, pr -2, rc -3, rr -2 -> h = 1 - 0 = 1 -> -log sigma(0.5)
     assert obj_avg(p)[0].item() == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-12)
-    assert not obj.needs_delta and L.Objective({"auxdpo": 1}, L.LossHyper()).needs_delta
+    assert not obj.needs_delta and L.Objective({"auxdpo": 1}, LossConfig()).needs_delta
     with pytest.raises(ValueError, match="needs the batch's auxiliary rewards"):
-        L.Objective({"auxdpo": 1.0}, L.LossHyper())(p)
+        L.Objective({"auxdpo": 1.0}, LossConfig())(p)
 
 
 def test_rewards_detached():

@@ -9,7 +9,7 @@ from dpolab.logps import Head
 from dpolab.models import (DEFAULT_MODEL, _default_gguf, body_and_head, default_model_path,
                            load_model, load_tokenizer, max_logit_difference, resolve_model_path,
                            save_converted)
-from dpolab.tiny import qwen_shape_config, save_tiny, tiny_model, tiny_tokenizer
+from dpolab.tiny import qwen_shape_config, tiny_model, tiny_tokenizer
 
 
 def _apply_head(head: Head, hidden):
@@ -18,11 +18,6 @@ def _apply_head(head: Head, hidden):
     if head.bias is not None:
         z = z + head.bias
     return z if head.softcap is None else head.softcap * torch.tanh(z / head.softcap)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
 
 
 def _ids(vocab: int, *, b: int = 2, t: int = 7, seed: int = 0):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dpolab import config as C
 from dpolab.cli import main
+from dpolab.distributed import Distributed
 from dpolab.errors import UserError
 from dpolab.train import epoch_order, final_metrics, lr_at, train
 
@@ -34,19 +35,6 @@ def write_pairs(path: Path, n: int = 24) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from dpolab.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def cfg_for(tiny_dir, data, out, *overrides):
     raw = C.apply_overrides({"model": {"name": str(tiny_dir)}, "data": {"path": str(data)},
                              "out": str(out)},
@@ -59,14 +47,27 @@ def cfg_for(tiny_dir, data, out, *overrides):
 
 
 def test_schedule_and_order_are_pure():
-    """Warmup reaches the peak at step warmup-1; cosine ends at 0; the epoch order depends
-    only on (seed, epoch)."""
+    """Warmup reaches the peak at step warmup-1; cosine ends at 0; the epoch order is a
+    permutation that depends only on (seed, epoch), not on the global RNG a resumed process
+    starts with, and global_batches covers every example once per epoch."""
+    from dpolab.train import global_batches
+
     assert lr_at(0, peak=1.0, warmup=4, total=10, schedule="cosine") == 0.25
     assert lr_at(3, peak=1.0, warmup=4, total=10, schedule="cosine") == 1.0
+    # halfway through the cosine part (step 7 of 4..10): 0.5 * (1 + cos(pi / 2)) = 0.5
+    assert lr_at(7, peak=1.0, warmup=4, total=10, schedule="cosine") == pytest.approx(0.5)
     assert lr_at(10, peak=1.0, warmup=4, total=10, schedule="cosine") == pytest.approx(0.0)
     assert lr_at(7, peak=1.0, warmup=0, total=10, schedule="constant") == 1.0
-    assert epoch_order(10, seed=1, epoch=2) == epoch_order(10, seed=1, epoch=2)
-    assert epoch_order(10, seed=1, epoch=2) != epoch_order(10, seed=1, epoch=3)
+    torch.manual_seed(0)
+    first = epoch_order(10, seed=1, epoch=2)
+    torch.manual_seed(12345)
+    torch.rand(7)  # another process, another global RNG state
+    assert epoch_order(10, seed=1, epoch=2) == first
+    assert sorted(first) == list(range(10)) and first != list(range(10))
+    assert epoch_order(10, seed=1, epoch=3) != first
+    batches = list(global_batches(10, seed=1, epochs=2, global_batch=4))
+    assert [(e, len(b)) for e, b in batches] == [(0, 4), (0, 4), (0, 2), (1, 4), (1, 4), (1, 2)]
+    assert [i for e, b in batches if e == 1 for i in b] == epoch_order(10, seed=1, epoch=1)
 
 
 @pytest.mark.parametrize("scope", ["last_layer", "lora", "full"])
@@ -78,9 +79,10 @@ def test_scopes_train_and_export(scope, tiny_dir, tmp_path, cache):
 
     data = write_pairs(tmp_path / "pairs.jsonl")
     extra = ["train.lora_targets=[q_proj, v_proj]", "train.lora_r=4"] if scope == "lora" else []
-    run = train(cfg_for(tiny_dir, data, tmp_path / "run", f"train.scope={scope}",
-                        "train.max_steps=12", "train.report=true", "train.did_samples=3",
-                        "train.did_prompts=2", "train.did_max_new_tokens=6", *extra))
+    cfg = cfg_for(tiny_dir, data, tmp_path / "run", f"train.scope={scope}",
+                  "train.max_steps=12", "train.report=true", "train.did_samples=3",
+                  "train.did_prompts=2", "train.did_max_new_tokens=6", *extra)
+    run = train(cfg)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
@@ -92,10 +94,15 @@ def test_scopes_train_and_export(scope, tiny_dir, tmp_path, cache):
     assert steps[-1]["loss"] < steps[0]["loss"]
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not any("lora" in n for n, _ in model.named_parameters())
-    ids = torch.tensor([[5, 9, 31, 77, 4]])
-    with torch.no_grad():
-        exported = model(ids).logits
-    assert torch.isfinite(exported).all()
+    # The export is the trained policy: its summed log-probs of the training pairs average to
+    # the last evaluation's (made after the last update), which training moved away from the
+    # reference's (step 0) by far more than the tolerance.
+    exported = _mean_pair_logps(model, run / "model", cfg)
+    last = final_metrics(run)
+    for i, side in enumerate(("chosen", "rejected")):
+        key = f"train_eval/logps/{side}"
+        assert exported[i] == pytest.approx(last[key], abs=1e-4)
+        assert abs(last[key] - rows[0][key]) > 1e-2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["train_eval/rewards/margins"] > 0
     # Monte Carlo estimates from 2 prompts x 3 samples: only their presence is checked here
@@ -103,6 +110,27 @@ def test_scopes_train_and_export(scope, tiny_dir, tmp_path, cache):
     assert math.isfinite(summary["after"]["eval/did/kl"])
     assert summary["after"]["eval/did/entropy"] > 0
     assert (run / "report.html").exists() and list((run / "report").glob("*.png"))
+
+
+def _mean_pair_logps(model, tokenizer_dir, cfg) -> tuple[float, float]:
+    """Mean summed log-probs (chosen, rejected) of `cfg`'s training pairs under `model`,
+    through dpolab's pair forward, the way evaluation scores them."""
+    from dpolab.models import body_and_head, load_tokenizer
+    from dpolab.scopes import pair_forward
+    from dpolab.session import load_split_rows
+    from dpolab.tokenize import tokenize_rows
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    rows, _ = load_split_rows(cfg)
+    examples = tokenize_rows(rows, tokenizer, max_length=cfg.data.max_length,
+                             max_prompt_length=cfg.data.max_prompt_length,
+                             truncation=cfg.data.truncation).examples
+    body, head = body_and_head(model)
+    forward = pair_forward(cfg.train, body, head, pad_id=tokenizer.pad_token_id,
+                           device=torch.device("cpu"), autocast=False, dtype=model.dtype)
+    with torch.no_grad():
+        pc, pr = forward(examples).sums()
+    return pc.mean().item(), pr.mean().item()
 
 
 def test_exported_last_layer_keeps_embeddings(tiny_dir, tmp_path, cache):
@@ -195,25 +223,26 @@ def test_auxdpo_gram_penalty_equals_closed_form(tiny_dir, tmp_path, cache):
     equals the closed-form head penalty for the same delta."""
     from dpolab import session as S
     from dpolab.auxdpo import AuxRewards
-    from dpolab.losses import LossHyper, Objective
+    from dpolab.config import LossConfig
+    from dpolab.losses import Objective
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=12)
     cfg = cfg_for(tiny_dir, data, tmp_path / "g", "loss.name=auxdpo")
     (tmp_path / "g").mkdir()
-    s = S.build(cfg, tmp_path / "g", S.Distributed())
-    obj = Objective({"auxdpo": 1.0}, LossHyper())
+    s = S.build(cfg, tmp_path / "g", Distributed())
+    obj = Objective({"auxdpo": 1.0}, LossConfig())
     with_gram = AuxRewards.maybe(obj, s, cfg.loss)
     closed = AuxRewards(len(s.train), device="cpu", null_weight=1.0, amp_weight=0.0,
-                        states=s.scope_forward)
+                        states=s.scope.head_states, examples=s.train,
+                        head0=s.scope.reference_head)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         with_gram.delta.copy_(torch.randn(with_gram.delta.shape, generator=g))
         closed.delta.copy_(with_gram.delta)
     with_gram.amp_weight = 0.0
     idx = [0, 3, 5]
-    ex = [s.train[i] for i in idx]
-    a = with_gram.penalty(idx, ex, n_global=3)
-    b = closed.penalty(idx, ex, n_global=3)
+    a = with_gram.penalty(idx, n_global=3)
+    b = closed.penalty(idx, n_global=3)
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
 
 
@@ -337,7 +366,7 @@ def test_unflippable_pairs_listed_before_training(tiny_dir, tmp_path, cache):
     run = train(cfg)
     info = json.loads((run / "unflippable.json").read_text())
     (tmp_path / "v").mkdir()
-    s = S.build(cfg, tmp_path / "v", S.Distributed())
+    s = S.build(cfg, tmp_path / "v", Distributed())
     pc, pr = s.pair_stats("train").ref_chosen, s.pair_stats("train").ref_rejected
     expected = [f"{e.source}:{e.row}" for e, a, b in zip(s.train, pc, pr) if b - a > np.log(3) / 2.0]
     assert [x["where"] for x in info["train"]["list"]] == expected
@@ -401,7 +430,7 @@ def test_activation_checkpointing_flag_wraps_the_trained_model(tiny_dir, tmp_pat
         cfg = cfg_for(tiny_dir, data, tmp_path / flag, "train.scope=full",
                       f"train.activation_checkpointing={flag}")
         (tmp_path / flag).mkdir()
-        s = S.build(cfg, tmp_path / flag, S.Distributed())
+        s = S.build(cfg, tmp_path / flag, Distributed())
         wrapped[flag] = [getattr(layer, "_dpolab_checkpointed", False)
                          for layer in decoder_layers(s.model)]
     assert wrapped["true"] and all(wrapped["true"])

@@ -16,7 +16,7 @@ from dpolab.losses.modifiers import (F_DIVERGENCES, f_divergence_margin, f_diver
                                      ld_sequence_logps, wpo_pair_weight, wpo_sequence_weight)
 from dpolab.losses.reference_free import (cpo_loss, log1mexp, orpo_log_odds_ratio, orpo_loss,
                                           simpo_loss)
-from dpolab.losses.registry import (LOGPS_CHOICES, LOSSES, LossHyper, Objective, PairLogps, Term,
+from dpolab.losses.registry import (LOGPS_CHOICES, LOSSES, Objective, PairLogps, Term,
                                     check_hyper, get_loss, logps_reduction)
 from dpolab.losses.variants import (aot_loss, aot_unpaired_loss, apo_down_loss, apo_zero_loss,
                                     bco_pair_loss, discopop_loss, exo_pair_loss, hinge_loss,
@@ -28,7 +28,7 @@ __all__ = [
     "gpo_loss", "ipo_loss", "logratio_margin", "null_space_penalty", "rewards", "robust_dpo_loss",
     "sft_loss", "slic_loss", "F_DIVERGENCES", "f_divergence_margin", "f_divergence_score",
     "ld_sequence_logps", "wpo_pair_weight", "wpo_sequence_weight", "cpo_loss", "log1mexp",
-    "orpo_log_odds_ratio", "orpo_loss", "simpo_loss", "LOGPS_CHOICES", "LOSSES", "LossHyper",
+    "orpo_log_odds_ratio", "orpo_loss", "simpo_loss", "LOGPS_CHOICES", "LOSSES",
     "Objective", "PairLogps", "Term", "check_hyper", "get_loss", "logps_reduction", "aot_loss",
     "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss", "discopop_loss",
     "exo_pair_loss", "hinge_loss", "ipo_norm_loss", "nca_pair_loss", "robust_loss",

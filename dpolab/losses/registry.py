@@ -9,8 +9,9 @@ nowhere else:
                    reference pass
   logps            how it reads the per-sequence log-probs (the one rule, :func:`logps_reduction`)
 
-Hyperparameters come from :class:`dpolab.config.LossConfig` itself (``LossHyper`` is that
-class), so each default lives in one place.
+Hyperparameters come from :class:`dpolab.config.LossConfig` itself, so each default lives in
+one place. The annotations name it without importing it: the config validates loss names
+against this registry, and the import goes that way only.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from dpolab.config import LossConfig
-from dpolab.losses import core, reference_free as rf, variants as v
+import dpolab.losses.core as core
+import dpolab.losses.reference_free as rf
+import dpolab.losses.variants as v
 from dpolab.losses.core import GPO_FAMILY
 from dpolab.losses.modifiers import F_DIVERGENCES
 
 Tensor = torch.Tensor
 LN2 = math.log(2.0)
-
-# The terms read the loss section of the run config directly: one default per hyperparameter.
-LossHyper = LossConfig
 
 # The one rule for summed vs averaged log-probs. A term's `logps` is
 #   "setting"  sums over completion tokens, or per-token means when loss.average_logps=true
@@ -43,7 +42,7 @@ LossHyper = LossConfig
 LOGPS_CHOICES = ("setting", "mean", "sum")
 
 
-def logps_reduction(logps: str, hyper: LossHyper) -> str:
+def logps_reduction(logps: str, hyper: LossConfig) -> str:
     """"sum" or "mean": how a term declared `logps` reads log-probs under these settings."""
     if logps == "setting":
         return "mean" if hyper.average_logps else "sum"
@@ -83,13 +82,13 @@ class PairLogps:
 class Term:
     """One named per-example loss term; calling it gives (B,) losses."""
 
-    compute: Callable[[tuple[Tensor, ...], PairLogps, LossHyper], Tensor]  # (view, batch, hyper)
-    at_reference: Callable[[LossHyper], float] | None  # value at zero log-ratios; None: policy-dependent
+    compute: Callable[[tuple[Tensor, ...], PairLogps, LossConfig], Tensor]  # (view, batch, hyper)
+    at_reference: Callable[[LossConfig], float] | None  # value at zero log-ratios; None: policy-dependent
     needs_reference: bool = True  # reads pi_ref
     logps: str = "setting"  # one of LOGPS_CHOICES
     f_divergence: bool = False  # honours loss.f_divergence (else only reverse_kl is allowed)
 
-    def __call__(self, p: PairLogps, h: LossHyper) -> Tensor:
+    def __call__(self, p: PairLogps, h: LossConfig) -> Tensor:
         if not self.needs_reference:
             return self.compute((), p, h)
         # "mean" terms average inside their own pure functions (which take sums and counts),
@@ -98,7 +97,7 @@ class Term:
         return self.compute(p.view(reduction), p, h)
 
 
-def _pair(fn: Callable[..., Tensor], at_reference: Callable[[LossHyper], float], *,
+def _pair(fn: Callable[..., Tensor], at_reference: Callable[[LossConfig], float], *,
           f_divergence: bool = False, **keys: str) -> Term:
     """A term from a pure pairwise loss fn(pc, pr, rc, rr, *, beta, ...); keys maps the loss's
     keyword names to LossConfig fields."""
@@ -109,7 +108,7 @@ def _pair(fn: Callable[..., Tensor], at_reference: Callable[[LossHyper], float],
     return Term(compute, at_reference, f_divergence=f_divergence)
 
 
-def _counted(fn: Callable[..., Tensor], at_reference: Callable[[LossHyper], float]) -> Term:
+def _counted(fn: Callable[..., Tensor], at_reference: Callable[[LossConfig], float]) -> Term:
     """A term from a pairwise loss that takes sums and token counts and averages itself."""
 
     def compute(view, p, h):
@@ -126,15 +125,15 @@ def _auxdpo(view, p, h):
                             beta=h.beta)
 
 
-def _const(value: float) -> Callable[[LossHyper], float]:
+def _const(value: float) -> Callable[[LossConfig], float]:
     return lambda h: value
 
 
-def _ipo_at_reference(h: LossHyper) -> float:
+def _ipo_at_reference(h: LossConfig) -> float:
     return 0.25 / h.beta**2 if h.beta > 0 else math.inf  # (0 - 1/(2 beta))^2
 
 
-def _exo_at_reference(h: LossHyper) -> float:
+def _exo_at_reference(h: LossConfig) -> float:
     eps = h.label_smoothing  # q = (1/2, 1/2): 2 * 1/2 * log(1/2) - 1/2 log(1 - eps) - 1/2 log eps
     return -LN2 - 0.5 * math.log(eps * (1.0 - eps)) if 0 < eps < 1 else math.inf
 
@@ -190,7 +189,7 @@ def get_loss(name: str) -> Term:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
 
 
-def check_hyper(names: Iterable[str], h: LossHyper) -> None:
+def check_hyper(names: Iterable[str], h: LossConfig) -> None:
     """Raise ValueError for hyperparameters the named terms cannot use. Unknown names are
     skipped here (:func:`get_loss` reports them)."""
     names = [n for n in names if n in LOSSES]
@@ -229,7 +228,7 @@ class Objective:
     here. With loss.use_weighting every term is multiplied by the batch's WPO pair weight.
     """
 
-    def __init__(self, weights: Mapping[str, float], hyper: LossHyper):
+    def __init__(self, weights: Mapping[str, float], hyper: LossConfig):
         if not weights:
             raise ValueError("an objective needs at least one named term")
         self.terms = {name: (get_loss(name), float(w)) for name, w in weights.items()}

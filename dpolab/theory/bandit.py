@@ -33,12 +33,9 @@ r_theta + delta. The policy's own ranking is reported as ``policy_reversal``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -390,70 +387,3 @@ def format_table(rows: list[dict]) -> str:
                      f"  {str(r['reversal']):<9}{str(r['degradation']):<9}{r['order']:<22}"
                      f"{r['policy_order']}")
     return "\n".join(lines)
-
-
-def _parse_counts(text: str) -> tuple[float, float, float]:
-    from dpolab.errors import UserError
-    try:
-        vals = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"--counts must be three numbers n12,n23,n31, got {text!r}") from None
-    if len(vals) != 3:
-        raise UserError(f"--counts needs three numbers n12,n23,n31, got {len(vals)}: {text!r}")
-    return vals  # type: ignore[return-value]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one line, no usage dump) instead of exiting 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from dpolab.errors import UserError
-        raise UserError(message)
-
-
-def cli_main(argv: list[str]) -> int:
-    """dpolab reproduce misspecification [--out DIR] [--counts a,b,c] [--beta B]
-    [--dpop-lambda L] [--real [--real-steps N] [--real-groups g1,g2,..] ...]: the table, the
-    sweeps, figures and report.html. --real runs, in addition to the bandit, DPO vs AuxDPO on
-    a real model with one value group dominant (:mod:`dpolab.theory.bandit_real`), written
-    under "real" in results.json and as the last section of report.html."""
-    from dpolab.errors import UserError
-    from dpolab.theory.bandit_real import (add_real_arguments, format_real_table,
-                                           real_setting_from_args, run_experiment)
-    parser = _Parser(
-        prog="dpolab reproduce misspecification",
-        description="The 3-response bandit on which DPO is a misspecified estimator "
-                    "(arXiv 2510.20413, Prop. 3): population optima of DPO, IPO, DPOP, AuxDPO "
-                    "and RLHF.")
-    parser.add_argument("--out", default="runs/misspecification", help="output directory")
-    parser.add_argument("--counts", default="1,1,10", help="pair counts n12,n23,n31")
-    parser.add_argument("--beta", type=float, default=1.0, help="beta (> 0)")
-    parser.add_argument("--dpop-lambda", type=float, default=1.0, help="DPOP lambda (>= 0)")
-    add_real_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # only --help exits here: bad flags raise through _error
-        return int(exc.code or 0)
-    real = real_setting_from_args(args)  # None without --real
-    setting = BanditSetting(counts=_parse_counts(args.counts), beta=args.beta,
-                            dpop_lambda=args.dpop_lambda)
-    try:
-        check_setting(setting)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = table(setting)
-    sweeps = {"n31": sweep(setting, over="n31", values=np.logspace(-1, 2, 61).tolist()),
-              "beta": sweep(setting, over="beta", values=np.logspace(-1, 1, 41).tolist())}
-    result = {"setting": asdict(setting), "table": rows, "sweeps": sweeps}
-    if real is not None:
-        result["real"] = run_experiment(real, out / "real")
-    (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    from dpolab.theory.bandit_plots import write_report
-    write_report(result, setting, out)
-    print(format_table(rows))
-    if real is not None:
-        print(format_real_table(result["real"]))
-    print(f"wrote {out / 'results.json'}, {out / 'report.html'}")
-    return 0

@@ -1,4 +1,5 @@
-"""Figures and report.html for the misspecified-bandit experiment (:mod:`dpolab.theory.bandit`).
+"""`dpolab reproduce misspecification`: figures and report.html for the misspecified-bandit
+experiment (:mod:`dpolab.theory.bandit`), and its `cli_main`.
 
 Reward vectors are drawn in the plane of reward differences (x, y) = (r1 - r3, r2 - r3):
 Bradley-Terry labels and every DPO-family loss see rewards only up to a constant, so this plane
@@ -9,7 +10,9 @@ y = -x (x = beta theta), r* = (1, 2) lies off it, and the null space of A adds t
 
 from __future__ import annotations
 
-from dataclasses import replace
+import argparse
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,8 @@ import torch
 
 from dpolab import htmlpage
 from dpolab.losses import dpo_loss
-from dpolab.theory.bandit import METHODS, PAIRS, BanditSetting, format_table, table
+from dpolab.theory.bandit import (METHODS, PAIRS, BanditSetting, check_setting, format_table,
+                                  sweep, table)
 
 _STYLE = {  # method -> (colour, marker, linestyle)
     "base": ("0.4", "o", ":"), "DPO": ("tab:red", "s", "-"), "IPO": ("tab:orange", "^", "-"),
@@ -74,9 +78,7 @@ def _geometry_panel(ax, setting: BanditSetting, rows: list[dict], title: str) ->
 def geometry_figure(setting: BanditSetting, rows: list[dict], path: Path) -> Path:
     """Two panels, the given counts and balanced counts: contours of the weighted-KL objective
     in reward-difference space, the implicit-reward line, and where each method lands."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     balanced = replace(setting, counts=(1.0, 1.0, 1.0))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
@@ -86,10 +88,7 @@ def geometry_figure(setting: BanditSetting, rows: list[dict], path: Path) -> Pat
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle(f"Learned rewards in the plane of reward differences (beta = {setting.beta:g}); "
                  "grey: weighted KL to p(r*), DPO's projection objective", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return htmlpage.save_figure(fig, path)
 
 
 def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
@@ -97,9 +96,7 @@ def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
     """E_pi[r*] (left) and beta * theta (right; = r(a1) - r(a3) of the implicit reward, which
     keeps small-beta runs on one scale) of every method against one swept setting (log x).
     betas: the beta of each swept point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.4))
     x = sweep["values"]
@@ -114,10 +111,7 @@ def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
     ax_t.set(xscale="log", xlabel=xlabel, ylabel="beta * theta",
              title="optimal beta * theta (> 0 promotes a1 over a2: reversal)")
     ax_t.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return htmlpage.save_figure(fig, path)
 
 
 def write_report(result: dict, setting: BanditSetting, out: Path) -> Path:
@@ -167,3 +161,73 @@ def write_report(result: dict, setting: BanditSetting, out: Path) -> Path:
         blocks += report_blocks(result["real"])
     return htmlpage.write_page(out / "report.html",
                                "DPO as a misspecified estimator: the 3-response bandit", blocks)
+
+
+# ---------------------------------------------------------------------------------------
+# dpolab reproduce misspecification
+
+
+def _parse_counts(text: str) -> tuple[float, float, float]:
+    from dpolab.errors import UserError
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--counts must be three numbers n12,n23,n31, got {text!r}") from None
+    if len(vals) != 3:
+        raise UserError(f"--counts needs three numbers n12,n23,n31, got {len(vals)}: {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line, no usage dump) instead of exiting 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from dpolab.errors import UserError
+        raise UserError(message)
+
+
+def cli_main(argv: list[str]) -> int:
+    """dpolab reproduce misspecification [--out DIR] [--counts a,b,c] [--beta B]
+    [--dpop-lambda L] [--real [--real-steps N] [--real-groups g1,g2,..] ...]: the table, the
+    sweeps, figures and report.html. --real runs, in addition to the bandit, DPO vs AuxDPO on
+    a real model with one value group dominant (:mod:`dpolab.theory.bandit_real`), written
+    under "real" in results.json and as the last section of report.html."""
+    from dpolab.errors import UserError
+    from dpolab.theory.bandit_real import (add_real_arguments, format_real_table,
+                                           real_setting_from_args, run_experiment)
+    parser = _Parser(
+        prog="dpolab reproduce misspecification",
+        description="The 3-response bandit on which DPO is a misspecified estimator "
+                    "(arXiv 2510.20413, Prop. 3): population optima of DPO, IPO, DPOP, AuxDPO "
+                    "and RLHF.")
+    parser.add_argument("--out", default="runs/misspecification", help="output directory")
+    parser.add_argument("--counts", default="1,1,10", help="pair counts n12,n23,n31")
+    parser.add_argument("--beta", type=float, default=1.0, help="beta (> 0)")
+    parser.add_argument("--dpop-lambda", type=float, default=1.0, help="DPOP lambda (>= 0)")
+    add_real_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # only --help exits here: bad flags raise through _error
+        return int(exc.code or 0)
+    real = real_setting_from_args(args)  # None without --real
+    setting = BanditSetting(counts=_parse_counts(args.counts), beta=args.beta,
+                            dpop_lambda=args.dpop_lambda)
+    try:
+        check_setting(setting)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(setting)
+    sweeps = {"n31": sweep(setting, over="n31", values=np.logspace(-1, 2, 61).tolist()),
+              "beta": sweep(setting, over="beta", values=np.logspace(-1, 1, 41).tolist())}
+    result = {"setting": asdict(setting), "table": rows, "sweeps": sweeps}
+    if real is not None:
+        result["real"] = run_experiment(real, out / "real")
+    (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    write_report(result, setting, out)
+    print(format_table(rows))
+    if real is not None:
+        print(format_real_table(result["real"]))
+    print(f"wrote {out / 'results.json'}, {out / 'report.html'}")
+    return 0

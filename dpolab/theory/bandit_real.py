@@ -177,7 +177,7 @@ def run_one(s: RealSetting, *, loss: str, scope: str, train_path: Path, eval_pat
     (step 0) and after training, the training-set accuracy after, and the wall time.
     The exported weights and checkpoints are deleted unless keep_weights (they are GBs)."""
     from dpolab.config import apply_overrides, build_config
-    from dpolab.session import read_metrics
+    from dpolab.rundir import read_metrics
     from dpolab.train import final_metrics, train
 
     raw = apply_overrides({"data": {"path": str(train_path), "eval_path": str(eval_path)},

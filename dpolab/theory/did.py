@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from dpolab.did_probe import did_entropy_estimate  # beside the trainer's DID probe
 from dpolab.losses import gpo_loss
 from dpolab.threads import single_thread
 
@@ -152,38 +153,6 @@ def log_margin_ordering(margin_l: Tensor, margin_ref: Tensor,
     """
     ok = (margin_l <= margin_ref) & (margin_ref <= margin_target)
     return ok, float(ok.double().mean()) if ok.numel() else float("nan")
-
-
-# ----------------------------------------------------------------------------- entropy estimate
-def did_entropy_estimate(logp_policy: Tensor, logp_ref: Tensor, *, sampled_from: str) -> Tensor:
-    """Self-normalised importance-sampling estimate of H(q_{pi/pi_ref}) per prompt.
-
-    logp_policy, logp_ref (P, K): per-sequence log pi(y_k|x_p), log pi_ref(y_k|x_p) of K samples
-    per prompt drawn from the proposal rho = pi ("policy") or rho = pi_ref ("ref"). Returns (P,).
-
-    Derivation. With w = pi/pi_ref, Z = sum_y w(y) and q = w/Z,
-        H(q) = -sum_y q(y) (log w(y) - log Z) = log Z - E_q[log w].
-    Both terms are expectations under the proposal with weights v(y) = w(y)/rho(y):
-        Z        = E_rho[v]                       ->  Z_hat = (1/K) sum_k v_k
-        E_q[f]   = E_rho[v f] / E_rho[v]          ->  sum_k softmax(log v)_k f(y_k)
-    so  H_hat = logmeanexp_k(log v_k) - sum_k softmax(log v)_k log w_k, with
-        log v = -log pi_ref           (rho = pi:      w/pi = 1/pi_ref)
-        log v = log pi - 2 log pi_ref (rho = pi_ref:  w/pi_ref = pi/pi_ref^2).
-    Both terms are consistent as K -> inf (the log of the mean is biased low by O(1/K)); the
-    weights are heavy-tailed for long sequences, so compare estimates at equal K only.
-    """
-    if logp_policy.shape != logp_ref.shape or logp_policy.dim() != 2:
-        raise ValueError("did_entropy_estimate: logp_policy and logp_ref must both be (P, K), got "
-                         f"{tuple(logp_policy.shape)} and {tuple(logp_ref.shape)}")
-    log_w = logp_policy - logp_ref                                          # (P, K)
-    proposals = {"policy": lambda: -logp_ref, "ref": lambda: log_w - logp_ref}
-    if sampled_from not in proposals:
-        raise ValueError(f"did_entropy_estimate: sampled_from must be one of "
-                         f"{sorted(proposals)}, got {sampled_from!r}")
-    log_v = proposals[sampled_from]()                                       # (P, K)
-    k = log_v.shape[-1]
-    log_z = torch.logsumexp(log_v, dim=-1) - math.log(k)                    # (P,)
-    return log_z - (torch.softmax(log_v, dim=-1) * log_w).sum(-1)
 
 
 # ----------------------------------------------------------------------------- reward forms
@@ -395,9 +364,3 @@ def closed_form_checks(s: dict[str, Tensor], *, beta: float, seed: int, pairs: i
         out[f"did_entropy_estimate_from_{proposal}"] = float(
             did_entropy_estimate(target[y], ref[y], sampled_from=proposal)[0])
     return out
-
-
-def cli_main(argv: list[str]) -> int:
-    """`dpolab reproduce did`: see :mod:`dpolab.theory.did_report`."""
-    from dpolab.theory.did_report import cli_main as _main
-    return _main(argv)

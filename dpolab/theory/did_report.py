@@ -63,9 +63,7 @@ def format_tables(results: dict[str, Any]) -> str:
 
 def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
     """Three PNGs: the policies, JS per reward form, and the entropy sweep."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     figs = []
     pol = results["_policies"]
@@ -76,8 +74,9 @@ def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
         ax.plot(np.asarray(pol[key])[order], marker=".", label=label)
     ax.set(yscale="log", xlabel="response (sorted by pi_ref)", ylabel="probability")
     ax.legend(fontsize=8)
-    figs.append((_save(fig, out / "policies.png"), "The reference, target, their DID and the "
-                 "closed-form rejected-response sampler."))
+    figs.append((htmlpage.save_figure(fig, out / "policies.png"),
+                 "The reference, target, their DID and the closed-form rejected-response "
+                 "sampler."))
 
     rows = results["js_table"]
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -87,8 +86,9 @@ def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
     ax.set_xticks(x, [r["parameterisation"].split(" (")[0] for r in rows])
     ax.set_ylabel("Jensen-Shannon (nats)")
     ax.legend(fontsize=8)
-    figs.append((_save(fig, out / "js.png"), "Where each reward form converges: DPO's log-ratio "
-                 "reaches pi*, the reference-free reward reaches the DID."))
+    figs.append((htmlpage.save_figure(fig, out / "js.png"),
+                 "Where each reward form converges: DPO's log-ratio reaches pi*, the "
+                 "reference-free reward reaches the DID."))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for family in dict.fromkeys(r["family"] for r in results["entropy_sweep"]):
@@ -103,17 +103,11 @@ def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
     for ax in axes:
         ax.axvline(results["setting"]["max_entropy_log_m"], color="grey", ls=":", lw=0.8)
         ax.legend(fontsize=8)
-    figs.append((_save(fig, out / "entropy_sweep.png"), "DPO trained towards pi* ∝ pi_ref q for "
-                 "DID families of rising entropy (dotted: log M, the uniform DID)."))
+    figs.append((htmlpage.save_figure(fig, out / "entropy_sweep.png"),
+                 "DPO trained towards pi* ∝ pi_ref q for DID families of rising entropy "
+                 "(dotted: log M, the uniform DID)."))
     return figs
 
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path
 
 
 def write_report(results: dict[str, Any], figs: list[tuple[Path, str]], out: Path) -> Path:

@@ -455,10 +455,3 @@ def run_gpo(ks, *, q: int, n_seeds: int, seed: int, long_factor: float = 10.0,
                 rows.append({"f": f, "k": k, "at": label, **{key: cell[key] for key in (
                     "train_margin_mean", "train_margin_min", "train_margin_max", "error")}})
     return rows
-
-
-def cli_main(argv: list[str]) -> int:
-    """`dpolab reproduce values [--quick] [--out DIR] [--seed S] [--target EPS]`."""
-    from dpolab.theory.values_report import main
-
-    return main(argv)

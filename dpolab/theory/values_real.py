@@ -34,7 +34,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from dpolab import atomic
 from dpolab.logps import Head, label_logps
@@ -205,11 +204,8 @@ def build_states(model_name: str, train_rows: Sequence, held_rows: Sequence, *,
 
 
 def _load(store: Path | None, n: int) -> dict[str, Tensor] | None:
-    if store is None or not store.exists():
-        return None
-    try:
-        arrays = load_file(str(store))
-    except Exception:  # unreadable: recompute
+    arrays = atomic.read_tensors(store)
+    if arrays is None:
         return None
     ok = set(arrays) == {"x", "prompt_last", "prompt_mean"} and all(
         v.shape[0] == n for v in arrays.values())
@@ -468,7 +464,7 @@ def run_real(cfg: RealConfig, *, progress: bool = True) -> dict[str, Any]:
     """
     from dpolab.config import DataConfig
     from dpolab.rho_data import default_rows
-    from dpolab.session import cache_dir
+    from dpolab.models import dpolab_cache_dir as cache_dir
 
     t0 = time.perf_counter()
     dc = DataConfig()

@@ -105,10 +105,7 @@ def _example_trajectories(seed: int):
 
 
 def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     figs: dict[str, Path] = {}
     st, t1, trajs = _example_trajectories(seed)
@@ -128,7 +125,7 @@ def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
     axes[1].axhline(1.0, color="gray", lw=0.5)
     axes[1].set(xlabel="t / τ₁", ylabel="mean training margin", title="GPO: -f'(r) weights")
     axes[1].legend()
-    figs["dynamics"] = _save(fig, out / "dynamics.png")
+    figs["dynamics"] = htmlpage.save_figure(fig, out / "dynamics.png")
 
     grids = res["theorem_4_3"]["grids"]
     fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 4), sharey=True)
@@ -141,7 +138,7 @@ def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
         ax.set(xscale="log", yscale="log", xlabel="Q", title=name.replace("_", " "))
     axes[0].set_ylabel("held-out error (floored at 1e-5); dotted: bound ∧ 1")
     axes[-1].legend()
-    figs["heldout"] = _save(fig, out / "heldout_error.png")
+    figs["heldout"] = htmlpage.save_figure(fig, out / "heldout_error.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     fitres = res["q_vs_logk_fit"]
@@ -159,17 +156,8 @@ def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
     axes[1].loglog(kk, [r["theory_initial_rate"] for r in g], "k:", label="β²/(Kτ)")
     axes[1].set(xlabel="K", ylabel="margin growth rate", title="growth rate ∝ 1/K")
     axes[1].legend()
-    figs["scaling"] = _save(fig, out / "scaling.png")
+    figs["scaling"] = htmlpage.save_figure(fig, out / "scaling.png")
     return figs
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,7 +225,8 @@ def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path,
                                "(synthetic reproduction)", blocks + list(extra))
 
 
-def main(argv: list[str]) -> int:
+def cli_main(argv: list[str]) -> int:
+    """`dpolab reproduce values [--quick] [--out DIR] [--seed S] [--target EPS] [--real]`."""
     from dpolab.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dpolab reproduce values",
@@ -348,10 +337,7 @@ def real_tables(res: dict[str, Any]) -> dict[str, list[dict]]:
 
 
 def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = htmlpage.pyplot()
 
     sw, groups = res["k_sweep"], res["setting"]["groups"]
     figs: dict[str, Path] = {}
@@ -362,7 +348,7 @@ def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
     for ax, title in zip(axes, ("training pairs", "held-out pairs of the K values")):
         ax.set(xlabel="gradient step", ylabel="mean reward margin β h", title=title)
     axes[1].legend(fontsize=8)
-    figs["margins"] = _save(fig, out / "real_margins.png")
+    figs["margins"] = htmlpage.save_figure(fig, out / "real_margins.png")
 
     per_k, fit = sw["per_k"], sw["fits"]["held_error_vs_k_means"]
     ks = np.array([r["k"] for r in per_k])
@@ -380,7 +366,7 @@ def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
                      label=f"{fit['slope']:.3g} K + {fit['intercept']:.3g} (R²={fit['r2']:.3f})")
     axes[1].set(xlabel="K (values)", ylabel="held-out error", title="held-out error vs K")
     axes[1].legend(fontsize=8)
-    figs["scaling"] = _save(fig, out / "real_scaling.png")
+    figs["scaling"] = htmlpage.save_figure(fig, out / "real_scaling.png")
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 10))
     for row, name in zip(axes, ("prompt_last", "prompt_mean")):
@@ -394,7 +380,7 @@ def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7)
             ax.set_title(f"{name}: {'before' if key == 'cos_before' else 'after'} removing "
                          f"the shared mean", fontsize=9)
-    figs["cosines"] = _save(fig, out / "real_cosines.png")
+    figs["cosines"] = htmlpage.save_figure(fig, out / "real_cosines.png")
     return figs
 
 

@@ -13,10 +13,11 @@ from scipy.optimize import minimize_scalar
 from dpolab.auxdpo import null_space_basis, project_to_null_space
 from dpolab.errors import UserError
 from dpolab.theory import bandit
-from dpolab.theory.bandit import (DTYPE, METHODS, BanditSetting, auxdpo_profile, cli_main,
+from dpolab.theory.bandit import (DTYPE, METHODS, BanditSetting, auxdpo_profile,
                                   derivatives, is_degradation, is_reversal, policy,
                                   population_loss, ranking, rlhf_linearised_theta,
                                   rlhf_objective, score_matrix, solve, table)
+from dpolab.theory.bandit_plots import cli_main
 
 PAPER = BanditSetting()  # counts (1, 1, 10), beta = 1, lambda = 1
 R_STAR = np.array([1.0, 2.0, 0.0])

@@ -10,7 +10,7 @@ import torch
 
 from dpolab.errors import UserError
 from dpolab.data import PreferenceRow
-from dpolab.theory.bandit import cli_main
+from dpolab.theory.bandit_plots import cli_main
 from dpolab.theory.bandit_real import (RealSetting, add_real_arguments, delta_summary,
                                        format_real_table, imbalanced_split,
                                        real_setting_from_args, run_experiment, run_overrides)
@@ -91,13 +91,6 @@ def test_delta_summary_by_hand():
     assert out["rms"] == pytest.approx(2.75 ** 0.5)
     assert out["by_group"] == pytest.approx({"a": 0.5, "b": 1.0})
     assert delta_summary(d, ["a"], beta=0.5)["by_group"] == {}  # groups do not match delta
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from dpolab.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", vocab_size=512, seed=0)
 
 
 def test_runner_on_tiny_model_last_layer(tiny_dir, tmp_path, monkeypatch):

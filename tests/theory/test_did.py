@@ -8,7 +8,7 @@ import torch
 
 from dpolab.cli import main
 from dpolab.errors import UserError
-from dpolab.theory import did
+from dpolab.theory import did, did_report
 
 D = torch.float64
 
@@ -186,6 +186,6 @@ def test_cli_writes_results(tmp_path, capsys):
 def test_cli_rejects_bad_flags(argv, tmp_path, capsys):
     """Bad values raise UserError (one line, exit 2 through the dpolab CLI)."""
     with pytest.raises(UserError):
-        did.cli_main([*argv, "--out", str(tmp_path)])
+        did_report.cli_main([*argv, "--out", str(tmp_path)])
     assert main(["reproduce", "did", *argv, "--out", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 
 from dpolab.errors import UserError
 from dpolab.theory import values as V
+from dpolab.theory import values_report
 
 BETA = 0.1
 
@@ -210,7 +211,7 @@ def test_cli_rejects_bad_flags(argv, tmp_path):
     from dpolab.cli import main
 
     with pytest.raises(UserError):
-        V.cli_main([*argv, "--out", str(tmp_path / "o")])
+        values_report.cli_main([*argv, "--out", str(tmp_path / "o")])
     assert main(["reproduce", "values", *argv, "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
 

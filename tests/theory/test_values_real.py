@@ -206,10 +206,10 @@ def test_k_sweep_runs_every_k_and_rep_and_fits(tiny):
 ])
 def test_cli_rejects_bad_real_options(argv, match, tmp_path):
     """Bad --real-* values stop with a one-line UserError before any work is done."""
-    from dpolab.theory.values_report import main
+    from dpolab.theory.values_report import cli_main
 
     with pytest.raises(UserError, match=match):
-        main(argv + ["--out", str(tmp_path / "o")])
+        cli_main(argv + ["--out", str(tmp_path / "o")])
 
 
 def test_results_tables_figures_and_report_section(tiny, tmp_path):

@@ -1,0 +1,223 @@
+"""The run directory, written and read in one place.
+
+    config.yaml       the resolved config (prepare_run_dir)
+    metrics.jsonl     one JSON object per line: training steps and evaluations (MetricsLog,
+                      read_metrics)
+    data.json         pairs per split, truncation and drop counts (write_data_report)
+    unflippable.json  pairs the reference makes unflippable, before training (write_unflippable)
+    auxdpo.json       AuxDPO's Gram spectrum, when that loss trains (write_auxdpo_record)
+    summary.json      the finished run in numbers (write_summary)
+    checkpoints/, model/  written by dpolab.checkpoint and the export
+`Run` is the directory read back once, as the report sees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dpolab import atomic
+from dpolab import config as config_mod
+from dpolab.config import RunConfig
+from dpolab.diagnostics import growth_rate, unflippable
+from dpolab.errors import UserError
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def prepare_run_dir(cfg: RunConfig, *, resume: bool, is_main: bool) -> Path:
+    run_dir = Path(cfg.out)
+    if is_main:
+        if not resume and (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"{run_dir}: a run already exists there; use --resume {run_dir} "
+                            f"to continue it, or --out for a new directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.dump_yaml(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; on resume it is cut back to the lines the
+    checkpoint had seen, so a resumed run's file equals an uninterrupted run's."""
+
+    def __init__(self, path: Path, *, enabled: bool, keep_lines: int):
+        self.path, self.enabled, self.lines = path, enabled, keep_lines
+        if enabled:
+            old = path.read_text().splitlines(keepends=True) if path.exists() else []
+            atomic.write_text(path, "".join(old[:keep_lines]))
+        self._tb = _tensorboard(path.parent) if enabled else None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not row:
+            return
+        self.lines += 1
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, row.get("step", 0))
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[str, Any]:
+    import resource
+
+    rows = read_metrics(metrics_path)
+    evals = [r for r in rows if "eval/rewards/accuracies" in r]
+    steps = [r for r in rows if "rewards/margins" in r and "step" in r]
+    summary = {
+        "margin_growth_rate": growth_rate(np.array([r["step"] for r in steps]),
+                                          np.array([r["rewards/margins"] for r in steps])),
+        "wall_s": wall_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": max((r.get("step", 0) for r in rows), default=0),
+        "before": evals[0] if evals else {},
+        "after": evals[-1] if evals else {},
+    }
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def write_data_report(run_dir: Path, tok: dict) -> None:
+    """data.json: per split, the pairs kept and what tokenization dropped or cut."""
+    info = {split: {"pairs": len(t.examples), "dropped_identical": t.dropped_identical,
+                    "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
+                    "truncated_completion": t.truncated_completion, "groups": t.groups}
+            for split, t in tok.items()}
+    (run_dir / "data.json").write_text(json.dumps(info, indent=1))
+
+
+def write_unflippable(run_dir: Path, splits: dict, groups: list[str], *, beta: float) -> dict:
+    """unflippable.json: before training, the pairs whose reference preference for the rejected
+    response is too strong for DPO to flip (dpolab.diagnostics.unflippable). `splits`: name ->
+    (examples, ref_chosen (N,), ref_rejected (N,)). Returns what it wrote."""
+    out: dict[str, Any] = {"beta": beta,
+                           "threshold_nats": float(np.log(3.0) / beta) if beta > 0 else None}
+    for split, (examples, rc, rr) in splits.items():
+        flags = unflippable(rc.numpy(), rr.numpy(), beta=beta)
+        out[split] = {
+            "count": int(flags.sum()), "pairs": len(examples),
+            "by_group": {g: int(sum(1 for e, f in zip(examples, flags) if f and e.group == g))
+                         for g in groups},
+            "list": [{"where": f"{e.source}:{e.row}", "group": e.group,
+                      "ref_margin": float(rc[i] - rr[i])}
+                     for i, (e, f) in enumerate(zip(examples, flags)) if f],
+        }
+    atomic.write_text(run_dir / "unflippable.json", json.dumps(out, indent=1))
+    return out
+
+
+def write_auxdpo_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """auxdpo.json: how much room the null space of A leaves AuxDPO's delta."""
+    atomic.write_text(run_dir / "auxdpo.json", json.dumps(record, indent=1))
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run directory, read once. `train` and `evals` are metrics.jsonl lines, in order."""
+    path: Path
+    config: dict[str, Any]  # config.yaml as written ({} if missing)
+    summary: dict[str, Any] | None  # summary.json; None while the run is in progress
+    data: dict[str, Any] | None  # data.json (per split pair counts)
+    train: list[dict[str, Any]]  # lines with a training `loss`
+    evals: list[dict[str, Any]]  # lines with `eval/` or `train_eval/` keys
+    name: str = ""  # how the run is named in a comparison; empty = the directory's name
+
+    @property
+    def label(self) -> str:
+        return f"{self.name or self.path.name} ({loss_name(self.config)})"
+
+    @property
+    def groups(self) -> list[str]:
+        keys = {k for r in self.evals for k in r}
+        return sorted({k.split("/")[2] for k in keys
+                       if k.startswith("eval/groups/") and k.endswith("/accuracy")})
+
+    @property
+    def before(self) -> dict[str, Any]:
+        return self.evals[0] if self.evals else {}
+
+    @property
+    def after(self) -> dict[str, Any]:
+        return self.evals[-1] if len(self.evals) > 1 else {}
+
+
+def loss_name(config: dict[str, Any]) -> str:
+    """`dpo`, or the weighted terms as `dpo+0.1*sft` when `loss.weights` is set."""
+    loss = config.get("loss") or {}
+    weights = loss.get("weights") or {}
+    if not weights:
+        return str(loss.get("name", "?"))
+    return "+".join(k if float(w) == 1.0 else f"{float(w):g}*{k}" for k, w in weights.items())
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON: {err}") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl, in order ([] when the file does not exist).
+    A cut-short last line (a run being written, or killed mid-write) is left out; a damaged
+    line elsewhere is a UserError naming FILE:LINE."""
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise UserError(f"{path}:{n}: not a JSON object") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory; a missing directory or metrics.jsonl is a UserError."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not metrics.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl in this directory (not a run directory?)")
+    rows = read_metrics(metrics)
+    config: dict[str, Any] = {}
+    if (run_dir / "config.yaml").exists():
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{run_dir / 'config.yaml'}: not valid YAML: {err}") from None
+    return Run(path=run_dir, config=config,
+               summary=_read_json(run_dir / "summary.json"), data=_read_json(run_dir / "data.json"),
+               train=[r for r in rows if "loss" in r],
+               evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)])
