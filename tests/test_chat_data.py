@@ -275,7 +275,7 @@ def test_dialogue_log_probs_token_by_token(tokenizer):
     cached.fill(two_rows.hidden, [ex], split="train", batch_size=1)
     with torch.no_grad():
         flats = {"two_rows": two_rows([ex]), "shared_prompt": shared([ex]),
-                 "cached": cached.forward([ex], split="train")}
+                 "cached": cached([ex], split="train")}
     for name, flat in flats.items():
         chosen, rejected = flat.split()
         torch.testing.assert_close(chosen[0], torch.tensor(expected[0]), atol=1e-5, rtol=1e-5,
