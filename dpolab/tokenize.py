@@ -94,6 +94,7 @@ def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: 
 
 def tokenize_row(row: PreferenceRow, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one row, untruncated."""
+    _check_encodable(row)
     if isinstance(row.prompt, list):
         prompt_text, chosen_text = _render(row, row.chosen, tokenizer)
         _, rejected_text = _render(row, row.rejected, tokenizer)
@@ -113,9 +114,19 @@ def tokenize_row(row: PreferenceRow, tokenizer: Any) -> tuple[list[int], list[in
 
 def _render(row: PreferenceRow, completion: list[dict], tokenizer: Any) -> tuple[str, str]:
     """(prompt_text, completion_text) from the chat template; checks the prefix property."""
-    prompt_text = tokenizer.apply_chat_template(row.prompt, tokenize=False,
-                                                add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(row.prompt + completion, tokenize=False)
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{row.source}:{row.row}: the row is conversational (lists of messages) but the "
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template to render "
+            f"them; use a model whose tokenizer has one (chat_template in tokenizer_config.json "
+            f"or chat_template.jinja), or give prompt/chosen/rejected as plain strings")
+    try:
+        prompt_text = tokenizer.apply_chat_template(row.prompt, tokenize=False,
+                                                    add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(row.prompt + completion, tokenize=False)
+    except Exception as err:  # the template's own checks (jinja raise_exception) or a bug in it
+        raise DataError(f"{row.source}:{row.row}: the tokenizer's chat template fails on this "
+                        f"row: {type(err).__name__}: {err}") from None
     if not full_text.startswith(prompt_text):
         at = next((i for i, (a, b) in enumerate(zip(prompt_text, full_text)) if a != b),
                   min(len(prompt_text), len(full_text)))
@@ -129,6 +140,25 @@ def _render(row: PreferenceRow, completion: list[dict], tokenizer: Any) -> tuple
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _check_encodable(row: PreferenceRow) -> None:
+    """Text a tokenizer cannot take is a DataError naming the row and field: a lone UTF-16
+    surrogate (JSON allows "\\ud800" alone; no UTF-8 text holds it) makes tokenizers raise
+    an unhelpful TypeError."""
+    for name in ("prompt", "chosen", "rejected"):
+        value = getattr(row, name)
+        texts = ([(f"message {i + 1} content", m.get("content", "")) for i, m in enumerate(value)]
+                 if isinstance(value, list) else [("", value)])
+        for part, text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                bad = text[err.start]
+                raise DataError(
+                    f"{row.source}:{row.row}: field {name!r}{f' ({part})' if part else ''}: "
+                    f"character {err.start + 1} is U+{ord(bad):04X}, a lone UTF-16 surrogate "
+                    f"that no tokenizer can encode; fix or remove the text") from None
 
 
 def _completion_ids(tokenizer: Any, text: str) -> list[int]:
