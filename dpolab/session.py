@@ -393,6 +393,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     model.requires_grad_(False)
 
     train_rows, held_rows = load_split_rows(cfg)
+    from dpolab.dedup import dedupe_split  # counts duplicates; no held-out copy of a train pair
+    train_rows, held_rows = dedupe_split(train_rows, held_rows, say=print if dist.is_main else None)
     tok = {}
     for split, rows in (("train", train_rows), ("held_out", held_rows)):
         tok[split] = tokenize_rows(rows, tokenizer, max_length=cfg.data.max_length,
