@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from dpolab.audit import row_text, where
 from dpolab.data import PreferenceRow
+from dpolab.errors import UserError
 
 
 def row_key(row: PreferenceRow) -> tuple[str, str, str]:
@@ -53,8 +54,18 @@ def dedupe_split(train: list[PreferenceRow], held_out: list[PreferenceRow], *,
                  say: Callable[[str], None] | None = print
                  ) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
     """(train, held_out without copies of training rows); what was found goes to `say`
-    (None: nothing is said, e.g. on the non-main ranks of a torchrun job)."""
+    (None: nothing is said, e.g. on the non-main ranks of a torchrun job). A run needs at
+    least one held-out pair (its evaluation and reference store are built from them): none
+    left is a UserError saying why."""
     found = split_duplicates(train, held_out)
+    if not found.held_out:
+        if held_out:
+            raise UserError(f"no held-out pairs: all {len(held_out)} are copies of training "
+                            f"pairs (e.g. {found.removed[0][0]} = {found.removed[0][1]}); give "
+                            f"held-out data (data.eval_path) that the training data does not hold")
+        raise UserError(f"no held-out pairs: the data has {len(train)} training row(s) and "
+                        f"none is left for evaluation; give at least 2 rows, or held-out data "
+                        f"in data.eval_path (--eval-data)")
     if say is not None:
         if found.train_copies or found.held_out_copies:
             say(f"data: {found.train_copies} exact duplicate row(s) among the {len(train)} "

@@ -344,9 +344,10 @@ def test_damaged_metrics_files_name_the_line(tmp_path):
 # ---------------------------------------------------------------------------- duplicates
 def test_held_out_copies_of_training_pairs_are_removed_and_counted():
     """Rows 1 and 3 are equal (one extra training copy); held-out row 5 copies row 1 and is
-    removed, row 6 is new and kept."""
+    removed, row 6 is new and kept; a held-out split made only of copies is an error, not an
+    empty evaluation."""
     from dpolab.data import PreferenceRow
-    from dpolab.dedup import split_duplicates
+    from dpolab.dedup import dedupe_split, split_duplicates
 
     def row(n, p, c, r):
         return PreferenceRow(p, c, r, None, "d.jsonl", n)
@@ -357,6 +358,9 @@ def test_held_out_copies_of_training_pairs_are_removed_and_counted():
     assert [r.row for r in found.held_out] == [6]
     assert found.removed == [("d.jsonl:5", "d.jsonl:1")]
     assert (found.train_copies, found.held_out_copies) == (2 - 1, 0)
+    with pytest.raises(UserError, match="no held-out pairs: all 1 are copies of training "
+                                        "pairs \\(e.g. d.jsonl:5 = d.jsonl:1\\)"):
+        dedupe_split(train, held[:1], say=None)
 
 
 def test_training_reports_duplicates_and_keeps_them_out_of_held_out(env, capsys):
