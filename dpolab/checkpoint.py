@@ -178,7 +178,7 @@ def describe_latest(run_dir: Path) -> str:
     dirs = [p for p in step_dirs(run_dir / "checkpoints") if verify(p)[0] is not None]
     if not dirs:
         return f"no checkpoint has been saved in {run_dir} yet"
-    return f"the last checkpoint is {dirs[0]} (resume with --resume {run_dir})"
+    return f"the last checkpoint is {dirs[0]} (step {int(dirs[0].name.split('-')[1])})"
 
 
 def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
@@ -198,5 +198,9 @@ def nonfinite_error(run_dir: Path, step: int, what: str, value: float) -> UserEr
     """The error that stops a run at a non-finite loss or gradient norm, raised before the
     step is applied; `step` counts from 1, as metrics.jsonl does."""
     return UserError(f"step {step}: the {what} is {value} (not finite); stopped before "
-                     f"applying this step. {describe_latest(Path(run_dir)).capitalize()}. "
-                     f"A lower train.lr, train.max_grad_norm > 0 or model.dtype=float32 may help")
+                     f"applying this step. {_capital(describe_latest(Path(run_dir)))}. A "
+                     f"lower train.lr or gradient clipping (train.max_grad_norm > 0) may help")
+
+
+def _capital(sentence: str) -> str:
+    return sentence[:1].upper() + sentence[1:]  # str.capitalize would lower the paths

@@ -183,7 +183,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], *,
+                    source: str = "config") -> dict[str, Any]:
     """`section.key=value` strings; values are parsed as YAML (`0.05`, `true`, `[a, b]`)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
@@ -204,8 +205,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if out.get(section) is None:  # absent, or an empty `section:` in the YAML file
             out[section] = {}
         if not isinstance(out[section], dict):
-            raise UserError(f"config section {section!r} is {type(out[section]).__name__} "
-                            f"{out[section]!r}, not a mapping of key: value; cannot apply "
+            raise UserError(f"{source}: {section}: expected a mapping of key: value, got "
+                            f"{type(out[section]).__name__} {out[section]!r}; cannot apply "
                             f"override {item!r}")
         if "." in name and isinstance(out.get(section, {}).get(name.split(".")[0]), dict | None):
             head, _, sub = name.partition(".")  # e.g. loss.weights.sft=0.1

@@ -64,7 +64,7 @@ def config_from_args(a) -> "RunConfig":  # noqa: F821
         _section(raw, "data", where)["skip_invalid"] = True
     if a.out:
         raw["out"] = a.out
-    raw = C.apply_overrides(raw, a.overrides)
+    raw = C.apply_overrides(raw, a.overrides, source=where)
     return C.build_config(raw, source=a.config or "config")
 
 

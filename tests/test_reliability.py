@@ -317,8 +317,9 @@ def test_a_section_given_as_a_list_with_an_override(tmp_path, capsys):
     the section, not a TypeError."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  - lr\ndata:\n  - x\n")
-    with pytest.raises(UserError, match="config section 'train' is list"):
-        C.apply_overrides(C.load_yaml(cfg), ["train.lr=0.1"])
+    with pytest.raises(UserError, match="c.yaml: train: expected a mapping of key: value, "
+                                        "got list"):
+        C.apply_overrides(C.load_yaml(cfg), ["train.lr=0.1"], source=str(cfg))
     assert main(["train", "--config", str(cfg), "--data", "x.jsonl"]) == 2
     assert f"{cfg}: data: expected a mapping" in capsys.readouterr().err
 
