@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -62,18 +63,24 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
                  "sha256": {name: sha256(tmp / name) for name in FILES}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     atomic.write_text(root / "latest", final.name)
-    for old in step_dirs(root)[max(1, keep):]:
+    # Folders of later steps are what a resume skipped as damaged (this run redoes those
+    # steps): they go first, so that `keep` counts the checkpoints of this history only.
+    newer = [p for p in step_dirs(root) if _step_of(p) > step]
+    for old in newer + step_dirs(root)[len(newer) + max(1, keep):]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
 
 
 def step_dirs(root: Path) -> list[Path]:
     """Checkpoint folders under `root`, newest (highest step) first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=_step_of, reverse=True)
 
 
 def verify(path: Path) -> tuple[dict | None, str]:
@@ -100,11 +107,9 @@ def verify(path: Path) -> tuple[dict | None, str]:
     return state, ""
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint folder of a run, or None (messages for skipped ones go to
-    stderr; see :func:`find_intact`)."""
-    found = find_intact(run_dir)
-    return found[0] if found else None
+def _say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not once per rank
+        print(msg, file=sys.stderr, flush=True)
 
 
 def find_intact(run_dir: Path, *, say=None) -> tuple[Path, dict] | None:
@@ -113,18 +118,19 @@ def find_intact(run_dir: Path, *, say=None) -> tuple[Path, dict] | None:
     Every damaged folder newer than it is named with the reason through `say` (default:
     stderr). A run that has checkpoints (or a `latest` pointer) but no intact one raises
     UserError, so a resume never falls back to step 0 without a word."""
-    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = say or _say
     root = run_dir / "checkpoints"
     pointer = root / "latest"
     named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
     dirs = step_dirs(root)
-    if named and not (root / named).is_dir():
+    pointer_broken = bool(named) and not (root / named).is_dir()
+    if pointer_broken:
         say(f"{root / named}: the checkpoint that {pointer} names is missing")
     skipped = []
     for path in dirs:
         state, why = verify(path)
         if state is not None:
-            if skipped:
+            if skipped or pointer_broken:
                 say(f"resuming from {path} (step {state['step']}) instead")
             return path, state
         skipped.append(f"{path}: {why}")
@@ -143,8 +149,8 @@ def restore(run_dir: Path, named: dict[str, torch.Tensor],
     (it then starts from the beginning)."""
     found = find_intact(run_dir)
     if found is None:
-        print(f"{run_dir}: no checkpoint was saved before the run stopped; training it again "
-              f"from step 0", file=sys.stderr, flush=True)
+        _say(f"{run_dir}: no checkpoint was saved before the run stopped; training it again "
+             f"from step 0")
         return 0, 0
     path, state = found
     try:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpolab import checkpoint
 from dpolab import config as C
 from dpolab.cli import main
 from dpolab.errors import UserError
@@ -203,6 +204,20 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(env, base_ru
     assert main(["train", "--resume", str(run)]) == 0
     err = capsys.readouterr().err
     assert f"{run / 'checkpoints' / 'step-000004'}: skipped, {why}" in err
+    assert f"resuming from {run / 'checkpoints' / 'step-000002'} (step 2) instead" in err
+    assert strip(run / "metrics.jsonl") == strip(base_run / "metrics.jsonl")
+    assert checkpoint.verify(run / "checkpoints" / "step-000004")[0]["step"] == 4
+
+
+def test_a_latest_pointer_to_a_missing_step_falls_back_with_a_message(env, base_run, capsys):
+    """`latest` names step-000004, which is gone: the resume says so and continues from
+    step-000002 to the metrics of the uninterrupted run."""
+    run = env["root"] / "pointer-missing"
+    shutil.copytree(base_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    assert main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / 'step-000004'}: the checkpoint that " in err
     assert f"resuming from {run / 'checkpoints' / 'step-000002'} (step 2) instead" in err
     assert strip(run / "metrics.jsonl") == strip(base_run / "metrics.jsonl")
 
