@@ -92,13 +92,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
-    lines = data.split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = path.read_bytes().rstrip().split(b"\n")  # bytes: a binary file is named, not raised
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
