@@ -85,7 +85,8 @@ def step_dirs(root: Path) -> list[Path]:
 
 def verify(path: Path) -> tuple[dict | None, str]:
     """(state, "") for an intact checkpoint folder, (None, why) for a damaged one: state.json
-    missing or unreadable, a file missing, or a file whose sha256 is not the recorded one."""
+    missing or unreadable, a file missing, or a file whose sha256 is not the recorded one.
+    (state, note) for one written before checksums were recorded."""
     state_file = path / "state.json"
     if not state_file.is_file():
         return None, "no state.json"
@@ -95,14 +96,15 @@ def verify(path: Path) -> tuple[dict | None, str]:
         sums = state.get("sha256")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         return None, f"state.json is damaged ({type(err).__name__}: {err})"
-    if not isinstance(sums, dict):
-        return None, "state.json records no sha256 of its files, so they cannot be verified"
     if step < 1 or lines < 0 or path.name != f"step-{step:06d}":
         return None, f"state.json records step {step}, which is not this folder's"
     for name in FILES:
         if not (path / name).is_file():
             return None, f"{name} is missing"
-        if sums.get(name) != sha256(path / name):
+    if sums is None:  # written before checkpoints recorded checksums: usable, said so
+        return state, "written without checksums, so its files are not verified"
+    for name in FILES:
+        if not isinstance(sums, dict) or sums.get(name) != sha256(path / name):
             return None, f"{name} does not match its recorded sha256 (damaged or changed)"
     return state, ""
 
@@ -130,6 +132,8 @@ def find_intact(run_dir: Path, *, say=None) -> tuple[Path, dict] | None:
     for path in dirs:
         state, why = verify(path)
         if state is not None:
+            if why:
+                say(f"{path}: {why}")
             if skipped or pointer_broken:
                 say(f"resuming from {path} (step {state['step']}) instead")
             return path, state
