@@ -40,6 +40,12 @@ def render_pair(row: PreferenceRow, tokenizer: Any, template_kwargs: dict | None
 
     ``template_kwargs`` (the config's data.chat_template_kwargs) are passed to the template
     under the row's own ``chat_template_kwargs``, which win on a shared key."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{row.source}:{row.row}: the row is conversational (lists of messages) but the "
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template to render "
+            f"them; use a model whose tokenizer has one (chat_template in tokenizer_config.json "
+            f"or chat_template.jinja), or give prompt/chosen/rejected as plain strings")
     kwargs = {**(template_kwargs or {}), **(row.chat_template_kwargs or {})}
     render = _Renderer(tokenizer, row, kwargs)
     gen = all(c[0]["role"] == "assistant" for c in (row.chosen, row.rejected))

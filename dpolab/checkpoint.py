@@ -1,17 +1,27 @@
-"""Atomic, resumable checkpoints of the trainable state.
+"""Atomic, verified, resumable checkpoints of the trainable state.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the trainable tensors
 (`trainable.safetensors`), the optimizer state (`optimizer.pt`, read back with
-`torch.load(weights_only=True)`) and `state.json` (step, metrics lines written). It is
-written under a temporary name and renamed into place; `checkpoints/latest` names the newest
-complete one and is itself replaced atomically, so a run killed at any instant (kill -9
-included) leaves the previous checkpoint intact and readable.
+`torch.load(weights_only=True)`) and `state.json` (step, metrics lines written, and the
+sha256 of each of the two other files). It is written under a temporary name and renamed
+into place (dpolab.atomic.write_dir); `checkpoints/latest` names the newest complete one and
+is itself replaced atomically, so a run killed at any instant (kill -9 included) leaves the
+previous checkpoints intact and readable. The newest `keep` checkpoints are kept.
+
+On resume every checkpoint is checked, newest first, against its recorded checksums; a
+damaged one is skipped with a message saying why, and the newest intact one is loaded. A run
+that has checkpoints but no intact one stops with a UserError; it never restarts from step 0
+silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,11 +30,23 @@ from safetensors.torch import load_file, save_file
 from dpolab import atomic
 from dpolab.errors import UserError
 
+FILES = ("trainable.safetensors", "optimizer.pt")  # checksummed in state.json
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer, *, metrics_lines: int, is_main: bool = True) -> Path:
+         optimizer: torch.optim.Optimizer, *, metrics_lines: int, is_main: bool = True,
+         keep: int = 2) -> Path:
     """Collective under FSDP2: every rank calls it (sharded tensors are gathered), rank 0
-    writes."""
+    writes. Keeps the newest `keep` checkpoints (at least one: the one just written)."""
     from dpolab import sharding
 
     named = {k: sharding.full(v) for k, v in named.items()}
@@ -37,30 +59,110 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()},
                   str(tmp / "trainable.safetensors"))
         torch.save(opt_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "metrics_lines": metrics_lines}))
+        state = {"step": step, "metrics_lines": metrics_lines,
+                 "sha256": {name: sha256(tmp / name) for name in FILES}}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     atomic.write_text(root / "latest", final.name)
-    for old in root.glob("step-*"):  # keep only the newest complete checkpoint
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
+    # Folders of later steps are what a resume skipped as damaged (this run redoes those
+    # steps): they go first, so that `keep` counts the checkpoints of this history only.
+    newer = [p for p in step_dirs(root) if _step_of(p) > step]
+    for old in newer + step_dirs(root)[len(newer) + max(1, keep):]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Checkpoint folders under `root`, newest (highest step) first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def verify(path: Path) -> tuple[dict | None, str]:
+    """(state, "") for an intact checkpoint folder, (None, why) for a damaged one: state.json
+    missing or unreadable, a file missing, or a file whose sha256 is not the recorded one.
+    (state, note) for one written before checksums were recorded."""
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        return None, "no state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        step, lines = int(state["step"]), int(state["metrics_lines"])
+        sums = state.get("sha256")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        return None, f"state.json is damaged ({type(err).__name__}: {err})"
+    if step < 1 or lines < 0 or path.name != f"step-{step:06d}":
+        return None, f"state.json records step {step}, which is not this folder's"
+    for name in FILES:
+        if not (path / name).is_file():
+            return None, f"{name} is missing"
+    if sums is None:  # written before checkpoints recorded checksums: usable, said so
+        return state, "written without checksums, so its files are not verified"
+    for name in FILES:
+        if not isinstance(sums, dict) or sums.get(name) != sha256(path / name):
+            return None, f"{name} does not match its recorded sha256 (damaged or changed)"
+    return state, ""
+
+
+def _say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not once per rank
+        print(msg, file=sys.stderr, flush=True)
+
+
+def find_intact(run_dir: Path, *, say=None) -> tuple[Path, dict] | None:
+    """(folder, state) of the newest intact checkpoint, or None when the run has none at all.
+
+    Every damaged folder newer than it is named with the reason through `say` (default:
+    stderr). A run that has checkpoints (or a `latest` pointer) but no intact one raises
+    UserError, so a resume never falls back to step 0 without a word."""
+    say = say or _say
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    dirs = step_dirs(root)
+    pointer_broken = bool(named) and not (root / named).is_dir()
+    if pointer_broken:
+        say(f"{root / named}: the checkpoint that {pointer} names is missing")
+    skipped = []
+    for path in dirs:
+        state, why = verify(path)
+        if state is not None:
+            if why:
+                say(f"{path}: {why}")
+            if skipped or pointer_broken:
+                say(f"resuming from {path} (step {state['step']}) instead")
+            return path, state
+        skipped.append(f"{path}: {why}")
+        say(f"{path}: skipped, {why}")
+    if dirs or named:
+        detail = "; ".join(skipped) if skipped else f"{pointer} names {named!r}, which is missing"
+        raise UserError(f"{run_dir}: cannot resume: no intact checkpoint ({detail}). Start a "
+                        f"new run with --out, or delete {root} to train this one from step 0")
+    return None
 
 
 def restore(run_dir: Path, named: dict[str, torch.Tensor],
-            optimizer: torch.optim.Optimizer) -> int:
-    """Load the newest checkpoint into `named` tensors (in place) and the optimizer; returns
-    its step, or 0 when the run has none yet (it then starts from the beginning)."""
-    path = latest(run_dir)
-    if path is None:
-        return 0
-    tensors = load_file(str(path / "trainable.safetensors"))
+            optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Load the newest intact checkpoint into `named` tensors (in place) and the optimizer;
+    returns (its step, metrics lines it had written), or (0, 0) when the run has none yet
+    (it then starts from the beginning)."""
+    found = find_intact(run_dir)
+    if found is None:
+        _say(f"{run_dir}: no checkpoint was saved before the run stopped; training it again "
+             f"from step 0")
+        return 0, 0
+    path, state = found
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as err:  # checksums match, yet the files do not load: written so
+        raise UserError(f"{path}: checkpoint files cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
     missing = sorted(set(named) - set(tensors))
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), e.g. "
@@ -69,15 +171,24 @@ def restore(run_dir: Path, named: dict[str, torch.Tensor],
 
     with torch.no_grad():
         for k, t in named.items():
+            if tensors[k].shape != t.shape:
+                raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the "
+                                f"model's is {tuple(t.shape)}; was the config changed?")
             t.copy_(sharding.like(tensors[k], t))
-    sharding.load_optimizer_state_full(optimizer, torch.load(path / "optimizer.pt",
-                                                             weights_only=True))
-    return int(json.loads((path / "state.json").read_text())["step"])
+    try:
+        sharding.load_optimizer_state_full(optimizer, opt_state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise UserError(f"{path}: the optimizer state does not fit this run "
+                        f"({type(err).__name__}: {err})") from None
+    return int(state["step"]), int(state["metrics_lines"])
 
 
-def metrics_lines(run_dir: Path) -> int:
-    path = latest(run_dir)
-    return int(json.loads((path / "state.json").read_text())["metrics_lines"]) if path else 0
+def describe_latest(run_dir: Path) -> str:
+    """A truthful sentence on what a stopped run can resume from."""
+    dirs = [p for p in step_dirs(run_dir / "checkpoints") if verify(p)[0] is not None]
+    if not dirs:
+        return f"no checkpoint has been saved in {run_dir} yet"
+    return f"the last checkpoint is {dirs[0]} (step {int(dirs[0].name.split('-')[1])})"
 
 
 def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
@@ -91,3 +202,15 @@ def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Pat
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def nonfinite_error(run_dir: Path, step: int, what: str, value: float) -> UserError:
+    """The error that stops a run at a non-finite loss or gradient norm, raised before the
+    step is applied; `step` counts from 1, as metrics.jsonl does."""
+    return UserError(f"step {step}: the {what} is {value} (not finite); stopped before "
+                     f"applying this step. {_capital(describe_latest(Path(run_dir)))}. A "
+                     f"lower train.lr or gradient clipping (train.max_grad_norm > 0) may help")
+
+
+def _capital(sentence: str) -> str:
+    return sentence[:1].upper() + sentence[1:]  # str.capitalize would lower the paths

@@ -96,6 +96,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = start and end only
     save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (resume falls back to an older one)
     seed: int = 0  # data order, initialisation of new parameters, every random draw
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
     activation_checkpointing: bool = False  # full/lora: recompute each block in backward
@@ -201,7 +202,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], *,
+                    source: str = "config") -> dict[str, Any]:
     """`section.key=value` strings; values are parsed as YAML (`0.05`, `true`, `[a, b]`)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
@@ -219,6 +221,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not dot or section not in SECTIONS:
             raise UserError(f"override {item!r}: key must be one of "
                             f"{', '.join(SECTIONS)} followed by .name (or 'out')")
+        if out.get(section) is None:  # absent, or an empty `section:` in the YAML file
+            out[section] = {}
+        if not isinstance(out[section], dict):
+            raise UserError(f"{source}: {section}: expected a mapping of key: value, got "
+                            f"{type(out[section]).__name__} {out[section]!r}; cannot apply "
+                            f"override {item!r}")
         if "." in name and isinstance(out.get(section, {}).get(name.split(".")[0]), dict | None):
             head, _, sub = name.partition(".")  # e.g. loss.weights.sft=0.1
             nested = dict(out.setdefault(section, {}).get(head) or {})
@@ -247,9 +255,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.pair_forward in ("shared_prompt", "two_rows"),
          "train.pair_forward must be shared_prompt or two_rows"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
-        (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
         (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
         (0 < cfg.data.eval_fraction < 1, "data.eval_fraction must lie in (0, 1)"),
         (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
     ]
@@ -261,6 +267,61 @@ def validate(cfg: RunConfig) -> None:
         check_template_kwargs(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
     except RowProblem as err:
         raise UserError(f"config: {err}") from None
+    _check_numbers(cfg)
+
+
+# (section, field, lowest, lowest allowed itself?, why the bound): every number the math
+# divides by, multiplies a loss with or steps with must be finite and in range. beta = 0
+# makes every preference term constant (DPO: ln 2, gradient 0; IPO divides by beta).
+_BOUNDS = [
+    ("loss", "beta", 0, False, "the inverse temperature: 0 trains nothing and IPO divides by it"),
+    ("loss", "label_smoothing", 0, True, "a label-noise rate"),
+    ("loss", "dpop_lambda", 0, True, "a penalty weight"),
+    ("loss", "aux_lr", 0, True, "a learning rate"),
+    ("loss", "aux_null_weight", 0, True, "a penalty weight"),
+    ("loss", "aux_amp_weight", 0, True, "a penalty weight"),
+    ("loss", "aux_max_gib", 0, False, "a memory size"),
+    ("train", "lr", 0, False, "the peak learning rate"),
+    ("train", "lora_alpha", 0, False, "the LoRA scale numerator"),
+    ("train", "max_grad_norm", 0, True, "a norm (0 = no clipping)"),
+    ("train", "weight_decay", 0, True, "a decay rate"),
+    ("train", "lora_r", 1, True, "a rank"),
+    ("train", "warmup_steps", 0, True, "a step count"),
+    ("train", "epochs", 1, True, "a pass count"),
+    ("train", "max_steps", 0, True, "a step count (0 = from epochs)"),
+    ("train", "eval_every", 0, True, "a step count (0 = start and end)"),
+    ("train", "save_every", 0, True, "a step count (0 = at the end)"),
+    ("train", "keep_checkpoints", 1, True, "the number of checkpoints kept"),
+    ("train", "logps_chunk", 1, True, "a chunk size"),
+    ("train", "eval_batch_size", 1, True, "a batch size"),
+    ("train", "did_samples", 0, True, "a sample count"),
+    ("train", "did_prompts", 0, True, "a prompt count"),
+    ("train", "did_max_new_tokens", 1, True, "a token count"),
+    ("data", "max_length", 2, True, "a token count"),
+    ("data", "max_prompt_length", 1, True, "a token count"),
+    ("data", "per_group", 0, True, "a pair count (0 = all)"),
+    ("data", "eval_per_group", 0, True, "a pair count (0 = all)"),
+]
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    import math
+
+    for section, name, low, inclusive, why in _BOUNDS:
+        value = getattr(getattr(cfg, section), name)
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            raise UserError(f"config: {section}.{name} = {value} is out of range: it must be a "
+                            f"finite number {'>=' if inclusive else '>'} {low} ({why})")
+    upper = 0.5 if "robust" in cfg.loss.term_weights() else 1.0  # robust DPO divides by 1 - 2 eps
+    if cfg.loss.label_smoothing >= upper:
+        raise UserError(f"config: loss.label_smoothing = {cfg.loss.label_smoothing} must be < "
+                        f"{upper} for loss {', '.join(cfg.loss.term_weights())}")
+    for where, weights in (("loss.weights", cfg.loss.weights),
+                           ("data.group_weights", cfg.data.group_weights)):
+        for key, w in weights.items():
+            if not (math.isfinite(w) and w >= 0):
+                raise UserError(f"config: {where}.{key} = {w} must be a finite number >= 0")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`dpolab inspect DATA [--model M]`: audit a preference data set before training on it.
 
 Reports rows, groups, skipped rows, token lengths, what truncation cuts or makes identical,
-duplicates, chat-template prefix problems, and with a model the reference margins and the pairs
+duplicates, rows training would refuse (no chat template, a template whose prompt is not a
+prefix, text the tokenizer cannot encode), and with a model the reference margins and the pairs
 the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; this module
 loads things, runs the reference pass and prints.
 
@@ -285,7 +286,7 @@ def _token_section(report: dict, show: int) -> list[str]:
                        ("made_identical", "made identical (dropped)")):
         lines += _finding(label, t[key]["count"], t[key]["rows"], show)
     p = report["prefix_problems"]
-    lines += _finding("chat-template prefix problems", p["count"], p["rows"], show)
+    lines += _finding("rows training refuses (chat template, encoding)", p["count"], p["rows"], show)
     return lines
 
 

@@ -185,6 +185,66 @@ def _check_loadable(name: str) -> None:
                             f"pass a local folder, a .gguf file or {DEFAULT_MODEL!r}")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_model.safetensors")
+
+
+def check_model_folder(folder: str | Path, *, weights: bool = True) -> None:
+    """Raise UserError naming the folder and what is wrong when a local model folder cannot
+    hold a loadable model: empty, no config.json, no tokenizer files, no weights (with
+    `weights`), or a safetensors file whose header or length is damaged (a truncated copy
+    or a download cut short). Does nothing for a hub name."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    expected = "config.json, tokenizer files and weights (model.safetensors)"
+    if not names:
+        raise UserError(f"{folder}: the model folder is empty; it should hold {expected}")
+    if not weights:  # a tokenizer may live in a folder of its own
+        if not names & set(_TOKENIZER_FILES):
+            raise UserError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                            f"a model folder holds {expected}")
+        return
+    if not names & {"config.json", "adapter_config.json"}:
+        raise UserError(f"{folder}: no config.json; a model folder holds {expected}")
+    if not names & set(_WEIGHT_FILES) and not any(n.endswith(".safetensors") for n in names):
+        raise UserError(f"{folder}: no weights (model.safetensors or pytorch_model.bin); only "
+                        f"{', '.join(sorted(names))}")
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise UserError(f"{path}: {problem}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout ("" -> None when it is whole): the
+    8-byte header length, the JSON header, and the file size the header's offsets imply."""
+    import json
+
+    size = path.stat().st_size
+    if size < 8:
+        return f"not a safetensors file: {size} bytes (empty or cut short)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return (f"damaged safetensors file: its header claims {n} bytes but the file has "
+                    f"{size} (truncated or not safetensors)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "damaged safetensors file: its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "damaged safetensors file: its header is not a JSON object"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"truncated safetensors file: {size} bytes, its header needs {need}"
+    return None
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, device: str | torch.device = "cpu"):
     """`AutoModelForCausalLM.from_pretrained` of a resolved name, on `device`, in eval mode."""
@@ -192,11 +252,15 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
 
     name = resolve_model_path(name_or_path)
     _check_loadable(name)
+    check_model_folder(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:  # missing repo, no network, no config.json
         raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}")
+    except Exception as err:  # a damaged file the checks above cannot see
+        raise UserError(f"model {name!r} could not be loaded: {type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0]}") from None
     return model.to(device).eval()
 
 
@@ -206,10 +270,14 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
 
     name = resolve_model_path(name_or_path)
     _check_loadable(name)
+    check_model_folder(name, weights=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(f"tokenizer {name!r} could not be loaded: {str(err).splitlines()[0]}")
+    except Exception as err:  # a damaged tokenizer file
+        raise UserError(f"tokenizer {name!r} could not be loaded: {type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

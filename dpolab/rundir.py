@@ -187,18 +187,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    lines = path.read_bytes().rstrip().split(b"\n")  # bytes: a binary file is named, not raised
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}:{n}: not text (byte {err.start + 1} of the line is not "
+                            f"UTF-8); is this a metrics.jsonl?") from None
+        except json.JSONDecodeError as err:
+            if n == len(lines):  # a line still being written, or cut by a kill
                 continue
-            raise UserError(f"{path}:{n}: not a JSON object") from None
-        if isinstance(row, dict):
-            rows.append(row)
+            raise UserError(f"{path}:{n}: not valid JSON ({err.msg} at column "
+                            f"{err.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got "
+                            f"{type(row).__name__} {raw.decode('utf-8')[:40]!r}")
+        rows.append(row)
     return rows
 
 

@@ -172,7 +172,11 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     model = load_configured(cfg.model, device=device)  # eval mode: dropout off, as TRL's default
 
-    rows = dict(zip(("train", "held_out"), load_split_rows(cfg)))
+    from dpolab.dedup import dedupe_split  # counts duplicates; no held-out copy of a train pair
+
+    train_rows, held_rows = load_split_rows(cfg)
+    train_rows, held_rows = dedupe_split(train_rows, held_rows, say=print if dist.is_main else None)
+    rows = {"train": train_rows, "held_out": held_rows}
     tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,
                                 max_prompt_length=cfg.data.max_prompt_length,
                                 truncation=cfg.data.truncation,

@@ -137,6 +137,7 @@ def tokenize_pair(row: PreferenceRow, tokenizer: Any, *,
                   ) -> tuple[list[int], Completion, Completion]:
     """(prompt_ids, (chosen_ids, chosen_mask), (rejected_ids, rejected_mask)), untruncated;
     a mask is None when every completion token is scored."""
+    _check_encodable(row)
     if isinstance(row.prompt, list):
         prompt_text, chosen, rejected = render_pair(row, tokenizer, chat_template_kwargs)
         prompt = _encode(tokenizer, prompt_text, special=False)
@@ -178,6 +179,25 @@ def _pieces_ids(tokenizer: Any, pieces: list[Piece]) -> Completion:
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _check_encodable(row: PreferenceRow) -> None:
+    """Text a tokenizer cannot take is a DataError naming the row and field: a lone UTF-16
+    surrogate (JSON allows "\\ud800" alone; no UTF-8 text holds it) makes tokenizers raise
+    an unhelpful TypeError."""
+    for name in ("prompt", "chosen", "rejected"):
+        value = getattr(row, name)
+        texts = ([(f"message {i + 1} content", m.get("content", "")) for i, m in enumerate(value)]
+                 if isinstance(value, list) else [("", value)])
+        for part, text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                bad = text[err.start]
+                raise DataError(
+                    f"{row.source}:{row.row}: field {name!r}{f' ({part})' if part else ''}: "
+                    f"character {err.start + 1} is U+{ord(bad):04X}, a lone UTF-16 surrogate "
+                    f"that no tokenizer can encode; fix or remove the text") from None
 
 
 def _completion_ids(tokenizer: Any, text: str) -> list[int]:

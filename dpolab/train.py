@@ -13,13 +13,14 @@ step as one process on the same global batch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from dpolab import checkpoint, memory, rundir, session
+from dpolab import checkpoint, memory, rundir, runlock, session
 from dpolab.auxdpo import AuxRewards
 from dpolab.config import RunConfig
 from dpolab.diagnostics import PairStats, reward_sums
@@ -59,6 +60,11 @@ def global_batches(n: int, *, seed: int, epochs: int, global_batch: int):
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Path:
+    with runlock.hold(cfg.out, enabled=os.environ.get("RANK", "0") == "0"):  # one run per dir
+        return _train(cfg, resume=resume)
+
+
+def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
     # ---- setup -------------------------------------------------------------------------
     dist = Distributed.from_env(cfg.train.device)
     if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
@@ -80,11 +86,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     steps_per_epoch = math.ceil(len(s.train) / global_batch)
     total = tc.max_steps or tc.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
-    start = 0
+    start = kept_lines = 0
     if resume:
-        start = checkpoint.restore(run_dir, s.trainable_named(aux), optimizer)
+        start, kept_lines = checkpoint.restore(run_dir, s.trainable_named(aux), optimizer)
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
-                                keep_lines=checkpoint.metrics_lines(run_dir) if start else 0)
+                                keep_lines=kept_lines)
     if start == 0:
         metrics.write(s.evaluate(step=0))
     bar = Progress(total, "train", enabled=tc.progress and dist.is_main)
@@ -123,14 +129,15 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             if step == 0 and start == 0 and micro == 0:
                 check_step0(pairs, terms, objective.at_reference())
             if not torch.isfinite(loss):
-                raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
-                                f"stopped, the last good checkpoint is kept in {run_dir}")
+                raise checkpoint.nonfinite_error(run_dir, step + 1, "loss", loss.item())
             # backward
             loss.backward()
             stats.add(pairs, terms, per_example, weights, beta=lc.beta)
         # step
         dist.average_gradients(trained)
         grad_norm = clip(s.params, tc.max_grad_norm)
+        if not math.isfinite(grad_norm):  # never applied, so never checkpointed
+            raise checkpoint.nonfinite_error(run_dir, step + 1, "gradient norm", grad_norm)
         optimizer.step()
         # log
         row = stats.summary(dist, n_global=len(positions))
@@ -150,7 +157,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
         # checkpoint
         if done or (tc.save_every and (step + 1) % tc.save_every == 0):
             checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
-                            metrics_lines=metrics.lines, is_main=dist.is_main)  # collective
+                            metrics_lines=metrics.lines, is_main=dist.is_main,
+                            keep=tc.keep_checkpoints)  # collective
             dist.barrier()
     bar.close()
 

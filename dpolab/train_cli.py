@@ -44,23 +44,37 @@ def config_from_args(a) -> "RunConfig":  # noqa: F821
             raise UserError(f"{run}: not a run directory (no config.yaml)")
         if a.config or a.model or a.data or a.overrides or a.full or a.out:
             raise UserError("--resume continues a run with its own config; give no other options")
-        return C.build_config(C.load_yaml(run / "config.yaml"), source=str(run / "config.yaml"))
+        raw = C.load_yaml(run / "config.yaml")
+        # The run is the folder given, wherever it now is (copied or moved): the `out`
+        # recorded in its config.yaml names where it was made, and must not be followed.
+        raw["out"] = str(run)
+        return C.build_config(raw, source=str(run / "config.yaml"))
     raw = C.load_yaml(a.config) if a.config else {}
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    where = a.config or "config"
     if a.model:
-        raw.setdefault("model", {})["name"] = a.model
+        _section(raw, "model", where)["name"] = a.model
     if a.data:
-        raw.setdefault("data", {})["path"] = a.data
+        _section(raw, "data", where)["path"] = a.data
     if a.eval_data:
-        raw.setdefault("data", {})["eval_path"] = a.eval_data
+        _section(raw, "data", where)["eval_path"] = a.eval_data
     if a.full:
-        raw.setdefault("data", {}).update(per_group=0, eval_per_group=0)
+        _section(raw, "data", where).update(per_group=0, eval_per_group=0)
     if a.skip_invalid:
-        raw.setdefault("data", {})["skip_invalid"] = True
+        _section(raw, "data", where)["skip_invalid"] = True
     if a.out:
         raw["out"] = a.out
-    raw = C.apply_overrides(raw, a.overrides)
+    raw = C.apply_overrides(raw, a.overrides, source=where)
     return C.build_config(raw, source=a.config or "config")
+
+
+def _section(raw: dict, name: str, where: str) -> dict:
+    """raw[name] as a mapping to add options to (created when absent or empty)."""
+    if raw.get(name) is None:
+        raw[name] = {}
+    if not isinstance(raw[name], dict):
+        raise UserError(f"{where}: {name}: expected a mapping of key: value, got {raw[name]!r}")
+    return raw[name]
 
 
 def cli_main(argv: list[str]) -> int:
