@@ -201,13 +201,29 @@ def observations(run: Run) -> list[str]:
         notes.append(f"The training loss {trend}: {l0:.4g} at step {run.train[0].get('step')} "
                      f"to {l1:.4g} at step {run.train[-1].get('step')}.")
     b, a = run.before, run.after
-    if "eval/rewards/accuracies" in b and "eval/rewards/accuracies" in a:
+    if "eval/rewards/accuracies" in b and "eval/rewards/accuracies" in a and _reference_free(run):
+        notes.append(f"No reference (a reference-free loss): held-out 'accuracy' is the "
+                     f"policy's own preference, log pi(y_w) > log pi(y_l) (per-token means for "
+                     f"SimPO, ORPO and SFT, sums for CPO), and rewards are beta * log pi(y). "
+                     f"It went from {b['eval/rewards/accuracies']:.3f} to "
+                     f"{a['eval/rewards/accuracies']:.3f} (ties count 1/2). Displacement, "
+                     f"unflippable pairs and DID need a reference and are left out.")
+    elif "eval/rewards/accuracies" in b and "eval/rewards/accuracies" in a:
         notes.append(f"Held-out reward accuracy went from {b['eval/rewards/accuracies']:.3f} "
                      f"to {a['eval/rewards/accuracies']:.3f} (ties count 1/2, so 0.5 before "
                      f"training).")
     if a:
         notes += _displacement_notes(a) + _margin_notes(run) + _group_notes(run)
     return notes or ["Nothing to observe yet: no training steps and no evaluation after training."]
+
+
+def _reference_free(run: Run) -> bool:
+    """Whether the run's loss terms (config.yaml) all read no reference."""
+    from dpolab.losses import LOSSES
+
+    loss = run.config.get("loss") or {}
+    names = list(loss.get("weights") or {}) or [loss.get("name")]
+    return all(n in LOSSES and not LOSSES[n].needs_reference for n in names)
 
 
 # ---------------------------------------------------------------------------------------
