@@ -15,6 +15,7 @@ with a reference out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,11 +62,11 @@ class Session:
     groups: list[str]  # sorted group names of both splits
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
-    @property
+    @cached_property
     def needs_reference(self) -> bool:
         return needs_reference(self.cfg)
 
-    @property
+    @cached_property
     def reward_average(self) -> bool:
         """Reference-free runs: whether the implicit reward reads per-token mean log-probs."""
         return reward_average(self.cfg)
