@@ -131,3 +131,33 @@ def growth_rate(steps: np.ndarray, values: np.ndarray) -> float:
     if len(steps) < 2 or np.ptp(steps) == 0:
         return float("nan")
     return float(np.polyfit(steps, values, 1)[0])
+
+
+# Metrics that compare the policy with its reference; a reference-free run has none to give.
+REFERENCE_METRICS = ("displacement/", "gradient_weight/", "unflippable/")
+
+
+def reference_free_stats(policy_chosen: np.ndarray, policy_rejected: np.ndarray,
+                         n_chosen: np.ndarray, n_rejected: np.ndarray, *, beta: float,
+                         average: bool) -> PairStats:
+    """The policy's own preference, in PairStats form, for a run without a reference.
+
+    The implicit reward of SimPO, CPO and ORPO is beta * log pi(y|x) itself (per-token mean
+    for SimPO and ORPO, the sum for CPO; TRL's CPO and ORPO trainers log these as rewards/...).
+    With `average` the log-probs are per-token means; the reference is taken as 0, so
+    rewards/* = beta * log pi(y), h = log pi(y_w) - log pi(y_l) and rewards/accuracies is the
+    fraction of pairs the policy itself prefers (ties count 1/2). Metrics that measure the
+    change from a reference (REFERENCE_METRICS) mean nothing here and are left out by callers.
+    All inputs (N,); `logps/...` become the same (possibly averaged) log-probs.
+    """
+    nc, nr = np.maximum(n_chosen, 1), np.maximum(n_rejected, 1)
+    pc = policy_chosen / nc if average else policy_chosen
+    pr = policy_rejected / nr if average else policy_rejected
+    zeros = np.zeros_like(pc)
+    return PairStats(pc, pr, zeros, zeros.copy(), n_chosen, n_rejected, beta=beta)
+
+
+def without_reference_metrics(row: dict[str, float]) -> dict[str, float]:
+    """`row` less the keys (under any prefix) that compare with a reference."""
+    return {k: v for k, v in row.items()
+            if not any(m in k for m in REFERENCE_METRICS)}

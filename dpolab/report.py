@@ -22,7 +22,8 @@ import yaml
 
 from dpolab import htmlpage
 from dpolab.errors import UserError
-from dpolab.rundir import Run, load_run, loss_name, read_metrics  # noqa: F401  (report's API)
+from dpolab.rundir import (Run, load_run, loss_name, read_metrics,  # noqa: F401  (report's API)
+                           reference_free)
 
 # Thresholds of the "what to look at" notes, chosen to flag what the eye would flag on the
 # figures; they only select which sentences are printed.
@@ -201,7 +202,15 @@ def observations(run: Run) -> list[str]:
         notes.append(f"The training loss {trend}: {l0:.4g} at step {run.train[0].get('step')} "
                      f"to {l1:.4g} at step {run.train[-1].get('step')}.")
     b, a = run.before, run.after
-    if "eval/rewards/accuracies" in b and "eval/rewards/accuracies" in a:
+    both = "eval/rewards/accuracies" in b and "eval/rewards/accuracies" in a
+    if both and reference_free(run.config):
+        notes.append(f"No reference (a reference-free loss): held-out 'accuracy' is the "
+                     f"policy's own preference, log pi(y_w) > log pi(y_l) (per-token means for "
+                     f"SimPO, ORPO and SFT, sums for CPO), and rewards are beta * log pi(y). "
+                     f"It went from {b['eval/rewards/accuracies']:.3f} to "
+                     f"{a['eval/rewards/accuracies']:.3f} (ties count 1/2). Displacement, "
+                     f"unflippable pairs and DID need a reference and are left out.")
+    elif both:
         notes.append(f"Held-out reward accuracy went from {b['eval/rewards/accuracies']:.3f} "
                      f"to {a['eval/rewards/accuracies']:.3f} (ties count 1/2, so 0.5 before "
                      f"training).")

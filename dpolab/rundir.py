@@ -171,6 +171,16 @@ def loss_name(config: dict[str, Any]) -> str:
     return "+".join(k if float(w) == 1.0 else f"{float(w):g}*{k}" for k, w in weights.items())
 
 
+def reference_free(config: dict[str, Any]) -> bool:
+    """Whether every loss term of a run's config.yaml reads no reference (then its
+    `rewards/accuracies` is the policy's own preference, see dpolab.diagnostics)."""
+    from dpolab.losses import LOSSES
+
+    loss = config.get("loss") or {}
+    names = list(loss.get("weights") or {}) or [loss.get("name")]
+    return all(n in LOSSES and not LOSSES[n].needs_reference for n in names)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None

@@ -4,11 +4,18 @@
 (computed once with the untouched model, stored, reused) -> the trainable scope. The session
 then answers the loop's questions per micro-batch (`pair_logps`, `group_weights`), evaluates
 (`evaluate`, `did_eval`) and exports.
+
+A run whose loss terms all read no reference (sft, simpo, cpo, orpo; the registry's
+`needs_reference`) has none: no reference pass, no stored file, `PairLogps.ref_*` None. Its
+evaluation reports the policy's own preference in place of the reward against a reference
+(see :func:`dpolab.diagnostics.reference_free_stats`) and leaves the metrics that compare
+with a reference out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,10 +24,11 @@ import torch
 
 from dpolab import reference, rundir
 from dpolab.config import RunConfig
-from dpolab.diagnostics import PairStats, group_summaries, summarize, unflippable
+from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
+                                unflippable, without_reference_metrics)
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
-from dpolab.losses import PairLogps
+from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.progress import Progress
 from dpolab.scopes import Scope
@@ -30,12 +38,13 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class Split:
-    """One split ("train" or "held_out") of the data, tokenized, with its stored reference."""
+    """One split ("train" or "held_out") of the data, tokenized, with its stored reference
+    (None in a run whose loss needs no reference)."""
 
     examples: list  # PairExample, index = position
-    ref: reference.ReferenceLogps
-    ref_chosen: Tensor  # (N,) float64 summed reference log-probs, CPU
-    ref_rejected: Tensor
+    ref: reference.ReferenceLogps | None
+    ref_chosen: Tensor | None  # (N,) float64 summed reference log-probs, CPU
+    ref_rejected: Tensor | None
     weights: Tensor  # (N,) float32 data.group_weights of each pair's group
     group_ids: np.ndarray  # (N,) int, index into Session.groups (-1: no group)
     no_cue: np.ndarray  # (N,) bool, pairs without a surface cue (rho_data.surface_cue)
@@ -53,6 +62,15 @@ class Session:
     groups: list[str]  # sorted group names of both splits
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
+    @cached_property
+    def needs_reference(self) -> bool:
+        return needs_reference(self.cfg)
+
+    @cached_property
+    def reward_average(self) -> bool:
+        """Reference-free runs: whether the implicit reward reads per-token mean log-probs."""
+        return reward_average(self.cfg)
+
     @property
     def train(self) -> list:
         return self.splits["train"].examples
@@ -67,14 +85,33 @@ class Session:
 
     def pair_logps(self, split: str, idx: Sequence[int]) -> PairLogps:
         """Policy and stored reference log-probs (summed, float64) and completion token
-        counts of the pairs at positions `idx` of `split`; differentiable in the policy's."""
+        counts of the pairs at positions `idx` of `split`; differentiable in the policy's.
+        The reference ones are None in a reference-free run. With loss.ld_alpha < 1 both
+        are LD-DPO's sums (:func:`dpolab.losses.ld_sequence_logps`), as in TRL."""
         flat = self.scope.forward([self.splits[split].examples[i] for i in idx], split=split)
         self.tokens_processed += flat.n_processed
-        pc, pr = flat.sums()
         nc, nr = flat.counts()
-        i = torch.as_tensor(list(idx), dtype=torch.long)
-        sp, dev = self.splits[split], self.dist.device
-        return PairLogps(pc, pr, sp.ref_chosen[i].to(dev), sp.ref_rejected[i].to(dev), nc, nr)
+        sp, dev, alpha = self.splits[split], self.dist.device, self.cfg.loss.ld_alpha
+        if alpha == 1.0:
+            pc, pr = flat.sums()
+        else:
+            tok, mask = padded(flat.tokens.double(), flat.seg, 2 * flat.n_pairs)
+            b = flat.n_pairs
+            pc, pr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
+        if sp.ref is None:
+            return PairLogps(pc, pr, None, None, nc, nr)
+        if alpha == 1.0:
+            i = torch.as_tensor(list(idx), dtype=torch.long)
+            rc, rr = sp.ref_chosen[i], sp.ref_rejected[i]
+        else:
+            seqs = ([sp.ref.per_token(j) for j in idx]
+                    + [sp.ref.per_token(j, rejected=True) for j in idx])
+            seg = torch.cat([torch.full((t.numel(),), k, dtype=torch.long)
+                             for k, t in enumerate(seqs)])
+            tok, mask = padded(torch.cat(seqs).double(), seg, len(seqs))
+            b = len(idx)
+            rc, rr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
+        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr)
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
         return self.splits[split].weights[torch.as_tensor(list(idx), dtype=torch.long)].to(
@@ -87,18 +124,27 @@ class Session:
         return named
 
     def pair_stats(self, split: str) -> PairStats:
-        """Policy vs reference on every pair of `split` ("train" or "held_out"), no grad."""
+        """Policy vs reference on every pair of `split` ("train" or "held_out"), no grad;
+        in a reference-free run the policy's own preference (`reference_free_stats`)."""
         sp = self.splits[split]
         bs = self.cfg.train.eval_batch_size
-        pcs, prs = [], []
+        pcs, prs, ncs, nrs = [], [], [], []
         with torch.no_grad():
             for s in range(0, len(sp.examples), bs):
-                pc, pr = self.scope.forward(sp.examples[s:s + bs], split=split).sums()
+                flat = self.scope.forward(sp.examples[s:s + bs], split=split)
+                pc, pr = flat.sums()
+                nc, nr = flat.counts()
                 pcs.append(pc.double().cpu())
                 prs.append(pr.double().cpu())
-        nc, nr = sp.ref.lengths()
-        return PairStats(torch.cat(pcs).numpy(), torch.cat(prs).numpy(), sp.ref_chosen.numpy(),
-                         sp.ref_rejected.numpy(), nc.numpy(), nr.numpy(), beta=self.cfg.loss.beta)
+                ncs.append(nc.cpu())
+                nrs.append(nr.cpu())
+        pc, pr = torch.cat(pcs).numpy(), torch.cat(prs).numpy()
+        nc, nr = torch.cat(ncs).numpy(), torch.cat(nrs).numpy()
+        if sp.ref is None:
+            return reference_free_stats(pc, pr, nc, nr, beta=self.cfg.loss.beta,
+                                        average=self.reward_average)
+        return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
+                         beta=self.cfg.loss.beta)
 
     def evaluate(self, *, step: int) -> dict[str, float]:
         """Held-out metrics as `eval/...` (plus per-group ones), and per-group train accuracy."""
@@ -108,6 +154,12 @@ class Session:
             if not sp.examples:
                 continue
             stats = self.pair_stats(split)
+            if sp.ref is None:  # the policy's own preference; nothing to compare with
+                row.update({prefix + k: v for k, v in
+                            without_reference_metrics(summarize(stats)).items()})
+                row.update({prefix + k: v for k, v in group_summaries(
+                    stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
+                continue
             row.update({prefix + k: v for k, v in summarize(stats).items()})
             flags = unflippable(stats.ref_chosen, stats.ref_rejected, beta=stats.beta)
             row[prefix + "unflippable/fraction"] = float(flags.mean())
@@ -124,8 +176,8 @@ class Session:
         from dpolab.did_probe import did_metrics
 
         tc = self.cfg.train
-        if tc.did_samples <= 0 or not self.held_out:
-            return {}
+        if tc.did_samples <= 0 or not self.held_out or not self.needs_reference:
+            return {}  # DID is measured against the reference: a reference-free run has none
         seen, prompts = set(), []
         for ex in self.held_out:
             if tuple(ex.prompt_ids) not in seen and len(prompts) < tc.did_prompts:
@@ -166,6 +218,12 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     from dpolab.tokenize import tokenize_rows
 
     tc = cfg.train
+    if cfg.loss.use_weighting:
+        # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
+        # log_sum_sq_probs); the chunked head returns log pi(label) only.
+        raise UserError("config loss.use_weighting: loss.use_weighting needs the per-token "
+                        "log sum_v pi(v)^2 of the policy (WPO's weight), which dpolab's "
+                        "forward does not compute; set loss.use_weighting=false")
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
@@ -201,12 +259,12 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     # the cached body states under the original head, otherwise the scope's own forward.
     sharded = dist.world > 1 and tc.distributed == "fsdp2"
     refs = {split: reference_for(model_hash, scope.reference, t.examples, cfg, dist, split,
-                                 collective=sharded)
+                                 collective=sharded) if needs_reference(cfg) else None
             for split, t in tok.items()}
     gindex = {g: i for i, g in enumerate(groups)}
     splits = {}
     for split, t in tok.items():
-        rc, rr = refs[split].sums()
+        rc, rr = refs[split].sums() if refs[split] is not None else (None, None)
         splits[split] = Split(
             t.examples, refs[split], rc, rr,
             weights=torch.tensor([float(w.get(e.group, 1.0)) for e in t.examples]),
@@ -215,8 +273,37 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
                              for e in t.examples]))
     if dist.is_main:
         rundir.write_data_report(run_dir, tok)
-        _report_unflippable(cfg, run_dir, splits, groups)
+        if needs_reference(cfg):  # unflippable is a property of the reference
+            _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups)
+
+
+def needs_reference(cfg: RunConfig) -> bool:
+    """Whether any loss term of the run reads pi_ref (the registry's `needs_reference`)."""
+    return Objective(cfg.loss.term_weights(), cfg.loss).needs_reference
+
+
+def reward_average(cfg: RunConfig) -> bool:
+    """Reference-free runs: the implicit reward beta * log pi(y) reads per-token means when
+    any term reads means (SimPO, ORPO, SFT), sums otherwise (CPO), as TRL logs them."""
+    obj = Objective(cfg.loss.term_weights(), cfg.loss)
+    return any(logps_reduction(term.logps, cfg.loss) == "mean" for term, _ in obj.terms.values())
+
+
+def padded(tokens: Tensor, seg: Tensor, n_seq: int) -> tuple[Tensor, Tensor]:
+    """Flat per-token values (N,) with sequence ids `seg` (N,) in [0, n_seq) -> (values
+    (n_seq, T), mask (n_seq, T) bool), each sequence's tokens left-aligned in their order
+    (T the longest sequence); differentiable in `tokens`."""
+    order = torch.sort(seg, stable=True).indices
+    seg_sorted = seg[order]
+    counts = torch.bincount(seg_sorted, minlength=n_seq)
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(seg.numel(), device=seg.device) - starts[seg_sorted]
+    width = int(counts.max()) if counts.numel() else 0
+    out = tokens.new_zeros((n_seq, width)).index_put((seg_sorted, col), tokens[order])
+    mask = torch.zeros((n_seq, width), dtype=torch.bool, device=seg.device)
+    mask[seg_sorted, col] = True
+    return out, mask
 
 
 def _report_unflippable(cfg: RunConfig, run_dir: Path, splits: dict[str, Split],

@@ -23,7 +23,7 @@ import torch
 from dpolab import checkpoint, memory, rundir, runlock, session
 from dpolab.auxdpo import AuxRewards
 from dpolab.config import RunConfig
-from dpolab.diagnostics import PairStats, reward_sums
+from dpolab.diagnostics import PairStats, reference_free_stats, reward_sums
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
 from dpolab.losses import Objective, PairLogps
@@ -132,7 +132,8 @@ def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
                 raise checkpoint.nonfinite_error(run_dir, step + 1, "loss", loss.item())
             # backward
             loss.backward()
-            stats.add(pairs, terms, per_example, weights, beta=lc.beta)
+            stats.add(pairs, terms, per_example, weights, beta=lc.beta,
+                      average=s.reward_average)
         # step
         dist.average_gradients(trained)
         grad_norm = clip(s.params, tc.max_grad_norm)
@@ -179,17 +180,24 @@ def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
 class StepStats:
     """Accumulates one optimizer step's pair statistics across micro-batches (and ranks):
-    sums here, divided by the global batch size in `summary`."""
+    sums here, divided by the global batch size in `summary`. Without reference log-probs
+    (a reference-free run) `rewards/...` are beta * log pi(y) itself, per-token means when
+    `average` (:func:`dpolab.diagnostics.reference_free_stats`)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
 
     def add(self, pairs: PairLogps, terms: dict[str, Tensor], per_example: Tensor,
-            weights: Tensor, *, beta: float) -> None:
+            weights: Tensor, *, beta: float, average: bool = False) -> None:
         with torch.no_grad():
-            add = reward_sums(PairStats(*(t.detach().double().cpu().numpy() for t in (
-                pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected,
-                pairs.n_chosen, pairs.n_rejected)), beta=beta))
+            pc, pr, nc, nr = (t.detach().double().cpu().numpy() for t in (
+                pairs.policy_chosen, pairs.policy_rejected, pairs.n_chosen, pairs.n_rejected))
+            if pairs.ref_chosen is None or pairs.ref_rejected is None:
+                add = reward_sums(reference_free_stats(pc, pr, nc, nr, beta=beta, average=average))
+            else:
+                rc, rr = (t.detach().double().cpu().numpy()
+                          for t in (pairs.ref_chosen, pairs.ref_rejected))
+                add = reward_sums(PairStats(pc, pr, rc, rr, nc, nr, beta=beta))
             add["loss"] = float((weights * per_example.detach().double()).sum())
             for name, t in terms.items():
                 add[f"loss/{name}"] = float(t.double().sum())
@@ -221,7 +229,11 @@ def check_step0(pairs: PairLogps, terms: dict[str, Tensor],
                 at_reference: Mapping[str, float]) -> None:
     """Before any update the policy is its reference: log-probs agree with the stored ones
     and every term has its value at zero log-ratios (`at_reference`, from the loss registry:
-    ln 2 for DPO). A mismatch means the store belongs to other weights or other data."""
+    ln 2 for DPO). A mismatch means the store belongs to other weights or other data.
+    A reference-free run has neither: its terms' values depend on the policy itself (their
+    `at_reference` is None), so only their finiteness is checked, by the loop."""
+    if pairs.ref_chosen is None or pairs.ref_rejected is None:
+        return
     with torch.no_grad():
         for pol, ref, what in ((pairs.policy_chosen, pairs.ref_chosen, "chosen"),
                                (pairs.policy_rejected, pairs.ref_rejected, "rejected")):

@@ -108,5 +108,11 @@ def print_summary(run_dir: Path) -> None:
               f"{after.get(pre + acc, float('nan')):10.3f} {after.get(pre + mar, float('nan')):8.3f} "
               f"{after.get(pre + pref, float('nan')):10.3f} "
               f"{'' if nc is None else f'{nc:.3f}':>10s}")
+    from dpolab.rundir import load_run, reference_free
+
+    if reference_free(load_run(run_dir).config):
+        print("no reference (reference-free loss): acc is the policy's own preference "
+              "log pi(y_w) > log pi(y_l), per-token means for simpo/orpo/sft, sums for cpo; "
+              "margin is beta times that difference")
     print(f"exported model: {run_dir / 'model'}")
     sys.stdout.flush()
