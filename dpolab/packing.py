@@ -7,14 +7,18 @@ alone. Two layouts place those blocks:
 
     rows     (B, L): block b in row b, right-padded; a dense additive mask (B, 1, L, L) that any
              attention kernel takes (SDPA, eager). The CPU path: exact and fastest there.
-    packed   (1, S): the blocks one after another, no padding between them; attention through
-             FlexAttention with a BlockMask, whose kernel skips the (block, block) tiles no
-             token of the tile may attend to, so cost grows with sum(n_b^2), not (sum n_b)^2,
-             and nothing of size S^2 is ever built. The CUDA path.
+    packed   (1, S): the blocks one after another, each padded only to a multiple of
+             FlexAttention's 128-token tile; attention through FlexAttention with a BlockMask,
+             whose kernel skips the (tile, tile) pairs no token of which may attend to the
+             other, so cost grows with sum(n_b^2), not (sum n_b)^2, and nothing of size S^2 is
+             ever built. The CUDA path. Starting every block on a tile boundary makes a pair's
+             attention tiles, and so its rounding, the same whatever pairs share its batch:
+             the reference, computed in other batches, then matches the policy at step 0.
 
 Notation: B pairs; P_b, C_b, R_b prompt, chosen, rejected lengths; n_b = P_b + C_b + R_b;
 `kind` of a slot: 0 prompt, 1 chosen, 2 rejected, 3 padding; `doc` the pair a slot belongs to
-(B for padding). Every index below is computed with tensor ops over all pairs at once: the
+(padding belongs to the pair it follows: it comes after that pair's tokens, so no real token
+attends to it). Every index below is computed with tensor ops over all pairs at once: the
 only per-pair Python work is concatenating token lists, O(tokens).
 
 Completion tokens are scored where `PairExample.chosen_mask` / `rejected_mask` (per completion
@@ -39,7 +43,7 @@ ATTENTION = "dpolab_packed"  # the attention implementation name registered with
 class PairLayout:
     ids: Tensor     # (S,) long token ids, pad_id in padding slots
     pos: Tensor     # (S,) long position ids (0 in padding)
-    doc: Tensor     # (S,) long pair index, B in padding
+    doc: Tensor     # (S,) long pair index (padding: the pair it follows)
     kind: Tensor    # (S,) long PROMPT | CHOSEN | REJECTED | PAD
     gather: Tensor  # (N,) slots whose hidden state predicts each scored completion token
     labels: Tensor  # (N,) the token each of them predicts
@@ -83,8 +87,7 @@ def pair_layout(examples: Sequence, starts: Tensor, size: int, *, pad_id: int) -
         e.prompt_ids + e.chosen_ids + e.rejected_ids for e in examples)), dtype=torch.long)
     pos = torch.zeros(size, dtype=torch.long)
     pos[slot] = off - C[doc_t] * (kind_t == REJECTED)
-    doc = torch.full((size,), B, dtype=torch.long)
-    doc[slot] = doc_t
+    doc = torch.searchsorted(starts, torch.arange(size), right=True) - 1
     kind = torch.full((size,), PAD, dtype=torch.long)
     kind[slot] = kind_t
     # The first completion token is predicted from the last prompt slot; each later one from
@@ -122,25 +125,24 @@ def rows(examples: Sequence, *, pad_id: int, dtype: torch.dtype):
     P, C, R = _lengths(examples)
     L = int((P + C + R).max())
     lay = pair_layout(examples, torch.arange(B) * L, B * L, pad_id=pad_id)
-    doc, kind = lay.doc.view(B, L), lay.kind.view(B, L)
-    j = torch.arange(L)
-    allow = allowed(doc[:, :, None], kind[:, :, None], j[:, None],
-                    doc[:, None, :], kind[:, None, :], j[None, :])  # (B, L, L)
-    allow &= (kind != PAD)[:, :, None]
-    allow |= torch.eye(L, dtype=torch.bool) & (kind == PAD)[:, :, None]
-    mask = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill_(~allow[:, None],
-                                                               torch.finfo(dtype).min)
+    kind = lay.kind.view(B, L)
+    # `allowed` with one pair per row, in few passes over (B, L, L): the (L, L) causal part is
+    # shared, rejected-sees-chosen is an outer product of two (B, L) flags, and padding (after
+    # every real token, so causality already hides it from them) sees only itself.
+    causal = torch.ones(L, L, dtype=torch.bool).tril_()
+    allow = causal & ~((kind == REJECTED)[:, :, None] & (kind == CHOSEN)[:, None, :])
+    allow = torch.where((kind == PAD)[:, :, None], torch.eye(L, dtype=torch.bool), allow)
+    mask = torch.where(allow[:, None], torch.zeros((), dtype=dtype),
+                       torch.tensor(torch.finfo(dtype).min, dtype=dtype))
     return (lay.ids.view(B, L), lay.pos.view(B, L), mask, lay.gather, lay.labels, lay.seg)
 
 
 def packed(examples: Sequence, *, pad_id: int, multiple: int = 128) -> PairLayout:
-    """The packed layout: blocks back to back in one row of S slots, S rounded up to a
-    `multiple` (FlexAttention's tile) with padding at the end."""
+    """The packed layout: blocks back to back in one row, each starting at a multiple of
+    `multiple` (FlexAttention's tile; 1 packs without any padding)."""
     P, C, R = _lengths(examples)
-    n = P + C + R
-    total = int(n.sum())
-    return pair_layout(examples, torch.cumsum(n, 0) - n, -(-total // multiple) * multiple,
-                       pad_id=pad_id)
+    n = -(-(P + C + R) // multiple) * multiple
+    return pair_layout(examples, torch.cumsum(n, 0) - n, int(n.sum()), pad_id=pad_id)
 
 
 def dense_mask(lay: PairLayout, *, dtype: torch.dtype) -> Tensor:

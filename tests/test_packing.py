@@ -38,21 +38,37 @@ class MaskedPair:
 
 
 def test_packed_layout_by_hand():
-    """Pairs (P=2, C=2, R=1) and (P=1, C=1, R=2) packed to 8 slots:
-    ids   7 8 9 10 11 | 5 6 12 | pad pad      slots 0..4 pair 0, 5..7 pair 1
-    pos   0 1 2 3  2  | 0 1 1  | 0 0          rejected restarts at P
+    """Pairs (P=2, C=2, R=1) and (P=1, C=1, R=2), blocks aligned to 4 slots:
+    ids   7 8 9 10 11 pad pad pad | 5 6 12 13     pair 0 in slots 0..7 (5 real), pair 1 8..11
+    pos   0 1 2 3  2  0   0   0   | 0 1 1  2      rejected restarts at P
     chosen of pair 0 is predicted from slots 1 (last prompt), 2; its rejected from 1;
-    pair 1's chosen from 5, its rejected from 5 (last prompt) and 7 (its own first token)."""
+    pair 1's chosen from 8 (= 8 + P - 1), its rejected from 8 and 10 (its own first token)."""
     ex = [PairExample([7, 8], [9, 10], [11], None, 0, 1, "x"),
           PairExample([5], [6], [12, 13], None, 1, 2, "x")]
-    lay = packing.packed(ex, pad_id=0, multiple=5)
-    assert lay.ids.tolist() == [7, 8, 9, 10, 11, 5, 6, 12, 13, 0]
-    assert lay.pos.tolist() == [0, 1, 2, 3, 2, 0, 1, 1, 2, 0]
-    assert lay.doc.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 2]
-    assert lay.kind.tolist() == [0, 0, 1, 1, 2, 0, 1, 2, 2, 3]
-    assert lay.gather.tolist() == [1, 2, 5, 1, 5, 7]
+    lay = packing.packed(ex, pad_id=0, multiple=4)
+    assert lay.ids.tolist() == [7, 8, 9, 10, 11, 0, 0, 0, 5, 6, 12, 13]
+    assert lay.pos.tolist() == [0, 1, 2, 3, 2, 0, 0, 0, 0, 1, 1, 2]
+    assert lay.doc.tolist() == [0] * 8 + [1] * 4
+    assert lay.kind.tolist() == [0, 0, 1, 1, 2, 3, 3, 3, 0, 1, 2, 2]
+    assert lay.gather.tolist() == [1, 2, 8, 1, 8, 10]
     assert lay.labels.tolist() == [9, 10, 6, 11, 12, 13]
     assert lay.seg.tolist() == [0, 0, 1, 2, 3, 3]
+    assert packing.packed(ex, pad_id=0, multiple=1).ids.tolist() == [7, 8, 9, 10, 11, 5, 6, 12, 13]
+
+
+def test_packed_block_does_not_depend_on_its_neighbours():
+    """float64: a pair's log-probs in the packed layout (FlexAttention, 128-slot blocks) are
+    bitwise the same alone and after other pairs (tests/test_gpu.py checks the CUDA kernel,
+    whose tiles are what the 128-slot alignment keeps in place)."""
+    model = tiny_model(vocab_size=512, arch="qwen2").double().eval()
+    body, head = body_and_head(model)
+    packing.use_packed_attention(body.decoder)
+    ex = examples()
+    with torch.no_grad():
+        h, y, seg, _ = packed_states(body, ex, pad_id=2, device=CPU, autocast=False)
+        h1, y1, _, _ = packed_states(body, ex[2:3], pad_id=2, device=CPU, autocast=False)
+    mine = (seg == 2) | (seg == 4 + 2)
+    assert torch.equal(label_logps(h[mine], head, y[mine]), label_logps(h1, head, y1))
 
 
 def test_rows_mask_is_its_definition():
