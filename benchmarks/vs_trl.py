@@ -103,8 +103,9 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- models
-def prepare_model(preset: str, work: Path, *, seed: int) -> str:
-    """A local model folder for the preset (random-init models are written to `work`)."""
+def prepare_model(preset: str, work: Path, *, seed: int, small: bool = False) -> str:
+    """A local model folder for the preset (random-init models are written to `work`);
+    `small`: the CUDA presets' Qwen2 family at a tiny width and depth (script checks)."""
     from dpolab.models import resolve_model_path
 
     if preset == "tiny":
@@ -113,10 +114,10 @@ def prepare_model(preset: str, work: Path, *, seed: int) -> str:
         return str(save_tiny(work / "model", vocab_size=512, seed=seed))
     if preset == "smollm2":
         return resolve_model_path("smollm2-135m-instruct")
-    return str(save_qwen_shape(work / "model", seed=seed))
+    return str(save_qwen_shape(work / "model", seed=seed, small=small))
 
 
-def save_qwen_shape(dir: Path, *, seed: int) -> Path:
+def save_qwen_shape(dir: Path, *, seed: int, small: bool = False) -> Path:
     """Qwen2.5-0.5B-shaped random init (seeded, caller's RNG restored), with a tokenizer built
     in code (its ids, < 1024, are valid in the 151936-token vocabulary)."""
     import torch
@@ -126,6 +127,10 @@ def save_qwen_shape(dir: Path, *, seed: int) -> Path:
 
     tokenizer = tiny_tokenizer(vocab_size=1024, seed=seed)
     config = qwen_shape_config()
+    if small:  # same family, vocabulary and head; 2 narrow layers
+        config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           layer_types=["full_attention"] * 2))
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -271,6 +276,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra dpolab config override, e.g. train.cpu_mmap_threshold_mib=0 "
                         "(repeatable; recorded in the results)")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSONL file to append to")
+    p.add_argument("--small-model", action="store_true",
+                   help="CUDA presets: a 2-layer, 64-wide model of the same family and vocabulary "
+                        "(checks the script; its numbers are not the preset's)")
     p.add_argument("--cpu", action="store_true",
                    help="run a CUDA preset on the CPU (checks the script, e.g. with small --batch "
                         "and lengths; its numbers are not the preset's)")
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
         work = Path(tmp)
-        model = prepare_model(a.preset, work, seed=a.seed)
+        model = prepare_model(a.preset, work, seed=a.seed, small=a.small_model)
         tokenizer = load_tokenizer(model)
         kw = dict(prompt_len=a.prompt_len, completion_len=a.completion_len)
         train = write_jsonl(make_pairs(tokenizer, n=a.batch, seed=a.seed, **kw), work / "train.jsonl")

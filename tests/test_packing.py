@@ -15,6 +15,8 @@ from dpolab.tiny import tiny_model
 from dpolab.tokenize import PairExample
 
 CPU = torch.device("cpu")
+# On the CPU FlexAttention runs uncompiled (the reference path), which it warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def examples():
@@ -153,17 +155,22 @@ def test_score_mask_length_is_checked():
 
 
 def test_packed_attention_is_sdpa_for_other_masks():
-    """A model switched to the packed attention gives the same logits as before for ordinary
-    padded batches (its 2D-mask path is SDPA); GPT-2, which takes no BlockMask, is left alone."""
+    """A model switched to the packed attention gives the same logits and greedy generations
+    (left padding, KV cache) as before for ordinary padded batches (its 2D-mask path is SDPA);
+    GPT-2, which takes no BlockMask, is left alone."""
     model = tiny_model(vocab_size=512, arch="qwen2").double().eval()
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 2, 2]])
     am = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    left, left_am = torch.tensor([[5, 6, 7, 8], [2, 2, 9, 10]]), am.flip(1)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=2)
     with torch.no_grad():
         before = model(ids, attention_mask=am).logits
+        gen_before = model.generate(left, attention_mask=left_am, **gen)
         assert packing.use_packed_attention(model.model)
         assert model.config._attn_implementation == packing.ATTENTION
         after = model(ids, attention_mask=am).logits
-    assert torch.equal(before, after)
+        gen_after = model.generate(left, attention_mask=left_am, **gen)
+    assert torch.equal(before, after) and torch.equal(gen_before, gen_after)
     gpt2 = tiny_model(vocab_size=512, arch="gpt2")
     assert not packing.use_packed_attention(gpt2.transformer)
     assert gpt2.config._attn_implementation == "sdpa"
