@@ -22,7 +22,8 @@ x (prompt + chosen + rejected)); on CUDA, mfu = 6 x parameters x processed_token
 PEAK_FLOPS (the H100's dense bf16 rate; attention's own FLOPs are not counted).
 Peak memory: CUDA `max_memory_allocated`, or on CPU the child's peak RSS (VmHWM: the whole
 process, loading and reference computation included) and the peak RSS sampled during the steps.
-A system that runs out of CUDA memory gets a row with "oom": true instead of numbers.
+A system that runs out of CUDA memory gets a row with "oom": true instead of numbers; a TRL
+child that dies otherwise, a row with "failed": true and the end of its output.
 Appends one JSON line per system to benchmarks/results/vs_trl.jsonl, naming the card, driver
 and torch / transformers / TRL / datasets versions.
 
@@ -165,8 +166,9 @@ def run_child(spec: dict, work: Path) -> dict:
 def summarize(out: dict, *, tokens_per_step: int, processed_per_step: int, n_params: int,
               cuda: bool) -> dict:
     """The numbers a row of the table shows."""
-    if out.get("oom"):
-        return {"oom": True, "error": out["error"], "peak_mib": out.get("cuda_peak_mib"),
+    if out.get("oom") or out.get("failed"):
+        return {"oom": bool(out.get("oom")), "failed": bool(out.get("failed")),
+                "error": out["error"], "peak_mib": out.get("cuda_peak_mib"),
                 "child_wall_s": out["child_wall_s"]}
     timed = out["step_seconds"][-out["n_timed"]:]
     s = statistics.median(timed)
@@ -236,8 +238,9 @@ def print_table(rows: dict, *, cuda: bool) -> None:
     print(f"{'system':24s} {'s/step':>8s} {'tokens/s':>9s} {'processed':>9s} {'MFU':>6s} "
           f"{mem + ' (all)':>19s} {'(steps)':>8s} {'loss step 1':>12s} {'loss last':>10s}")
     for name, r in rows.items():
-        if r.get("oom"):
-            print(f"{name:24s} out of CUDA memory ({r['error'][:80]})")
+        if r.get("oom") or r.get("failed"):
+            what = "out of CUDA memory" if r.get("oom") else "failed"
+            print(f"{name:24s} {what} ({r['error'][-120:]!r})")
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         print(f"{name:24s} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} "
@@ -253,7 +256,8 @@ def ratios(rows: dict) -> dict:
                   "steps_peak_mem": d["steps_peak_mib"] / r["steps_peak_mib"],
                   "loss_step1_abs_diff": abs(d["loss_step1"] - r["loss_step1"]),
                   "loss_last_abs_diff": abs(d["losses"][-1] - r["losses"][-1])}
-            for trl, r in rows.items() if trl != "dpolab" and not r.get("oom")}
+            for trl, r in rows.items()
+            if trl != "dpolab" and not (r.get("oom") or r.get("failed"))}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -326,15 +330,23 @@ def main(argv: list[str] | None = None) -> int:
         for system, mode in SYSTEMS:
             if f"{system}-{mode}" in a.systems:
                 print(f"running {system} ({mode} reference) ...", flush=True)
-                outs[f"{system}-{mode}"] = run_child({**spec, "system": system, "ref_mode": mode}, work)
+                try:
+                    outs[f"{system}-{mode}"] = run_child(
+                        {**spec, "system": system, "ref_mode": mode}, work)
+                except RuntimeError as e:  # a TRL child that dies is a row; dpolab's is fatal
+                    if system == "dpolab":
+                        raise
+                    print(e, file=sys.stderr)
+                    outs[f"{system}-{mode}"] = {"failed": True, "error": str(e)[-600:],
+                                                "child_wall_s": None}
     load_after = loadavg()
     if outs["dpolab-stored"].get("oom"):
         print(f"dpolab ran out of CUDA memory: {outs['dpolab-stored']['error']}", file=sys.stderr)
         return 1
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in outs["dpolab-stored"]["first_batch"])
     shared = sum(len(p) + len(c) + len(r) for p, c, r in outs["dpolab-stored"]["first_batch"])
-    outs = {k: v if not v.get("oom") else {**v, "first_batch": outs["dpolab-stored"]["first_batch"]}
-            for k, v in outs.items()}  # an OOM row has no batch: the token check skips it
+    outs = {k: v if "first_batch" in v else {**v, "first_batch": outs["dpolab-stored"]["first_batch"]}
+            for k, v in outs.items()}  # an OOM or failed row has no batch: the check skips it
     print(compare_tokens(outs))
     print(f"tokens per step (pairs x (2 prompt + chosen + rejected), both systems): {tokens}")
     rows = {}
