@@ -6,7 +6,9 @@ chosen completion, B + i its rejected one. Sums per sequence are an index_add aw
 per-token values stay available for displacement diagnostics.
 
 Scopes:
-    full, lora   chosen and rejected go through the body in one forward of 2B rows;
+    full, lora   chosen and rejected go through the body in one forward: one block per pair
+                 that computes its prompt once (dpolab.packing: padded rows with a 4D mask,
+                 or packed blocks under FlexAttention on CUDA), or two rows per pair;
     last_layer   the body runs once per example, before training; its final hidden states at
                  completion positions are cached and every step costs only the head.
 """
@@ -213,7 +215,8 @@ class SharedPromptForward:
 
     def hidden(self, examples: Sequence):
         """(h (N, D), labels (N,), seg (N,), n_tokens). On CUDA, for a model whose attention
-        can be routed to FlexAttention, the packed layout (no padding, no (L, L) mask);
+        can be routed to FlexAttention, the packed layout (padding only up to each pair's last
+        128-slot tile, no (L, L) mask);
         elsewhere one padded row per pair with a dense 4D mask (exact and fastest on CPU)."""
         decoder = getattr(self.body, "decoder", None)
         if (self.device.type == "cuda" and decoder is not None

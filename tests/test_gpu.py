@@ -109,7 +109,7 @@ def test_packed_forward_bf16_autocast_and_neighbours_cuda():
 @pytest.mark.parametrize("scope", ["full", "lora"])
 def test_train_on_cuda(scope, tiny_dir, tmp_path, cache):  # noqa: F811
     """A tiny run on CUDA (full: bf16 autocast over float32 weights; lora): the step-0
-    invariant holds (the session checks it; the first loss is ln 2 within its 1e-3) and
+    invariant holds (training checks it; the first loss is ln 2 within its 1e-3) and
     training lowers the loss."""
     data = write_pairs(tmp_path / "pairs.jsonl")
     extra = ["train.lora_targets=[q_proj, v_proj]", "train.lora_r=4"] if scope == "lora" else []
