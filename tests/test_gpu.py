@@ -89,8 +89,9 @@ def test_packed_forward_equals_two_rows_cuda(arch):
 def test_packed_forward_bf16_autocast_and_neighbours_cuda():
     """Under bf16 autocast the packed forward equals two rows to 0.1 (bf16 rounding through
     the layers and the head: a few times the head's own 0.03 bound), and a
-    pair's log-probs are the same alone and among other pairs (blocks on tile boundaries)
-    up to float32 matmul rounding, far inside the step-0 invariant's 1e-3 nats per sum."""
+    pair's summed log-probs are the same alone and among other pairs (blocks on tile
+    boundaries) up to float32 matmul rounding: within 5e-4 nats, half the step-0 invariant's
+    1e-3, which the reference (computed in other batches) must meet."""
     model = tiny_model(vocab_size=512, arch="qwen2").to(CUDA).eval()
     body, head = body_and_head(model)
     kw = dict(pad_id=2, chunk_size=256, device=CUDA, autocast=True)
@@ -103,7 +104,7 @@ def test_packed_forward_bf16_autocast_and_neighbours_cuda():
         h1, y1, _, _ = packed_states(body, ex[3:4], pad_id=2, device=CUDA, autocast=False)
         mine = (seg == 3) | (seg == len(ex) + 3)
         a, b = label_logps(h[mine], head, y[mine]), label_logps(h1, head, y1)
-    assert abs(float(a.double().sum() - b.double().sum())) < 1e-4
+    assert abs(float(a.double().sum() - b.double().sum())) < 5e-4
 
 
 @pytest.mark.parametrize("scope", ["full", "lora"])
