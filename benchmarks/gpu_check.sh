@@ -25,6 +25,9 @@
 #
 # The one device call (from the repository root; .whl is carried, the rest is the work tree):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Stages have their own time limits (tests 210 s, qwen0.5b 200 s, long 170 s), so a slow one
+# cannot eat the others. Afterwards, append the returned $OUT/vs_trl_rows.jsonl to
+# benchmarks/results/vs_trl.jsonl here and quote $OUT/pytest.txt, qwen0.5b.txt and long.txt.
 #
 # Check the script's own logic on a CPU machine first (no wheels installed, tiny shapes, rows
 # to a scratch file, not to benchmarks/results/):
