@@ -5,7 +5,9 @@ SPEC (written by benchmarks/vs_trl.py): system ("dpolab" | "trl"), ref_mode ("st
 "precompute" | "in_memory"), model (a local folder), train (jsonl), eval (jsonl), batch,
 prompt_len, completion_len, warmup, steps, lr, beta, max_grad_norm, seed, cuda, work (a scratch
 folder), trl_grad_checkpointing.  OUT receives one JSON object: per-step seconds and losses,
-the token ids of the first batch, and peak memory (whole process and during the steps).
+the token ids of the first batch, and peak memory (whole process and during the steps); or,
+when CUDA runs out of memory, {"oom": true, "error": ..., "cuda_peak_mib": ...}: an
+out-of-memory is a result to record, not a crash.
 
 Step time is the wall time of one optimizer step (forward, loss, backward, clip, AdamW step);
 dpolab's comes from the differences of consecutive `elapsed_s` in its metrics.jsonl (its own
@@ -65,6 +67,12 @@ class RssSampler:
         hwm = max(self.status_kib("VmHWM"), self.window_peak_kib)
         return {"peak_rss_mib": hwm / 1024,
                 "steps_peak_rss_mib": self.window_peak_kib / 1024}
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e)
 
 
 def cuda_peak_mib() -> float | None:
@@ -142,7 +150,6 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
 def run_trl(spec: dict, sampler: RssSampler) -> dict:
     """TRL's DPOTrainer with the same model, data, loss and optimizer settings."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -162,7 +169,7 @@ def run_trl(spec: dict, sampler: RssSampler) -> dict:
     # precompute: TRL scores the reference with the policy at its initial weights and keeps
     # no second copy (passing a ref_model would keep one in memory for nothing).
     ref_model = load() if spec["ref_mode"] == "in_memory" else None
-    rows = [json.loads(line) for line in Path(spec["train"]).read_text().splitlines() if line]
+    train_dataset = dataset_of(Path(spec["train"]))
     args = DPOConfig(
         output_dir=str(work / "trl_run"), per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant",
@@ -172,8 +179,8 @@ def run_trl(spec: dict, sampler: RssSampler) -> dict:
         beta=spec["beta"], loss_type=["sigmoid"], disable_dropout=True,
         max_length=spec["prompt_len"] + spec["completion_len"],
         precompute_ref_log_probs=spec["ref_mode"] == "precompute",
-        activation_checkpointing=spec["trl_grad_checkpointing"], optim="adamw_torch",
-        dataloader_num_workers=0, disable_tqdm=True,
+        optim="adamw_torch", dataloader_num_workers=0, disable_tqdm=True,
+        **{checkpointing_field(DPOConfig): spec["trl_grad_checkpointing"]},
     )
     times: list[float] = []
 
@@ -198,7 +205,7 @@ def run_trl(spec: dict, sampler: RssSampler) -> dict:
 
     out: dict = {}
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         train_dataset=train_dataset, processing_class=tokenizer,
                          callbacks=[StepClock()])
     ds = trainer.train_dataset
     out["first_batch"] = [[ds[i]["prompt_ids"], ds[i]["chosen_ids"], ds[i]["rejected_ids"]]
@@ -212,13 +219,48 @@ def run_trl(spec: dict, sampler: RssSampler) -> dict:
     return out
 
 
+def checkpointing_field(config_cls) -> str:
+    """The activation (gradient) checkpointing switch the installed TRL/transformers names:
+    `gradient_checkpointing` in transformers' TrainingArguments, `activation_checkpointing`
+    in TRL versions that renamed it."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in names:
+            return name
+    raise RuntimeError(f"{config_cls.__name__} has no checkpointing field")
+
+
+def dataset_of(path: Path):
+    """A `datasets.Dataset` of the JSONL rows, built from an Arrow table with an explicit
+    fingerprint: `Dataset.from_list` fingerprints the table by pickling it with dill, which
+    fails on some Python/pyarrow pairs (Python 3.12: "Can't pickle <class 'MonthDayNano'>").
+    Caching is off, so TRL's own map calls neither hash nor write cache files."""
+    import hashlib
+
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    datasets.disable_caching()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return datasets.Dataset(InMemoryTable(pa.Table.from_pylist(rows)), fingerprint=f"vs-trl-{digest}")
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     # dpolab keeps its reference store there: a fresh one, so every run computes it
     os.environ["DPOLAB_CACHE"] = str(Path(spec["work"]) / "dpolab_cache")
     sampler = RssSampler()
     run = run_dpolab if spec["system"] == "dpolab" else run_trl
-    out = run(spec, sampler)
+    try:
+        out = run(spec, sampler)
+    except Exception as e:  # only CUDA out-of-memory is a result; anything else propagates
+        if not is_oom(e):
+            raise
+        out = {"oom": True, "error": f"{type(e).__name__}: {str(e)[:400]}"}
     out.update(sampler.stop())
     out["cuda_peak_mib"] = cuda_peak_mib()
     Path(argv[1]).write_text(json.dumps(out))

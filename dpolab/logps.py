@@ -37,16 +37,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _matmul_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the head's matmuls: the weight's, except for 16-bit states against wider
+    (float32 master) weights, the bf16 autocast case: then the states' dtype, as autocast would
+    run the model's own head. Exponents and sums stay in the compute dtype either way."""
+    if h.dtype in (torch.bfloat16, torch.float16) and h.dtype.itemsize < weight.dtype.itemsize:
+        return h.dtype
+    return weight.dtype
+
+
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """(n, D) -> float logits (n, V) and, with softcap, tanh(z / c) for the backward."""
-    # The matmul runs in the parameters' dtype (bf16 on GPU, as the model's own head would),
+    # The matmul runs in the dtype of `weight` (already cast by the caller, see _matmul_dtype),
     # its result is upcast before any exponent is taken.
     z = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).to(dtype)
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
     return softcap * t, t
+
+
+def _cast(weight: Tensor, bias: Tensor | None, mm: torch.dtype):
+    """The head in the matmul dtype, cast once per call, not per chunk (a no-op when equal)."""
+    return weight.to(mm), None if bias is None else bias.to(mm)
 
 
 class _ChunkedLabelLogps(torch.autograd.Function):
@@ -56,9 +70,10 @@ class _ChunkedLabelLogps(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                 softcap: float | None, chunk_size: int) -> Tensor:
         dtype = _compute_dtype(h.dtype)
+        w_mm, b_mm = _cast(weight, bias, _matmul_dtype(h, weight))
         out = torch.empty(h.shape[0], dtype=dtype, device=h.device)
         for s in range(0, h.shape[0], chunk_size):
-            z, _ = _chunk_logits(h[s:s + chunk_size], weight, bias, softcap, dtype)  # (n, V)
+            z, _ = _chunk_logits(h[s:s + chunk_size], w_mm, b_mm, softcap, dtype)  # (n, V)
             out[s:s + chunk_size] = (z.gather(1, labels[s:s + chunk_size, None]).squeeze(1)
                                      - torch.logsumexp(z, dim=1))
         ctx.save_for_backward(h, weight, bias, labels)
@@ -75,18 +90,25 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
-        w = weight.to(dtype) if need_h else None
+        mm = _matmul_dtype(h, weight)
+        w_mm, b_mm = _cast(weight, bias, mm)
+        # 16-bit matmuls against float32 master weights (autocast): the backward's two matmuls
+        # run in 16 bits too, gradients accumulate in float32. Otherwise, as before: float32.
+        low = mm != weight.dtype
+        w = (w_mm if low else weight.to(dtype)) if need_h else None
         for s in range(0, h.shape[0], chunk_size):
             hc, yc, gc = h[s:s + chunk_size], labels[s:s + chunk_size], grad_out[s:s + chunk_size]
-            z, t = _chunk_logits(hc, weight, bias, softcap, dtype)  # recomputed, (n, V)
+            z, t = _chunk_logits(hc, w_mm, b_mm, softcap, dtype)  # recomputed, (n, V)
             # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z), scaled by the upstream grad.
             dz = torch.softmax(z, dim=1).mul_(-gc[:, None].to(dtype))
             dz.scatter_add_(1, yc[:, None], gc[:, None].to(dtype))
             if t is not None:  # through c * tanh(z / c): derivative 1 - tanh^2
                 dz.mul_(1.0 - t * t)
             if need_h:
-                grad_h[s:s + chunk_size] = (dz @ w).to(h.dtype)
-            if need_w:
+                grad_h[s:s + chunk_size] = ((dz.to(mm) if low else dz) @ w).to(h.dtype)
+            if need_w and low:
+                grad_w.add_(dz.to(mm).transpose(0, 1) @ hc.to(mm))
+            elif need_w:
                 grad_w.addmm_(dz.transpose(0, 1), hc.to(dtype))
             if need_b:
                 grad_b.add_(dz.sum(0))
@@ -139,6 +161,7 @@ def naive_completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Ten
     """Reference implementation: the full (B, T, V) logits, then log_softmax and gather.
     For tests and the benchmark only; it is what the chunked path avoids."""
     dtype = _compute_dtype(hidden.dtype)
-    z, _ = _chunk_logits(hidden, head.weight, head.bias, head.softcap, dtype)
+    w, b = _cast(head.weight, head.bias, _matmul_dtype(hidden, head.weight))
+    z, _ = _chunk_logits(hidden, w, b, head.softcap, dtype)
     lp = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return lp * mask

@@ -344,6 +344,7 @@ def body_and_head(model) -> tuple[Callable, "Head"]:
                       position_ids=position_ids, use_cache=False)
         return out.last_hidden_state  # (B, T, D)
 
+    body.decoder = decoder  # lets a pair forward pick the attention path its config allows
     return body, head
 
 

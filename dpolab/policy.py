@@ -10,7 +10,9 @@ names the stored split the examples come from ("train", "held_out") and only the
 forward reads it (its states are stored per split).
 
 Scopes:
-    full, lora   chosen and rejected go through the body in one forward of 2B rows;
+    full, lora   chosen and rejected go through the body in one forward: one block per pair
+                 that computes its prompt once (dpolab.packing: padded rows with a 4D mask,
+                 or packed blocks under FlexAttention on CUDA), or two rows per pair;
     last_layer   the body runs once per example, before training; its final hidden states at
                  completion positions are cached and every step costs only the head.
 """
@@ -24,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from dpolab import atomic
+from dpolab import atomic, packing
 from dpolab.tokenize import collate_pairs
 from dpolab.logps import Head, label_logps
 
@@ -72,14 +74,19 @@ class BodyForward:
 
     def hidden(self, examples: Sequence):
         """(h (N, D) states predicting each completion token, labels, seg, n_tokens)."""
-        batch = collate_pairs(list(examples), pad_id=self.pad_id).to(self.device)
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
-               else nullcontext())
-        with ctx:
-            hidden = self.body(batch.input_ids, attention_mask=batch.attention_mask)  # (2B, T, D)
-        mask = batch.loss_mask
-        return (hidden[mask], batch.labels[mask], mask.nonzero()[:, 0],
-                int(batch.attention_mask.sum()))
+        examples = list(examples)
+        batch = collate_pairs(examples, pad_id=self.pad_id)
+        # Indices on the host before the copy: boolean indexing on the device would wait for it.
+        flat = batch.loss_mask.reshape(-1).nonzero().squeeze(1)  # (N,) into (2B * T)
+        seg = flat // batch.loss_mask.shape[1]
+        labels = batch.labels.reshape(-1).index_select(0, flat)
+        ids = batch.input_ids.to(self.device)
+        with _autocast(self.device, self.autocast):
+            hidden = self.body(ids, attention_mask=batch.attention_mask.to(self.device))  # (2B, T, D)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(self.device))
+        n_tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
+                       for e in examples)
+        return _head_input(h, self.autocast), labels.to(self.device), seg.to(self.device), n_tokens
 
     def __call__(self, examples: Sequence, *, split: str | None = None) -> FlatLogps:
         h, labels, seg, n_tokens = self.hidden(examples)
@@ -166,38 +173,41 @@ def shared_prompt_batch(examples: Sequence, *, pad_id: int, dtype: torch.dtype):
     would see after the prompt alone. Padding attends to itself (a fully masked row would
     give NaN in softmax). Returns (input_ids, position_ids, mask (additive float, 0 = attend),
     gather (N,) flat indices into (B * L) of the states that predict each scored completion
-    token (see PairExample.chosen_mask), labels (N,), seg (N,)).
+    token (see PairExample.chosen_mask), labels (N,), seg (N,)). Built with tensor ops over all pairs (:func:`packing.rows`).
     """
-    B = len(examples)
-    L = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    allow = torch.zeros((B, L, L), dtype=torch.bool)
-    # Chosen tokens of every pair first, then rejected ones: FlatLogps keeps tokens sorted by
-    # sequence id (chosen b = b, rejected b = B + b).
-    gather, labels, seg = ([], []), ([], []), ([], [])
-    for b, e in enumerate(examples):
-        P, C, R = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
-        ids[b, :P + C + R] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
-        pos[b, :P + C] = torch.arange(P + C)
-        pos[b, P + C:P + C + R] = torch.arange(P, P + R)
-        causal = torch.ones(P + C + R, P + C + R, dtype=torch.bool).tril_()
-        causal[P + C:, P:P + C] = False  # rejected never sees chosen
-        allow[b, :P + C + R, :P + C + R] = causal
-        allow[b, P + C + R:, P + C + R:] = torch.eye(L - P - C - R, dtype=torch.bool)
-        chosen_src = [P - 1] + list(range(P, P + C - 1))
-        rejected_src = [P - 1] + list(range(P + C, P + C + R - 1))
-        for k, (src, lab, sid, scored) in enumerate((
-                (chosen_src, e.chosen_ids, b, getattr(e, "chosen_mask", None)),
-                (rejected_src, e.rejected_ids, B + b, getattr(e, "rejected_mask", None)))):
-            if scored is not None:  # multi-turn: user/tool tokens are read, not scored
-                src, lab = ([x for x, keep in zip(v, scored) if keep] for v in (src, lab))
-            gather[k].extend(b * L + i for i in src)
-            labels[k].extend(lab)
-            seg[k].extend([sid] * len(lab))
-    mask = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill_(~allow[:, None], torch.finfo(dtype).min)
-    return (ids, pos, mask, torch.tensor(gather[0] + gather[1]),
-            torch.tensor(labels[0] + labels[1]), torch.tensor(seg[0] + seg[1]))
+    return packing.rows(list(examples), pad_id=pad_id, dtype=dtype)
+
+
+def _autocast(device: torch.device, on: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+
+
+def _head_input(h: Tensor, autocast: bool) -> Tensor:
+    """Under bf16 autocast the model's own head would multiply bf16 states (the final norm
+    returns float32 only by type promotion): hand the head the same, so its matmuls run in
+    bf16 (log-sum-exp stays float32, see logps)."""
+    return h.to(torch.bfloat16) if autocast else h
+
+
+def packed_states(body: Callable, examples: Sequence, *, pad_id: int, device: torch.device,
+                  autocast: bool, dense: bool = False):
+    """The shared-prompt forward in the packed layout (one row of S slots, FlexAttention with
+    a BlockMask, :func:`packing.packed`): (h (N, D), labels, seg, n_tokens) as
+    SharedPromptForward.hidden. `body`'s model must route a BlockMask to FlexAttention
+    (:func:`packing.use_packed_attention`). `dense` gives the same layout a dense (1, 1, S, S)
+    mask instead, for checking the layout where FlexAttention has no backward (CPU)."""
+    lay = packing.packed(list(examples), pad_id=pad_id)
+    if dense:
+        mask = packing.dense_mask(lay, dtype=body.decoder.dtype).to(device)
+    else:
+        mask = packing.block_mask(lay.doc.to(device), lay.kind.to(device),
+                                  compile_mask=device.type == "cuda")
+    with _autocast(device, autocast):
+        hidden = body(lay.ids.to(device)[None], attention_mask=mask,
+                      position_ids=lay.pos.to(device)[None])  # (1, S, D)
+    h = hidden[0].index_select(0, lay.gather.to(device))
+    n_tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    return _head_input(h, autocast), lay.labels.to(device), lay.seg.to(device), n_tokens
 
 
 class SharedPromptForward:
@@ -210,16 +220,23 @@ class SharedPromptForward:
         self.chunk_size, self.device, self.autocast, self.dtype = chunk_size, device, autocast, dtype
 
     def hidden(self, examples: Sequence):
+        """(h (N, D), labels (N,), seg (N,), n_tokens). On CUDA, for a model whose attention
+        can be routed to FlexAttention, the packed layout (padding only up to each pair's last
+        128-slot tile, no (L, L) mask);
+        elsewhere one padded row per pair with a dense 4D mask (exact and fastest on CPU)."""
+        decoder = getattr(self.body, "decoder", None)
+        if (self.device.type == "cuda" and decoder is not None
+                and packing.use_packed_attention(decoder)):
+            return packed_states(self.body, examples, pad_id=self.pad_id, device=self.device,
+                                 autocast=self.autocast)
         ids, pos, mask, gather, labels, seg = shared_prompt_batch(
             list(examples), pad_id=self.pad_id, dtype=self.dtype)
         ids, pos, mask = ids.to(self.device), pos.to(self.device), mask.to(self.device)
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast
-               else nullcontext())
-        with ctx:
+        with _autocast(self.device, self.autocast):
             hidden = self.body(ids, attention_mask=mask, position_ids=pos)  # (B, L, D)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather.to(self.device))
         n_tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-        return h, labels.to(self.device), seg.to(self.device), n_tokens
+        return _head_input(h, self.autocast), labels.to(self.device), seg.to(self.device), n_tokens
 
     def __call__(self, examples: Sequence, *, split: str | None = None) -> FlatLogps:
         h, labels, seg, n_tokens = self.hidden(examples)
