@@ -94,7 +94,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = start and end only
+    eval_every: int = -1  # optimizer steps between held-out evaluations; -1 = ~8 evenly over the run; 0 = start and end only
     save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
     seed: int = 0  # data order, initialisation of new parameters, every random draw
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
@@ -108,6 +108,8 @@ class TrainConfig:
     progress: bool = True  # progress bar on a terminal, plain lines otherwise
     export_merged: bool = True  # lora: export the merged model (False: the adapter alone)
     report: bool = True  # write report.html and its figures at the end of the run
+    report_to: tuple[str, ...] = ()  # trackers that also get metrics.jsonl's rows: tensorboard | wandb | mlflow | trackio
+    tracker_project: str = "dpolab"  # wandb/trackio project, mlflow experiment; the run is named after its directory
     did_samples: int = 4  # DID entropy at the end: samples per held-out prompt (0 = off)
     did_prompts: int = 8  # DID entropy: held-out prompts sampled
     did_max_new_tokens: int = 24  # DID entropy: tokens per sample at most
@@ -203,7 +205,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`section.key=value` strings; values are parsed as YAML (`0.05`, `true`, `[a, b]`)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    values = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -212,12 +214,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        values.append((key, value, f"override {item!r}"))
+    return _apply(raw, values)
+
+
+def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Overrides given as Python values under their `section.key` names (`{"loss.beta": 0.1}`):
+    the command line's overrides without the YAML parsing, checked the same way."""
+    return _apply(raw, [(key, value, f"override {key!r}") for key, value in values.items()])
+
+
+def _apply(raw: dict[str, Any], values: list[tuple[str, Any, str]]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value, item in values:
         if key == "out":
             out["out"] = value
             continue
         section, dot, name = key.partition(".")
         if not dot or section not in SECTIONS:
-            raise UserError(f"override {item!r}: key must be one of "
+            raise UserError(f"{item}: key must be one of "
                             f"{', '.join(SECTIONS)} followed by .name (or 'out')")
         if "." in name and isinstance(out.get(section, {}).get(name.split(".")[0]), dict | None):
             head, _, sub = name.partition(".")  # e.g. loss.weights.sft=0.1

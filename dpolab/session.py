@@ -20,6 +20,7 @@ from dpolab.config import RunConfig
 from dpolab.diagnostics import PairStats, group_summaries, summarize, unflippable
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
+from dpolab.inputs import Inputs
 from dpolab.losses import PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.progress import Progress
@@ -160,19 +161,21 @@ class Session:
                          merge_lora=self.cfg.train.export_merged)
 
 
-def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
+def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | None = None
+          ) -> Session:
+    """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names."""
     from dpolab import scopes
-    from dpolab.models import load_configured, load_tokenizer
     from dpolab.tokenize import tokenize_rows
 
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_configured(cfg.model, device=device)  # eval mode: dropout off, as TRL's default
+    inputs = inputs or Inputs()
+    tokenizer = inputs.tokenizer_for(cfg)
+    model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
 
-    rows = dict(zip(("train", "held_out"), load_split_rows(cfg)))
+    rows = dict(zip(("train", "held_out"), inputs.rows or load_split_rows(cfg)))
     tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,
                                 max_prompt_length=cfg.data.max_prompt_length,
                                 truncation=cfg.data.truncation,
@@ -192,7 +195,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
         cfg, model, tok, pad_id=tokenizer.pad_token_id, device=device,
         autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
         state_store=lambda split, ex: cache_dir() / "states" / (
-            f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"))
+            f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"),
+        reload=inputs.reloader(cfg, model))
     # The reference is the policy before its first update (scope.reference): for last_layer
     # the cached body states under the original head, otherwise the scope's own forward.
     sharded = dist.world > 1 and tc.distributed == "fsdp2"
@@ -270,12 +274,17 @@ def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
         held = load_rows(d.eval_path, skip_invalid=d.skip_invalid)
         _report_skipped(held, d.eval_path)
         return list(rows.rows), list(held.rows)
+    return split_held_out(rows.rows, cfg)
+
+
+def split_held_out(rows: Sequence, cfg: RunConfig) -> tuple[list, list]:
+    """(train, held-out): a seeded `data.eval_fraction` of `rows` held out."""
     g = torch.Generator().manual_seed(cfg.train.seed)
-    order = torch.randperm(len(rows.rows), generator=g).tolist()
-    n_eval = max(1, int(round(d.eval_fraction * len(order)))) if len(order) > 1 else 0
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_eval = max(1, int(round(cfg.data.eval_fraction * len(order)))) if len(order) > 1 else 0
     held_idx = set(order[:n_eval])
-    train = [r for i, r in enumerate(rows.rows) if i not in held_idx]
-    held = [r for i, r in enumerate(rows.rows) if i in held_idx]
+    train = [r for i, r in enumerate(rows) if i not in held_idx]
+    held = [r for i, r in enumerate(rows) if i in held_idx]
     return train, held
 
 
