@@ -10,7 +10,8 @@ the training loop never asks whether a tracker exists.
     wandb        a run in RUN/wandb; WANDB_MODE=offline logs without a network (extra `wandb`)
     mlflow       a run in the store MLFLOW_TRACKING_URI names, else the local `file:` store
                  RUN/mlruns (extra `mlflow`; recent mlflow versions want
-                 MLFLOW_ALLOW_FILE_STORE=true for a `file:` store)
+                 MLFLOW_ALLOW_FILE_STORE=true for a `file:` store, which cannot hold both
+                 `loss` and `loss/dpo`: there the terms are `loss.dpo`, see file_store_name)
     trackio      a local trackio project (extra `trackio`)
 """
 
@@ -88,6 +89,8 @@ class MLflow:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
+        self.file_store = uri.startswith("file:")
+        self.names: set[str] = set()  # every name logged so far (file store: see file_store_name)
         exp = self.client.get_experiment_by_name(project)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(project)
         self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
@@ -99,12 +102,26 @@ class MLflow:
         from mlflow.entities import Metric
 
         step, values = scalars(row)
+        if self.file_store:
+            self.names |= set(values)
+            values = {file_store_name(k, self.names): v for k, v in values.items()}
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
                                                     for k, v in values.items()])
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def file_store_name(name: str, names: set[str]) -> str:
+    """mlflow's file store keeps a metric in a file at its name's path, so `loss` and
+    `loss/dpo` cannot both be metrics there: a name below another metric's name takes "." at
+    that point (`loss.dpo`); every other name stays as it is."""
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in names:
+            return "/".join(parts[:i]) + "." + "/".join(parts[i:])
+    return name
 
 
 class Trackio:
