@@ -58,7 +58,9 @@ def _finish(ax, xlabel="optimizer step", ylabel="", legend=True) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        # Outside the axes, to their right: a legend inside covers some run's curve sooner or
+        # later. save_figure's tight layout makes room for it.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train and not run.evals:
         return []
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.5))  # room for two outside legends
     drawn = {a1: False, a2: False}
     for side, color in (("chosen", "C2"), ("rejected", "C3")):
         drawn[a1] |= _plot(a1, run.evals, f"eval/displacement/{side}", f"held-out {side}",
