@@ -94,7 +94,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    eval_every: int = -1  # optimizer steps between held-out evaluations; -1 = ~8 evenly over the run; 0 = start and end only
+    eval_every: int = -1  # steps between held-out evaluations; -1 = ~8 per run (every ceil(steps/8)); 0 = start and end only; train pairs: start and end
     save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
     seed: int = 0  # data order, initialisation of new parameters, every random draw
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))

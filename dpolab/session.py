@@ -101,11 +101,14 @@ class Session:
         return PairStats(torch.cat(pcs).numpy(), torch.cat(prs).numpy(), sp.ref_chosen.numpy(),
                          sp.ref_rejected.numpy(), nc.numpy(), nr.numpy(), beta=self.cfg.loss.beta)
 
-    def evaluate(self, *, step: int) -> dict[str, float]:
-        """Held-out metrics as `eval/...` (plus per-group ones), and per-group train accuracy."""
+    def evaluate(self, *, step: int, train_split: bool = True) -> dict[str, float]:
+        """Held-out metrics as `eval/...` (plus per-group ones), and with `train_split` the
+        same of the training pairs as `train_eval/...` (they are usually the larger split)."""
         row: dict[str, float] = {"step": step}
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):
             sp = self.splits[split]
+            if split == "train" and not train_split:
+                continue
             if not sp.examples:
                 continue
             stats = self.pair_stats(split)

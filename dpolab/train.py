@@ -160,7 +160,7 @@ def train(cfg: RunConfig, *, resume: bool = False, inputs: Inputs | None = None)
         # evaluate
         done = step + 1 == total
         if done or (every and (step + 1) % every == 0):
-            row = s.evaluate(step=step + 1)
+            row = s.evaluate(step=step + 1, train_split=done)  # train pairs: start and end
             if done:
                 row.update(s.did_eval())
             metrics.write(row)
