@@ -1,4 +1,4 @@
-"""`dpolab train`: parse arguments into a RunConfig and call `dpolab.train.train`."""
+"""`dpolab train`: parse arguments into a RunConfig and train it through `dpolab.api.Trainer`."""
 
 from __future__ import annotations
 
