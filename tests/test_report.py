@@ -312,3 +312,20 @@ def test_legends_sit_outside_the_axes():
     assert legend.x0 >= axes.x1 and not legend.overlaps(axes)
     source = inspect.getsource(report_figures)
     assert source.count(".legend(") == 1
+
+
+def test_start_and_end_only_are_points_not_a_line():
+    """A series measured only before and after training (two points) is drawn as markers with
+    no line between them; three points or more are a line."""
+    from dpolab import report_figures
+    from dpolab.htmlpage import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    rows = [{"step": 0, "a": 0.5, "b": 0.5}, {"step": 5, "b": 0.7}, {"step": 10, "a": 0.9, "b": 0.9}]
+    report_figures._plot(ax, rows, "a", ls=":")
+    report_figures._plot(ax, rows, "b")
+    two, three = ax.get_lines()
+    plt.close(fig)
+    assert two.get_linestyle() == "None" and two.get_marker() == "o"
+    assert three.get_linestyle() == "-" and len(three.get_xdata()) == 3
