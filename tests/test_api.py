@@ -138,3 +138,13 @@ def test_readme_example_runs(tiny_dir, tmp_path, cache, monkeypatch, capsys):
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert (tmp_path / run / "summary.json").exists()
     assert json.loads((tmp_path / run / "summary.json").read_text())["steps"] == 2
+
+
+def test_import_dpolab_stays_light():
+    """`import dpolab` loads neither torch nor transformers; dpolab.Trainer loads on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dpolab; heavy = {'torch', 'transformers'} & set(sys.modules); "
+            "assert not heavy, heavy; dpolab.Trainer; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
