@@ -19,6 +19,7 @@ from typing import Any
 from dpolab import config as C
 from dpolab.errors import UserError
 from dpolab.inputs import Inputs, is_peft
+from dpolab.trackers import check as check_trackers
 
 
 class Trainer:
@@ -47,47 +48,14 @@ class Trainer:
             overrides["model.name"] = str(model)
         elif model is not None and is_peft(model) and "train.scope" not in named:
             overrides["train.scope"] = "lora"  # what a model with adapters means to train
-        for arg, key, value in (("train_dataset", "data.path", train_dataset),
-                                ("eval_dataset", "data.eval_path", eval_dataset)):
+        for key, value in (("data.path", train_dataset), ("data.eval_path", eval_dataset)):
             if isinstance(value, (str, Path)):
                 overrides[key] = str(value)
-        self.config = C.build_config(C.apply_values(raw, overrides),
-                                     source=str(config) if isinstance(config, (str, Path))
-                                     else "config")
-        self.inputs = self._inputs(model, tokenizer, train_dataset, eval_dataset)
-
-    def _inputs(self, model, tokenizer, train_dataset, eval_dataset) -> Inputs:
-        """Objects given in memory; the config records where they came from."""
-        from dpolab.trackers import check
-
-        cfg = self.config
-        check(cfg.train.report_to)  # a missing tracker package fails now, not after loading
-        replace: dict[str, dict[str, Any]] = {"model": {}, "data": {}}
-        if isinstance(tokenizer, (str, Path)):
-            from dpolab.models import load_tokenizer
-
-            tokenizer = load_tokenizer(str(tokenizer),
-                                       trust_remote_code=cfg.model.trust_remote_code)
-        if model is not None and not isinstance(model, (str, Path)):
-            replace["model"] = {"name": _in_memory_name(model), "dtype": _dtype_name(model)}
-            if tokenizer is None:
-                tokenizer = _tokenizer_of(model, cfg)
-        rows = None
-        if train_dataset is not None and not isinstance(train_dataset, (str, Path)):
-            rows = _split(cfg, _rows(train_dataset, "train_dataset", cfg),
-                          None if eval_dataset is None else _rows(eval_dataset, "eval_dataset", cfg))
-            replace["data"] = {"path": "<in-memory train_dataset>",
-                               "eval_path": "" if eval_dataset is None
-                               else str(eval_dataset) if isinstance(eval_dataset, (str, Path))
-                               else "<in-memory eval_dataset>"}
-        elif eval_dataset is not None and not isinstance(eval_dataset, (str, Path)):
-            raise UserError("eval_dataset in memory needs train_dataset in memory too "
-                            "(a file or the embedded default splits its own held-out rows)")
-        self.config = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, **replace["model"]),
-            data=dataclasses.replace(cfg.data, **replace["data"]))
-        return Inputs(model=None if isinstance(model, (str, Path)) else model,
-                      tokenizer=tokenizer, rows=rows)
+        cfg = C.build_config(C.apply_values(raw, overrides),
+                             source=str(config) if isinstance(config, (str, Path)) else "config")
+        check_trackers(cfg.train.report_to)  # a missing tracker package fails now, not after loading
+        self.config, self.inputs = _in_memory(cfg, named, model, tokenizer, train_dataset,
+                                              eval_dataset)
 
     def train(self, *, resume: bool = False) -> Path:
         """Train; returns the run directory (metrics.jsonl, the exported model, report.html).
@@ -95,6 +63,39 @@ class Trainer:
         from dpolab.train import train
 
         return train(self.config, resume=resume, inputs=self.inputs)
+
+
+def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_dataset,
+               eval_dataset) -> tuple[C.RunConfig, Inputs]:
+    """The objects given in memory as `Inputs`, and the config recording where they came from."""
+    replace: dict[str, dict[str, Any]] = {"model": {}, "data": {}}
+    if isinstance(tokenizer, (str, Path)):
+        from dpolab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
+    if model is not None and not isinstance(model, (str, Path)):
+        dtype = _dtype_name(model)
+        if "model.dtype" in named and dtype != cfg.model.dtype:
+            raise UserError(f"model.dtype={cfg.model.dtype}, but the model given is {dtype}; "
+                            f"convert the model, or leave model.dtype unset")
+        replace["model"] = {"name": _in_memory_name(model), "dtype": dtype}
+        if tokenizer is None:
+            tokenizer = _tokenizer_of(model, cfg)
+    rows = None
+    if train_dataset is not None and not isinstance(train_dataset, (str, Path)):
+        held = None if eval_dataset is None else _rows(eval_dataset, "eval_dataset", cfg)
+        rows = _split(cfg, _rows(train_dataset, "train_dataset", cfg), held)
+        replace["data"] = {"path": "<in-memory train_dataset>",
+                           "eval_path": "" if eval_dataset is None
+                           else str(eval_dataset) if isinstance(eval_dataset, (str, Path))
+                           else "<in-memory eval_dataset>"}
+    elif eval_dataset is not None and not isinstance(eval_dataset, (str, Path)):
+        raise UserError("eval_dataset in memory needs train_dataset in memory too "
+                        "(a file or the embedded default splits its own held-out rows)")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **replace["model"]),
+                              data=dataclasses.replace(cfg.data, **replace["data"]))
+    return cfg, Inputs(model=None if isinstance(model, (str, Path)) else model,
+                       tokenizer=tokenizer, rows=rows)
 
 
 def _raw_config(config) -> dict[str, Any]:

@@ -26,11 +26,11 @@ from dpolab.config import to_dict as config_dict
 from dpolab.diagnostics import PairStats, reward_sums
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
+from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir
 from dpolab.progress import Progress
 from dpolab.report import write_run_report
-from dpolab.inputs import Inputs
 from dpolab.trackers import open_trackers
 
 Tensor = torch.Tensor

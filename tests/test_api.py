@@ -148,3 +148,17 @@ def test_import_dpolab_stays_light():
     code = ("import sys, dpolab; heavy = {'torch', 'transformers'} & set(sys.modules); "
             "assert not heavy, heavy; dpolab.Trainer; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_model_dtype_comes_from_the_model():
+    """A model given as an object keeps its dtype: bfloat16 is recorded as model.dtype, an
+    explicit model.dtype that disagrees is an error, and float16 (not trainable here) is refused."""
+    from dpolab.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=300)
+    model = tiny_model(vocab_size=len(tok)).to(torch.bfloat16)
+    assert dpolab.Trainer(model, pairs(4), tokenizer=tok).config.model.dtype == "bfloat16"
+    with pytest.raises(UserError, match="model.dtype=float32, but the model given is bfloat16"):
+        dpolab.Trainer(model, pairs(4), tokenizer=tok, **{"model.dtype": "float32"})
+    with pytest.raises(UserError, match="torch.float16 are not supported"):
+        dpolab.Trainer(model.to(torch.float16), pairs(4), tokenizer=tok)
