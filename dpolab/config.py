@@ -94,7 +94,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = start and end only
+    eval_every: int = -1  # steps between held-out evaluations; -1 = ~8 per run (every ceil(steps/8)); 0 = start and end only; train pairs: start and end
     save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (resume falls back to an older one)
     seed: int = 0  # data order, initialisation of new parameters, every random draw
@@ -109,6 +109,8 @@ class TrainConfig:
     progress: bool = True  # progress bar on a terminal, plain lines otherwise
     export_merged: bool = True  # lora: export the merged model (False: the adapter alone)
     report: bool = True  # write report.html and its figures at the end of the run
+    report_to: tuple[str, ...] = ()  # trackers that also get metrics.jsonl's rows: tensorboard | wandb | mlflow | trackio
+    tracker_project: str = "dpolab"  # wandb/trackio project, mlflow experiment; the run is named after its directory
     did_samples: int = 4  # DID entropy at the end: samples per held-out prompt (0 = off)
     did_prompts: int = 8  # DID entropy: held-out prompts sampled
     did_max_new_tokens: int = 24  # DID entropy: tokens per sample at most
@@ -205,7 +207,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str], *,
                     source: str = "config") -> dict[str, Any]:
     """`section.key=value` strings; values are parsed as YAML (`0.05`, `true`, `[a, b]`)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    values = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -214,12 +216,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *,
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
+        values.append((key, value, f"override {item!r}"))
+    return _apply(raw, values)
+
+
+def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Overrides given as Python values under their `section.key` names (`{"loss.beta": 0.1}`):
+    the command line's overrides without the YAML parsing, checked the same way."""
+    return _apply(raw, [(key, value, f"override {key!r}") for key, value in values.items()])
+
+
+def _apply(raw: dict[str, Any], values: list[tuple[str, Any, str]]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value, item in values:
         if key == "out":
             out["out"] = value
             continue
         section, dot, name = key.partition(".")
         if not dot or section not in SECTIONS:
-            raise UserError(f"override {item!r}: key must be one of "
+            raise UserError(f"{item}: key must be one of "
                             f"{', '.join(SECTIONS)} followed by .name (or 'out')")
         if out.get(section) is None:  # absent, or an empty `section:` in the YAML file
             out[section] = {}

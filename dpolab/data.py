@@ -71,14 +71,15 @@ class LoadedRows:
     format: str                   # one of FORMATS
 
 
-def load_rows(source: Any, *, skip_invalid: bool = False) -> LoadedRows:
-    """Read and validate preference rows from a path (.jsonl, .json, .parquet) or a Dataset.
+def load_rows(source: Any, *, skip_invalid: bool = False, name: str | None = None) -> LoadedRows:
+    """Read and validate preference rows from a path (.jsonl, .json, .parquet), a Dataset or
+    a list of dicts. `name`: how errors name an in-memory source (default "<dataset>").
 
     Every row must have the format of the first valid row (formats cannot be mixed).  With
     ``skip_invalid`` a bad row is dropped and its message kept in ``skipped``; a file that cannot
     be read, and a data set with no valid row, raise :class:`DataError` either way.
     """
-    name, records = _read_source(source)
+    name, records = _read_source(source, name)
     rows: list[PreferenceRow] = []
     skipped: list[str] = []
     fmt: str | None = None
@@ -129,12 +130,15 @@ class _BadRecord:
     message: str                  # why this record could not be read (e.g. invalid JSON)
 
 
-def _read_source(source: Any) -> tuple[str, Iterator[tuple[int, Any]]]:
+def _read_source(source: Any, name: str | None = None) -> tuple[str, Iterator[tuple[int, Any]]]:
     """(name, iterator of (1-based row, record dict or _BadRecord)) for any accepted source."""
     if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
-        return "<dataset>", ((i + 1, rec) for i, rec in enumerate(source))
+        return name or "<dataset>", ((i + 1, rec) for i, rec in enumerate(source))
+    if isinstance(source, (list, tuple)):
+        return name or "<list>", ((i + 1, rec) for i, rec in enumerate(source))
     if not isinstance(source, (str, Path)):
-        raise DataError(f"{source!r}: expected a file path or a datasets.Dataset, "
+        raise DataError(f"{name or repr(source)}: expected a file path, a datasets.Dataset "
+                        f"or a list of dicts, "
                         f"got {type(source).__name__}")
     path = Path(source)
     name = str(source)

@@ -49,16 +49,31 @@ def _plot(ax, rows, key, label=None, **kw) -> bool:
     x, y = _series(rows, key)
     if not x:
         return False
-    # A lone point would be invisible as a line.
+    if len(x) <= 2:
+        # Points only: a line from the start to the end would draw a path never measured
+        # (the training pairs are scored before and after training only).
+        kw = {**kw, "ls": "none"}
+        ax.plot(x, y, marker="o", ms=5, label=label or key, **kw)
+        return True
     ax.plot(x, y, marker="o" if len(x) < 12 else None, ms=3, label=label or key, **kw)
     return True
+
+
+def _band(ax, x, lo, hi, **kw) -> None:
+    """The p10-p90 range: a band over several evaluations, a bar at each of one or two."""
+    if len(x) > 2:
+        ax.fill_between(x, lo, hi, alpha=0.2, **kw)
+    else:
+        ax.vlines(x, lo, hi, lw=6, alpha=0.3, **kw)
 
 
 def _finish(ax, xlabel="optimizer step", ylabel="", legend=True) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        # Outside the axes, to their right: a legend inside covers some run's curve sooner or
+        # later. save_figure's tight layout makes room for it.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,7 +102,7 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
         x, lo = _series(run.evals, prefix + "margins/p10")
         _, hi = _series(run.evals, prefix + "margins/p90")
         if x and len(lo) == len(hi):
-            ax.fill_between(x, lo, hi, color=color, alpha=0.2, label=f"{what} p10-p90")
+            _band(ax, x, lo, hi, color=color, label=f"{what} p10-p90")
         _plot(ax, run.evals, prefix + "margins/p50", f"{what} median", color=color, ls="--")
     _plot(ax, run.train, "rewards/margins", "train batch mean", color="k", alpha=0.7)
     ax.axhline(0, color="grey", lw=0.8)
@@ -101,7 +116,7 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train and not run.evals:
         return []
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.5))  # room for two outside legends
     drawn = {a1: False, a2: False}
     for side, color in (("chosen", "C2"), ("rejected", "C3")):
         drawn[a1] |= _plot(a1, run.evals, f"eval/displacement/{side}", f"held-out {side}",
@@ -119,8 +134,8 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
     _finish(a2, ylabel="beta * (log pi - log pi_ref)")
     return [("Chosen and rejected displacement", _png(fig, out / "displacement.png"),
              "Left: mean change of the sequence log-prob against the reference, held-out "
-             "(solid) and train pairs (dotted). Right: training-batch rewards. Both below 0 "
-             "is likelihood displacement.")]
+             "(solid) and train pairs (dotted; dots alone when scored only before and after). "
+             "Right: training-batch rewards. Both below 0 is likelihood displacement.")]
 
 
 def group_figures(run: Run, out: Path) -> list[Figure]:
@@ -138,7 +153,7 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
     _finish(ax, ylabel="reward accuracy")
     figs = [("Per-group accuracy", _png(fig, out / "group_accuracy.png"),
              "Reward accuracy per group at each evaluation: held-out (solid), train pairs "
-             "(dotted).")]
+             "(dotted; dots alone when scored only before and after training).")]
     return figs + [_group_bars(run, groups, out)]
 
 

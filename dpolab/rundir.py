@@ -26,6 +26,7 @@ from dpolab import config as config_mod
 from dpolab.config import RunConfig
 from dpolab.diagnostics import growth_rate, unflippable
 from dpolab.errors import UserError
+from dpolab.trackers import NullTracker
 
 # ---------------------------------------------------------------------------------------
 # Writing
@@ -46,12 +47,13 @@ class MetricsLog:
     """metrics.jsonl, one JSON object per line; on resume it is cut back to the lines the
     checkpoint had seen, so a resumed run's file equals an uninterrupted run's."""
 
-    def __init__(self, path: Path, *, enabled: bool, keep_lines: int):
+    def __init__(self, path: Path, *, enabled: bool, keep_lines: int, tracker=None):
         self.path, self.enabled, self.lines = path, enabled, keep_lines
         if enabled:
             old = path.read_text().splitlines(keepends=True) if path.exists() else []
             atomic.write_text(path, "".join(old[:keep_lines]))
-        self._tb = _tensorboard(path.parent) if enabled else None
+        # dpolab.trackers: every row written here goes to the trackers too, under the same names
+        self.tracker = tracker if tracker is not None and enabled else NullTracker()
 
     def write(self, row: dict[str, Any]) -> None:
         if not row:
@@ -61,18 +63,10 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, row.get("step", 0))
+        self.tracker.log(row)
 
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    def close(self) -> None:
+        self.tracker.close()
 
 
 def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[str, Any]:

@@ -50,9 +50,11 @@ class Scope:
 
 
 def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist,
-          state_store=None) -> Scope:
+          state_store=None, reload=None) -> Scope:
     """Make `model` train as `cfg.train.scope` says. state_store(split, examples) -> Path |
-    None: where the last_layer scope keeps its cached body states between runs."""
+    None: where the last_layer scope keeps its cached body states between runs.
+    reload(device) -> the model at theta0 again, for scoring new text after training (full
+    scope; lora on a model that already has adapters); None: load what `cfg.model` names."""
     from dpolab.models import body_and_head
 
     tc = cfg.train
@@ -71,15 +73,19 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
                            dtype=model.dtype)
         # The reference weights are gone from memory once training starts: load them again.
         return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
-                     model, None, None, lambda kw: _reloaded_forward(cfg, kw))
+                     model, None, None, lambda kw: _reloaded_forward(cfg, kw, reload))
     if tc.scope == "lora":
-        peft_model = _add_lora(model, tc)
+        # A peft model given as it is (dpolab.api.Trainer) trains its own adapters.
+        peft_model = model if hasattr(model, "peft_config") else _add_lora(model, tc)
         body, head = body_and_head(peft_model)
         fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
                            dtype=model.dtype)
         # LoRA starts with B = 0: the scope's own forward is the reference's exactly.
+        # Adapters that start nonzero are part of theta0: switching them off is no reference.
+        text_ref = ((lambda kw: _reloaded_forward(cfg, kw, reload)) if reload is not None
+                    else (lambda kw: _adapter_off_forward(peft_model, kw)))
         return Scope(tuple(p for p in peft_model.parameters() if p.requires_grad), fwd, fwd,
-                     peft_model, None, None, lambda kw: _adapter_off_forward(peft_model, kw))
+                     peft_model, None, None, text_ref)
     # last_layer
     untie_head(model)
     body, head = body_and_head(model)
@@ -122,11 +128,12 @@ def _adapter_off_forward(peft_model, kw: dict) -> Forward:
     return reference
 
 
-def _reloaded_forward(cfg, kw: dict) -> Forward:
+def _reloaded_forward(cfg, kw: dict, reload=None) -> Forward:
     """The full scope's reference: its weights are gone from memory; load them again."""
     from dpolab.models import body_and_head, load_configured
 
-    ref_model = load_configured(cfg.model, device=kw["device"])
+    ref_model = (reload(kw["device"]) if reload is not None
+                 else load_configured(cfg.model, device=kw["device"]))
     body, head = body_and_head(ref_model)
     return SharedPromptForward(body, lambda: head, dtype=ref_model.dtype, **kw)
 

@@ -28,6 +28,7 @@ from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats
                                 unflippable, without_reference_metrics)
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
+from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.progress import Progress
@@ -146,11 +147,14 @@ class Session:
         return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
                          beta=self.cfg.loss.beta)
 
-    def evaluate(self, *, step: int) -> dict[str, float]:
-        """Held-out metrics as `eval/...` (plus per-group ones), and per-group train accuracy."""
+    def evaluate(self, *, step: int, train_split: bool = True) -> dict[str, float]:
+        """Held-out metrics as `eval/...` (plus per-group ones), and with `train_split` the
+        same of the training pairs as `train_eval/...` (they are usually the larger split)."""
         row: dict[str, float] = {"step": step}
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):
             sp = self.splits[split]
+            if split == "train" and not train_split:
+                continue
             if not sp.examples:
                 continue
             stats = self.pair_stats(split)
@@ -212,9 +216,10 @@ class Session:
                          merge_lora=self.cfg.train.export_merged)
 
 
-def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
+def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | None = None
+          ) -> Session:
+    """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names."""
     from dpolab import scopes
-    from dpolab.models import load_configured, load_tokenizer
     from dpolab.tokenize import tokenize_rows
 
     tc = cfg.train
@@ -227,12 +232,13 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_configured(cfg.model, device=device)  # eval mode: dropout off, as TRL's default
+    inputs = inputs or Inputs()
+    tokenizer = inputs.tokenizer_for(cfg)
+    model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
 
     from dpolab.dedup import dedupe_split  # counts duplicates; no held-out copy of a train pair
 
-    train_rows, held_rows = load_split_rows(cfg)
+    train_rows, held_rows = inputs.rows or load_split_rows(cfg)
     train_rows, held_rows = dedupe_split(train_rows, held_rows, say=print if dist.is_main else None)
     rows = {"train": train_rows, "held_out": held_rows}
     tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,
@@ -254,7 +260,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
         cfg, model, tok, pad_id=tokenizer.pad_token_id, device=device,
         autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
         state_store=lambda split, ex: cache_dir() / "states" / (
-            f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"))
+            f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"),
+        reload=inputs.reloader(cfg, model))
     # The reference is the policy before its first update (scope.reference): for last_layer
     # the cached body states under the original head, otherwise the scope's own forward.
     sharded = dist.world > 1 and tc.distributed == "fsdp2"
@@ -361,12 +368,17 @@ def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
         held = load_rows(d.eval_path, skip_invalid=d.skip_invalid)
         _report_skipped(held, d.eval_path)
         return list(rows.rows), list(held.rows)
+    return split_held_out(rows.rows, cfg)
+
+
+def split_held_out(rows: Sequence, cfg: RunConfig) -> tuple[list, list]:
+    """(train, held-out): a seeded `data.eval_fraction` of `rows` held out."""
     g = torch.Generator().manual_seed(cfg.train.seed)
-    order = torch.randperm(len(rows.rows), generator=g).tolist()
-    n_eval = max(1, int(round(d.eval_fraction * len(order)))) if len(order) > 1 else 0
+    order = torch.randperm(len(rows), generator=g).tolist()
+    n_eval = max(1, int(round(cfg.data.eval_fraction * len(order)))) if len(order) > 1 else 0
     held_idx = set(order[:n_eval])
-    train = [r for i, r in enumerate(rows.rows) if i not in held_idx]
-    held = [r for i, r in enumerate(rows.rows) if i in held_idx]
+    train = [r for i, r in enumerate(rows) if i not in held_idx]
+    held = [r for i, r in enumerate(rows) if i in held_idx]
     return train, held
 
 

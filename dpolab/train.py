@@ -23,13 +23,16 @@ import torch
 from dpolab import checkpoint, memory, rundir, runlock, session
 from dpolab.auxdpo import AuxRewards
 from dpolab.config import RunConfig
+from dpolab.config import to_dict as config_dict
 from dpolab.diagnostics import PairStats, reference_free_stats, reward_sums
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
+from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir
 from dpolab.progress import Progress
 from dpolab.report import write_run_report
+from dpolab.trackers import open_trackers
 
 Tensor = torch.Tensor
 
@@ -59,19 +62,29 @@ def global_batches(n: int, *, seed: int, epochs: int, global_batch: int):
             yield epoch, order[s:s + global_batch]
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> Path:
+def eval_interval(eval_every: int, total: int) -> int:
+    """Optimizer steps between held-out evaluations (0: start and end only). -1 spreads about
+    8 evaluations evenly over `total` steps, so the report's curves have points to draw."""
+    if eval_every >= 0:
+        return eval_every
+    return max(1, math.ceil(total / 8))
+
+
+def train(cfg: RunConfig, *, resume: bool = False, inputs: Inputs | None = None) -> Path:
+    """Train as `cfg` says; returns the run directory. `inputs`: a model, tokenizer or data
+    already in memory (dpolab.api.Trainer), used instead of loading what `cfg` names."""
     with runlock.hold(cfg.out, enabled=os.environ.get("RANK", "0") == "0"):  # one run per dir
-        return _train(cfg, resume=resume)
+        return _train(cfg, resume=resume, inputs=inputs)
 
 
-def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
+def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
     # ---- setup -------------------------------------------------------------------------
     dist = Distributed.from_env(cfg.train.device)
     if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
         memory.reuse_freed_blocks()  # no page faults for the same buffers every step
     run_dir = rundir.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
     t_start = time.monotonic()
-    s = session.build(cfg, run_dir, dist)  # data, reference, model scope, forward functions
+    s = session.build(cfg, run_dir, dist, inputs)  # data, reference, model scope, forwards
     tc, lc = cfg.train, cfg.loss
     objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
@@ -89,8 +102,11 @@ def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
     start = kept_lines = 0
     if resume:
         start, kept_lines = checkpoint.restore(run_dir, s.trainable_named(aux), optimizer)
+    tracker = open_trackers(tc.report_to, run_dir, project=tc.tracker_project,
+                            config=config_dict(cfg), is_main=dist.is_main)
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
-                                keep_lines=kept_lines)
+                                keep_lines=kept_lines, tracker=tracker)
+    every = eval_interval(tc.eval_every, total)
     if start == 0:
         metrics.write(s.evaluate(step=0))
     bar = Progress(total, "train", enabled=tc.progress and dist.is_main)
@@ -150,8 +166,8 @@ def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
         bar.update(step + 1, loss=row["loss"], acc=row["rewards/accuracies"])
         # evaluate
         done = step + 1 == total
-        if done or (tc.eval_every and (step + 1) % tc.eval_every == 0):
-            row = s.evaluate(step=step + 1)
+        if done or (every and (step + 1) % every == 0):
+            row = s.evaluate(step=step + 1, train_split=done)  # train pairs: start and end
             if done:
                 row.update(s.did_eval())
             metrics.write(row)
@@ -162,6 +178,7 @@ def _train(cfg: RunConfig, *, resume: bool = False) -> Path:
                             keep=tc.keep_checkpoints)  # collective
             dist.barrier()
     bar.close()
+    metrics.close()
 
     # ---- export ------------------------------------------------------------------------
     s.export(run_dir / "model")  # collective

@@ -1,4 +1,4 @@
-"""`dpolab train`: parse arguments into a RunConfig and call `dpolab.train.train`."""
+"""`dpolab train`: parse arguments into a RunConfig and train it through `dpolab.api.Trainer`."""
 
 from __future__ import annotations
 
@@ -81,9 +81,9 @@ def cli_main(argv: list[str]) -> int:
     a = parse(argv)
     stay_offline(a.online)
     cfg = config_from_args(a)
-    from dpolab.train import train
+    from dpolab.api import Trainer
 
-    run_dir = train(cfg, resume=bool(a.resume))
+    run_dir = Trainer(config=cfg).train(resume=bool(a.resume))
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(run_dir)
     return 0

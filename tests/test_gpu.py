@@ -28,7 +28,7 @@ from dpolab.policy import BodyForward, SharedPromptForward, packed_states
 from dpolab.tiny import tiny_model
 from dpolab.tokenize import PairExample
 from dpolab.train import train
-from tests.test_train import _run_cli, cache, cfg_for, tiny_dir, write_pairs  # noqa: F401
+from tests.test_train import _run_cli, cfg_for, write_pairs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -288,3 +288,44 @@ def test_fake_lines_match_the_real_metric_names():
     run = report.Run(path=Path("x"), config={}, summary=None, data=None, train=[], evals=[real])
     assert report_figures.other_keys(run) == []
     assert run.groups == list(GROUPS)
+
+
+def test_legends_sit_outside_the_axes():
+    """A legend never covers data: the one place figures get a legend (report_figures._finish)
+    puts it beside the axes, so its box and the axes' box do not overlap once laid out, and no
+    other place in the module draws a legend."""
+    import inspect
+
+    from dpolab import report_figures
+    from dpolab.htmlpage import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i in range(15):  # as many entries as seven groups' held-out and train curves
+        ax.plot([0, 1, 2], [i, i + 1, i], label=f"curve {i}")
+    report_figures._finish(ax)
+    fig.tight_layout()
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    axes = ax.get_window_extent()
+    plt.close(fig)
+    assert legend.x0 >= axes.x1 and not legend.overlaps(axes)
+    source = inspect.getsource(report_figures)
+    assert source.count(".legend(") == 1
+
+
+def test_start_and_end_only_are_points_not_a_line():
+    """A series measured only before and after training (two points) is drawn as markers with
+    no line between them; three points or more are a line."""
+    from dpolab import report_figures
+    from dpolab.htmlpage import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    rows = [{"step": 0, "a": 0.5, "b": 0.5}, {"step": 5, "b": 0.7}, {"step": 10, "a": 0.9, "b": 0.9}]
+    report_figures._plot(ax, rows, "a", ls=":")
+    report_figures._plot(ax, rows, "b")
+    two, three = ax.get_lines()
+    plt.close(fig)
+    assert two.get_linestyle() == "None" and two.get_marker() == "o"
+    assert three.get_linestyle() == "-" and len(three.get_xdata()) == 3

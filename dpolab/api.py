@@ -1,0 +1,158 @@
+"""The Python API: `Trainer(model, train_dataset, ...).train()`, on objects users already have.
+
+    import dpolab
+    run_dir = dpolab.Trainer(model, dataset, tokenizer=tok, **{"loss.beta": 0.1}).train()
+
+The command line (`dpolab train`) builds a `RunConfig` and goes through the same `Trainer`, so a
+run from Python and a run from the shell differ only in where their inputs come from: what is
+named by a string (a model name or folder, a data file) is recorded in the config and loaded by
+`session.build`; what is an object (a loaded model, a `datasets.Dataset`, a list of dicts) is
+carried there in memory (`dpolab.inputs.Inputs`) and recorded in config.yaml as `<in-memory ...>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from dpolab import config as C
+from dpolab.errors import UserError
+from dpolab.inputs import Inputs, is_peft
+from dpolab.trackers import check as check_trackers
+
+
+class Trainer:
+    """Train `model` on `train_dataset` with a DPO-family objective.
+
+    model: a model name (`smollm2-135m-instruct`, a hub name), a folder or .gguf path, or a
+        loaded `PreTrainedModel` / peft model (trained in place; a peft model trains its own
+        adapters, with train.scope=lora); None: `model.name` of the config.
+    train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a file path
+        (JSONL, JSON, Parquet); rows are checked like a file's, and errors name the argument
+        and row (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
+        `data.path`, or the embedded default. eval_dataset None: a seeded `data.eval_fraction`
+        of the training rows.
+    tokenizer: the model's tokenizer; None: loaded from the model's folder or name.
+    config: a `RunConfig` or a YAML file; None: the defaults.
+    overrides: `section.key` names as on the command line, `**{"loss.beta": 0.1}`, checked
+        the same way (an unknown key is a UserError listing the valid ones).
+    """
+
+    def __init__(self, model: Any = None, train_dataset: Any = None, *, tokenizer: Any = None,
+                 eval_dataset: Any = None, config: C.RunConfig | str | Path | None = None,
+                 **overrides: Any):
+        raw = _raw_config(config)
+        named = _named_keys(raw) | set(overrides)
+        if isinstance(model, (str, Path)):
+            overrides["model.name"] = str(model)
+        elif model is not None and is_peft(model) and "train.scope" not in named:
+            overrides["train.scope"] = "lora"  # what a model with adapters means to train
+        for key, value in (("data.path", train_dataset), ("data.eval_path", eval_dataset)):
+            if isinstance(value, (str, Path)):
+                overrides[key] = str(value)
+        cfg = C.build_config(C.apply_values(raw, overrides),
+                             source=str(config) if isinstance(config, (str, Path)) else "config")
+        check_trackers(cfg.train.report_to)  # a missing tracker package fails now, not after loading
+        self.config, self.inputs = _in_memory(cfg, named, model, tokenizer, train_dataset,
+                                              eval_dataset)
+
+    def train(self, *, resume: bool = False) -> Path:
+        """Train; returns the run directory (metrics.jsonl, the exported model, report.html).
+        resume: continue the run in `config.out` from its last checkpoint."""
+        from dpolab.train import train
+
+        return train(self.config, resume=resume, inputs=self.inputs)
+
+
+def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_dataset,
+               eval_dataset) -> tuple[C.RunConfig, Inputs]:
+    """The objects given in memory as `Inputs`, and the config recording where they came from."""
+    replace: dict[str, dict[str, Any]] = {"model": {}, "data": {}}
+    if isinstance(tokenizer, (str, Path)):
+        from dpolab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
+    if model is not None and not isinstance(model, (str, Path)):
+        dtype = _dtype_name(model)
+        if "model.dtype" in named and dtype != cfg.model.dtype:
+            raise UserError(f"model.dtype={cfg.model.dtype}, but the model given is {dtype}; "
+                            f"convert the model, or leave model.dtype unset")
+        replace["model"] = {"name": _in_memory_name(model), "dtype": dtype}
+        if tokenizer is None:
+            tokenizer = _tokenizer_of(model, cfg)
+    rows = None
+    if train_dataset is not None and not isinstance(train_dataset, (str, Path)):
+        held = None if eval_dataset is None else _rows(eval_dataset, "eval_dataset", cfg)
+        rows = _split(cfg, _rows(train_dataset, "train_dataset", cfg), held)
+        replace["data"] = {"path": "<in-memory train_dataset>",
+                           "eval_path": "" if eval_dataset is None
+                           else str(eval_dataset) if isinstance(eval_dataset, (str, Path))
+                           else "<in-memory eval_dataset>"}
+    elif eval_dataset is not None and not isinstance(eval_dataset, (str, Path)):
+        raise UserError("eval_dataset in memory needs train_dataset in memory too "
+                        "(a file or the embedded default splits its own held-out rows)")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **replace["model"]),
+                              data=dataclasses.replace(cfg.data, **replace["data"]))
+    return cfg, Inputs(model=None if isinstance(model, (str, Path)) else model,
+                       tokenizer=tokenizer, rows=rows)
+
+
+def _raw_config(config) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, C.RunConfig):
+        return C.to_dict(config)
+    if isinstance(config, (str, Path)):
+        return C.load_yaml(config)
+    raise UserError(f"config: expected a RunConfig or a YAML file path, got "
+                    f"{type(config).__name__}")
+
+
+def _named_keys(raw: dict[str, Any]) -> set[str]:
+    """`section.key` of every field a config file sets (a RunConfig sets them all)."""
+    return {f"{s}.{k}" for s, v in raw.items() if isinstance(v, dict) for k in v}
+
+
+def _in_memory_name(model) -> str:
+    """How config.yaml records a model given as an object: it cannot be loaded from this name,
+    so resuming such a run from the command line fails clearly instead of loading other weights."""
+    source = getattr(model, "name_or_path", "") or ""
+    return f"<in-memory {type(model).__name__}{' from ' + source if source else ''}>"
+
+
+def _dtype_name(model) -> str:
+    import torch
+
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+    if model.dtype not in names:
+        raise UserError(f"model: parameters of dtype {model.dtype} are not supported; "
+                        f"convert it with model.to(torch.float32) or torch.bfloat16")
+    return names[model.dtype]
+
+
+def _tokenizer_of(model, cfg):
+    """The tokenizer saved beside a model loaded from a folder or the hub."""
+    from dpolab.models import load_tokenizer
+
+    source = getattr(model, "name_or_path", "") or ""
+    if not source:
+        raise UserError("model: an object built in memory has no folder to load its tokenizer "
+                        "from; pass tokenizer=...")
+    return load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _rows(dataset, name: str, cfg) -> list:
+    """Validated PreferenceRows of an in-memory data set; errors read `NAME:ROW: field ...`."""
+    from dpolab.data import load_rows
+
+    loaded = load_rows(dataset, skip_invalid=cfg.data.skip_invalid, name=name)
+    if loaded.skipped:
+        print(f"{name}: skipped {len(loaded.skipped)} invalid row(s); first: {loaded.skipped[0]}")
+    return list(loaded.rows)
+
+
+def _split(cfg, train: list, held_out: list | None) -> tuple[list, list]:
+    from dpolab.session import split_held_out
+
+    return (train, held_out) if held_out is not None else split_held_out(train, cfg)
