@@ -92,7 +92,13 @@ def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
             rejected.extend(t.float().cpu() for t in r)
             if progress:
                 progress(min(s + batch_size, len(examples)))
-    seqs = chosen + rejected
+    return assemble(chosen, rejected, key)
+
+
+def assemble(chosen: Sequence[Tensor], rejected: Sequence[Tensor], key: str) -> ReferenceLogps:
+    """The store of per-example per-token log-probs (chosen list, rejected list, in example
+    order), in the layout above."""
+    seqs = [t.float().cpu() for t in chosen] + [t.float().cpu() for t in rejected]
     lengths = torch.tensor([0] + [t.numel() for t in seqs], dtype=torch.int64)
     return ReferenceLogps(torch.cat(seqs) if seqs else torch.zeros(0), lengths.cumsum(0), key)
 

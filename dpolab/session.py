@@ -8,7 +8,7 @@ then answers the loop's questions per micro-batch (`pair_logps`, `group_weights`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +18,7 @@ import torch
 from dpolab import reference, rundir
 from dpolab.config import RunConfig
 from dpolab.diagnostics import PairStats, group_summaries, summarize, unflippable
-from dpolab.distributed import Distributed
+from dpolab.distributed import Distributed, Engine
 from dpolab.errors import UserError
 from dpolab.losses import PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
@@ -51,6 +51,7 @@ class Session:
     scope: Scope
     splits: dict[str, Split]
     groups: list[str]  # sorted group names of both splits
+    engine: Engine  # the scope's forward as the trained module (DDP / FSDP2 under torchrun)
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
     @property
@@ -68,7 +69,7 @@ class Session:
     def pair_logps(self, split: str, idx: Sequence[int]) -> PairLogps:
         """Policy and stored reference log-probs (summed, float64) and completion token
         counts of the pairs at positions `idx` of `split`; differentiable in the policy's."""
-        flat = self.scope.forward([self.splits[split].examples[i] for i in idx], split=split)
+        flat = self.engine([self.splits[split].examples[i] for i in idx], split=split)
         self.tokens_processed += flat.n_processed
         pc, pr = flat.sums()
         nc, nr = flat.counts()
@@ -93,7 +94,7 @@ class Session:
         pcs, prs = [], []
         with torch.no_grad():
             for s in range(0, len(sp.examples), bs):
-                pc, pr = self.scope.forward(sp.examples[s:s + bs], split=split).sums()
+                pc, pr = self.engine(sp.examples[s:s + bs], split=split).sums()
                 pcs.append(pc.double().cpu())
                 prs.append(pr.double().cpu())
         nc, nr = sp.ref.lengths()
@@ -120,8 +121,10 @@ class Session:
 
     def did_eval(self) -> dict[str, float]:
         """DID entropy of the policy against its reference on held-out prompts, by sampling
-        (see dpolab.did_probe); `eval/did/...` metrics."""
-        from dpolab.did_probe import did_metrics
+        (see dpolab.did_probe); `eval/did/...` metrics. The last use of the policy: the
+        reference then scores the samples, for the full scope in the policy's place (one
+        model in memory, never two). Collective under FSDP2."""
+        from dpolab.did_probe import did_summary, score_samples
 
         tc = self.cfg.train
         if tc.did_samples <= 0 or not self.held_out:
@@ -131,23 +134,27 @@ class Session:
             if tuple(ex.prompt_ids) not in seen and len(prompts) < tc.did_prompts:
                 seen.add(tuple(ex.prompt_ids))
                 prompts.append(ex)
-        policy, ref = self.scope.text_forwards(pad_id=self.tokenizer.pad_token_id,
-                                               chunk_size=tc.logps_chunk, device=self.dist.device)
-        out = did_metrics(self.scope.model, prompts,
-                          policy_logps=lambda b: policy(b).sums()[0],
-                          ref_logps=lambda b: ref(b).sums()[0],
-                          k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
-                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                          seed=tc.seed, device=self.dist.device)
-        return {f"eval/{k}": v for k, v in out.items()}
+        with self.engine.gathered():
+            policy, make_reference = self.scope.text_forwards(
+                pad_id=self.tokenizer.pad_token_id, chunk_size=tc.logps_chunk,
+                device=self.dist.device)
+            batches, logp = score_samples(
+                self.scope.model, prompts, policy_logps=lambda b: policy(b).sums()[0],
+                k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
+                eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                seed=tc.seed, device=self.dist.device)
+        ref = make_reference()  # outside gathered(): sharded weights are loaded as shards
+        with self.engine.gathered(), torch.no_grad():
+            logr = torch.stack([ref(b).sums()[0].double().cpu() for b in batches])
+        return {f"eval/{k}": v for k, v in did_summary(logp, logr).items()}
 
     def export(self, out: Path) -> None:
         """Collective: every rank calls it (sharded weights are gathered), rank 0 writes."""
         from dpolab import sharding
         from dpolab.checkpoint import export_model
 
-        if sharding.has_sharded_modules(self.model):
-            for m in self.model.modules():  # back to the sharded layout: state_dict gathers it
+        if self.engine.sharded:
+            for m in self.engine.wrapped.modules():  # the sharded layout: state_dict gathers it
                 if hasattr(m, "reshard"):
                     m.reshard()
             state = {k: sharding.full(v).detach().clone()
@@ -193,11 +200,18 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
         autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
         state_store=lambda split, ex: cache_dir() / "states" / (
             f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"))
+    # Under torchrun the scope's forward trains as DDP's or FSDP2's module. FSDP2 replaces
+    # the parameters by sharded ones: the scope's list is read again.
+    engine = dist.engine(scope.model, scope.forward, sharded=tc.distributed == "fsdp2")
+    if engine.sharded:
+        scope = replace(scope, params=tuple(p for p in scope.model.parameters()
+                                            if p.requires_grad))
     # The reference is the policy before its first update (scope.reference): for last_layer
-    # the cached body states under the original head, otherwise the scope's own forward.
-    sharded = dist.world > 1 and tc.distributed == "fsdp2"
-    refs = {split: reference_for(model_hash, scope.reference, t.examples, cfg, dist, split,
-                                 collective=sharded)
+    # the cached body states under the original head, otherwise the scope's own forward,
+    # which under FSDP2 (full scope only) must run as the engine's forward.
+    ref_forward = engine if engine.sharded else scope.reference
+    refs = {split: reference_for(model_hash, ref_forward, t.examples, cfg, dist, split,
+                                 collective=engine.sharded)
             for split, t in tok.items()}
     gindex = {g: i for i, g in enumerate(groups)}
     splits = {}
@@ -212,7 +226,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed) -> Session:
     if dist.is_main:
         rundir.write_data_report(run_dir, tok)
         _report_unflippable(cfg, run_dir, splits, groups)
-    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups)
+    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine)
 
 
 def _report_unflippable(cfg: RunConfig, run_dir: Path, splits: dict[str, Split],
@@ -232,24 +246,32 @@ def reference_for(model_hash: str, forward, examples: list, cfg: RunConfig,
                   dist: Distributed, split: str, *, collective: bool = False
                   ) -> reference.ReferenceLogps:
     """Load the stored reference for (weights, token ids), or compute and store it.
-    `forward(examples, split=split)` -> FlatLogps of the policy at its reference point."""
+    `forward(examples, split=split)` -> FlatLogps of the policy at its reference point.
+
+    Data-parallel under torchrun: each rank scores a share of the batches and every rank
+    assembles the whole store and keeps its own copy (one writer per machine), so no
+    filesystem need be shared. The batches and the key do not depend on the world size: a
+    run on any number of processes reuses the store. `collective`: every rank runs as many
+    forwards (sharded layers gather their weights in each)."""
     key = f"{model_hash}-{reference.hash_examples(examples)[:16]}"
     path = reference.store_path(cache_dir(), key)
     ref = reference.load(path, key)
     if ref is not None and ref.n == len(examples):
         return ref
-    # With sharded layers every rank must run the same forwards (they gather shards).
-    if dist.is_main or collective:
-        bar = Progress(len(examples), f"reference ({split})",
-                       enabled=cfg.train.progress and dist.is_main)
-        ref = reference.compute(lambda ex: forward(ex, split=split).split(), examples,
-                                batch_size=cfg.train.eval_batch_size, key=key,
-                                progress=bar.update)
-        bar.close()
-        if dist.is_main:
-            reference.save(ref, path)
-    dist.barrier()
-    return ref if ref is not None else reference.load(path, key)
+    bs = cfg.train.eval_batch_size
+    batches = [examples[s:s + bs] for s in range(0, len(examples), bs)]
+    bar = Progress(len(examples), f"reference ({split})",
+                   enabled=cfg.train.progress and dist.is_main)
+    with torch.no_grad():
+        parts = dist.map_batches(lambda i: forward(batches[i], split=split).split(), len(batches),
+                                 same_count=collective,
+                                 progress=lambda done: bar.update(min(len(examples), done * bs)))
+    bar.close()
+    ref = reference.assemble([c for p in parts for c in p[0]], [r for p in parts for r in p[1]],
+                             key)
+    if dist.local_main:
+        reference.save(ref, path)
+    return ref
 
 
 def load_split_rows(cfg: RunConfig) -> tuple[list, list]:

@@ -6,8 +6,9 @@
 What it trains on is assembled by `dpolab.session.build`; per micro-batch the loop asks the
 session for the pairs' log-probs (`pair_logps`) and does the rest itself. More than one
 process (torchrun) means data parallelism: each rank takes an interleaved slice of every
-global batch and gradients are averaged with an all-reduce, so N processes give the same
-step as one process on the same global batch.
+global batch and PyTorch's engine (DDP, or FSDP2 for sharded weights; `session.engine`) sums
+the gradients during the backward of the step's last micro-batch, so N processes give the
+same step as one process on the same global batch.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def global_batches(n: int, *, seed: int, epochs: int, global_batch: int):
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     # ---- setup -------------------------------------------------------------------------
-    dist = Distributed.from_env(cfg.train.device)
+    dist = Distributed.from_env(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
         memory.reuse_freed_blocks()  # no page faults for the same buffers every step
     run_dir = rundir.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
@@ -69,7 +70,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     tc, lc = cfg.train, cfg.loss
     objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
-    trained = s.params + ([aux.delta] if aux is not None else [])
 
     # ---- optimizer and schedule ----------------------------------------------------------
     groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay}]
@@ -106,30 +106,37 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         stats = StepStats()
         mine = positions[dist.rank::dist.world]
-        for micro in range(tc.grad_accum):
+        # Every rank runs as many micro-batches as rank 0 (the longest slice), the last one
+        # synchronising gradients; a rank whose slice is shorter (the end of an epoch) runs a
+        # stand-in pair with weight 0, so the engine's collectives line up.
+        n_micro = math.ceil(len(positions[::dist.world]) / tc.batch_size)
+        for micro in range(n_micro):
             idx = mine[micro * tc.batch_size:(micro + 1) * tc.batch_size]
-            if not idx:
-                continue
-            # forward
-            pairs = s.pair_logps("train", idx)
-            if aux is not None:
-                pairs = aux.with_delta(pairs, idx)
-            # loss
-            per_example, terms = objective(pairs)
-            weights = s.group_weights("train", idx)
-            loss = (weights * per_example).sum() / len(positions)
-            if aux is not None:
-                loss = loss + aux.penalty(idx, n_global=len(positions))
-            if step == 0 and start == 0 and micro == 0:
-                check_step0(pairs, terms, objective.at_reference())
-            if not torch.isfinite(loss):
-                raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
-                                f"stopped, the last good checkpoint is kept in {run_dir}")
-            # backward
-            loss.backward()
-            stats.add(pairs, terms, per_example, weights, beta=lc.beta)
+            stand_in = not idx
+            idx = idx or positions[:1]
+            with s.engine.accumulating(micro < n_micro - 1):
+                # forward
+                pairs = s.pair_logps("train", idx)
+                if aux is not None and not stand_in:
+                    pairs = aux.with_delta(pairs, idx)
+                # loss
+                per_example, terms = objective(pairs)
+                weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
+                loss = (weights * per_example).sum() / len(positions)
+                if aux is not None and not stand_in:
+                    loss = loss + aux.penalty(idx, n_global=len(positions))
+                if step == 0 and start == 0 and micro == 0:
+                    check_step0(pairs, terms, objective.at_reference())
+                if not torch.isfinite(loss):
+                    raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
+                                    f"stopped, the last good checkpoint is kept in {run_dir}")
+                # backward
+                loss.backward()
+            if not stand_in:
+                stats.add(pairs, terms, per_example, weights, beta=lc.beta)
         # step
-        dist.average_gradients(trained)
+        if aux is not None:
+            dist.sum_grad(aux.delta)  # outside the engine's module: summed here, once
         grad_norm = clip(s.params, tc.max_grad_norm)
         optimizer.step()
         # log
@@ -140,13 +147,10 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                    elapsed_s=time.monotonic() - t_start)
         metrics.write(row)
         bar.update(step + 1, loss=row["loss"], acc=row["rewards/accuracies"])
-        # evaluate
+        # evaluate (the last evaluation follows the export)
         done = step + 1 == total
-        if done or (tc.eval_every and (step + 1) % tc.eval_every == 0):
-            row = s.evaluate(step=step + 1)
-            if done:
-                row.update(s.did_eval())
-            metrics.write(row)
+        if not done and tc.eval_every and (step + 1) % tc.eval_every == 0:
+            metrics.write(s.evaluate(step=step + 1))
         # checkpoint
         if done or (tc.save_every and (step + 1) % tc.save_every == 0):
             checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
@@ -154,8 +158,13 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             dist.barrier()
     bar.close()
 
-    # ---- export ------------------------------------------------------------------------
+    # ---- export, then the last evaluation ------------------------------------------------
     s.export(run_dir / "model")  # collective
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer  # its moments: the DID probe below needs the model's weights alone
+    row = s.evaluate(step=total)
+    row.update(s.did_eval())  # the policy's last use (the full scope's reference replaces it)
+    metrics.write(row)
     if dist.is_main:
         rundir.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
         if tc.report:
