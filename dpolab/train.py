@@ -132,8 +132,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                                     f"stopped, the last good checkpoint is kept in {run_dir}")
                 # backward
                 loss.backward()
-            if not stand_in:
-                stats.add(pairs, terms, per_example, weights, beta=lc.beta)
+            # a stand-in adds zeros: every rank sums the same keys
+            stats.add(pairs, terms, per_example, weights, beta=lc.beta, scale=float(not stand_in))
         # step
         if aux is not None:
             dist.sum_grad(aux.delta)  # outside the engine's module: summed here, once
@@ -186,7 +186,7 @@ class StepStats:
         self.sums: dict[str, float] = {}
 
     def add(self, pairs: PairLogps, terms: dict[str, Tensor], per_example: Tensor,
-            weights: Tensor, *, beta: float) -> None:
+            weights: Tensor, *, beta: float, scale: float = 1.0) -> None:
         with torch.no_grad():
             add = reward_sums(PairStats(*(t.detach().double().cpu().numpy() for t in (
                 pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected,
@@ -195,7 +195,7 @@ class StepStats:
             for name, t in terms.items():
                 add[f"loss/{name}"] = float(t.double().sum())
         for k, v in add.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.sums[k] = self.sums.get(k, 0.0) + scale * v
 
     def summary(self, dist: Distributed, *, n_global: int) -> dict[str, float]:
         keys = sorted(self.sums)
