@@ -38,6 +38,9 @@ class Scope:
     # SharedPromptForward's keywords: the reference weights as this scope still has them
     # (the full scope has not: it loads them into the policy's parameters, ending the policy).
     text_reference: Callable[[dict], Forward]
+    # text_reference loads the reference weights into the policy's parameters (the full
+    # scope: no second model in memory), so it comes after the policy's last use.
+    reference_replaces_policy: bool = False
 
     def text_forwards(self, *, pad_id: int, chunk_size: int, device
                       ) -> tuple[Forward, Callable[[], Forward]]:
@@ -75,7 +78,8 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         # The reference weights are gone from memory once training starts: at the end they
         # are loaded again, into the policy's place.
         return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
-                     model, None, None, lambda kw: _reference_in_place(cfg, model, kw))
+                     model, None, None, lambda kw: _reference_in_place(cfg, model, kw),
+                     reference_replaces_policy=True)
     if tc.scope == "lora":
         peft_model = _add_lora(model, tc)
         body, head = body_and_head(peft_model)

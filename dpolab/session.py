@@ -3,7 +3,7 @@
 `build` follows the data path of the design: rows -> token ids -> reference log-probs
 (computed once with the untouched model, stored, reused) -> the trainable scope. The session
 then answers the loop's questions per micro-batch (`pair_logps`, `group_weights`), evaluates
-(`evaluate`, `did_eval`) and exports.
+(`evaluate`) and exports with the DID probe (`export_and_probe`).
 """
 
 from __future__ import annotations
@@ -119,15 +119,19 @@ class Session:
                 stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
         return row
 
-    def did_eval(self) -> dict[str, float]:
-        """DID entropy of the policy against its reference on held-out prompts, by sampling
-        (see dpolab.did_probe); `eval/did/...` metrics. The last use of the policy: the
-        reference then scores the samples, for the full scope in the policy's place (one
-        model in memory, never two). Collective under FSDP2."""
+    def export_and_probe(self, out: Path) -> dict[str, float]:
+        """Export the policy to `out`, and measure its DID entropy against its reference on
+        held-out prompts by sampling (see dpolab.did_probe): `eval/did/...` metrics. These
+        are the policy's last uses, ordered so that memory never holds two models: the policy
+        samples and scores, then, where the reference takes the policy's place (the full
+        scope), the policy is exported before the reference is loaded; otherwise the
+        reference scores first (exporting merged LoRA adapters removes them, and with them
+        the reference). Collective: every rank calls it."""
         from dpolab.did_probe import did_summary, score_samples
 
         tc = self.cfg.train
         if tc.did_samples <= 0 or not self.held_out:
+            self.export(out)
             return {}
         seen, prompts = set(), []
         for ex in self.held_out:
@@ -143,9 +147,13 @@ class Session:
                 k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                 seed=tc.seed, device=self.dist.device)
+        if self.scope.reference_replaces_policy:
+            self.export(out)
         ref = make_reference()  # outside gathered(): sharded weights are loaded as shards
         with self.engine.gathered(), torch.no_grad():
             logr = torch.stack([ref(b).sums()[0].double().cpu() for b in batches])
+        if not self.scope.reference_replaces_policy:
+            self.export(out)
         return {f"eval/{k}": v for k, v in did_summary(logp, logr).items()}
 
     def export(self, out: Path) -> None:

@@ -158,12 +158,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             dist.barrier()
     bar.close()
 
-    # ---- export, then the last evaluation ------------------------------------------------
-    s.export(run_dir / "model")  # collective
+    # ---- the last evaluation, export, DID probe ----------------------------------------
     optimizer.zero_grad(set_to_none=True)
     del optimizer  # its moments: the DID probe below needs the model's weights alone
     row = s.evaluate(step=total)
-    row.update(s.did_eval())  # the policy's last use (the full scope's reference replaces it)
+    row.update(s.export_and_probe(run_dir / "model"))  # collective; the policy's last use
     metrics.write(row)
     if dist.is_main:
         rundir.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
