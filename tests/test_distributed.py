@@ -222,9 +222,28 @@ def test_nccl_one_process_torchrun(mode, tiny_dir, tmp_path):
                      "train.grad_accum=2", "train.max_grad_norm=1.0", f"train.distributed={mode}",
                      "train.did_samples=2", "train.did_prompts=2", "train.did_max_new_tokens=4")
     _train([*common, "--out", str(tmp_path / "plain")], cache=tmp_path / "cache")
-    r = _train([*common, "--out", str(tmp_path / "nccl")], cache=tmp_path / "cache", nproc=1)
-    assert "gloo" not in r.stderr.lower()
+    _train([*common, "--out", str(tmp_path / "nccl")], cache=tmp_path / "cache", nproc=1)
     for a, b in zip(_steps(tmp_path / "plain"), _steps(tmp_path / "nccl"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     summary = json.loads((tmp_path / "nccl" / "summary.json").read_text())
     assert "eval/did/kl" in summary["after"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a CUDA device")
+def test_nccl_collectives_take_device_tensors(one_rank_group):
+    """On a GPU the process group is NCCL, bound to this rank's device, and every collective
+    the run uses (all_sum, gathering objects, clipping's norm reduction) runs there."""
+    import torch.distributed as td
+
+    from dpolab.distributed import Distributed
+    from dpolab.sharding import clip_grad_norm
+
+    dist = Distributed.from_env("auto", timeout_s=60.0)
+    assert td.get_backend() == "nccl" and dist.device.type == "cuda"
+    assert dist.all_sum([1.5, -2.25]) == [1.5, -2.25]
+    out = dist.map_batches(lambda i: torch.tensor([i]), 2, same_count=True)
+    assert [int(t) for t in out] == [0, 1]
+    p = torch.nn.Parameter(torch.ones(4, device=dist.device))
+    p.grad = torch.full((4,), 3.0, device=dist.device)  # norm sqrt(4 * 9) = 6
+    assert clip_grad_norm([p], 3.0) == pytest.approx(6.0)
+    assert torch.allclose(p.grad, torch.full((4,), 1.5, device=dist.device), atol=1e-5)
