@@ -37,17 +37,22 @@ def has_sharded_modules(model) -> bool:
 def shard(root: torch.nn.Module, model: torch.nn.Module) -> int:
     """fully_shard every decoder layer of `model`, then `root` (which owns `model`) for the
     rest; returns how many units were made."""
+    import torch.distributed as td
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from dpolab.models import decoder_layers
 
+    # The mesh on the model's device type (FSDP2 would pick CUDA whenever present, even for
+    # a run on the CPU).
+    mesh = init_device_mesh(next(model.parameters()).device.type, (td.get_world_size(),))
     layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     # The root reshards after its forward as the layers do (FSDP2 keeps a root gathered by
     # default): an evaluation or reference forward must leave every parameter in its
     # sharded form, which is what the optimizer, checkpoints and export hold.
-    fully_shard(root, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
     for unit in [*layers, root]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM

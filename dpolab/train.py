@@ -117,7 +117,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             with s.engine.accumulating(micro < n_micro - 1):
                 # forward
                 pairs = s.pair_logps("train", idx)
-                if aux is not None and not stand_in:
+                if aux is not None:
                     pairs = aux.with_delta(pairs, idx)
                 # loss
                 per_example, terms = objective(pairs)

@@ -78,16 +78,18 @@ def test_two_processes_take_the_steps_of_one(grad_accum, tiny_dir, tmp_path):
         assert moved > 5e-3
 
 
-@pytest.mark.parametrize("scope", ["lora", "last_layer"])
-def test_stores_computed_by_two_processes_equal_one(scope, tiny_dir, tmp_path):
+@pytest.mark.parametrize("scope,extra", [
+    ("lora", ["train.max_steps=2", "train.lora_targets=[q_proj, v_proj]"]),
+    ("last_layer", ["train.max_steps=6", "loss.name=auxdpo"])])
+def test_stores_computed_by_two_processes_equal_one(scope, extra, tiny_dir, tmp_path):
     """The reference store (and for last_layer the cached body states) computed by 2 ranks,
     each scoring a share of the batches, is bitwise the one 1 process writes: the batches do
     not depend on the world size. Both ranks hold the whole store (they train the same steps
-    as one process without reading each other's files), and a later run on 1 process finds
-    the 2-process store and computes nothing."""
+    as one process without reading each other's files; last_layer with AuxDPO, whose
+    per-pair offsets are trained outside the engine, through the short last batch), and a
+    later run on 1 process finds the 2-process store and computes nothing."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=23)
-    common = _common(tiny_dir, data, f"train.scope={scope}", "train.max_steps=2",
-                     "train.lora_targets=[q_proj, v_proj]")
+    common = _common(tiny_dir, data, f"train.scope={scope}", *extra)
     _train([*common, "train.batch_size=4", "--out", str(tmp_path / "one")],
            cache=tmp_path / "cache1")
     _train([*common, "train.batch_size=2", "--out", str(tmp_path / "two")],
