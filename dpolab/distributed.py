@@ -10,7 +10,7 @@ takes CPU ones, and `device` is CUDA exactly when the backend is NCCL.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
@@ -171,7 +171,7 @@ class PairModule(torch.nn.Module):
 
 class Engine:
     """The trained module as the loop calls it: `engine(examples, split=...)` -> FlatLogps,
-    `accumulating()` around the micro-batches that must not synchronise yet."""
+    `sync_gradients(False)` before the micro-batches that must not synchronise yet."""
 
     def __init__(self, outer: torch.nn.Module, inner: PairModule, *, sharded: bool):
         self.outer, self.inner, self.sharded = outer, inner, sharded
@@ -187,23 +187,16 @@ class Engine:
         """The engine's module: DistributedDataParallel, the FSDP2 root, or the PairModule."""
         return self.outer
 
-    @contextmanager
-    def accumulating(self, accumulate: bool) -> Iterator[None]:
-        """Forward and backward of a micro-batch whose gradients are summed locally, not yet
-        across ranks (all but the last of an optimizer step): DDP's no_sync, FSDP2's
-        requires_gradient_sync=False. The last micro-batch's backward reduces the sum."""
-        if not accumulate:
-            yield
-            return
+    def sync_gradients(self, sync: bool) -> None:
+        """Whether the next forward and backward reduce gradients across ranks: off for all
+        but the last micro-batch of an optimizer step, whose backward then reduces the
+        locally accumulated sum. DDP's `no_sync()` is a context manager around exactly this
+        flag (set here per micro-batch instead, so the loop needs no extra block); FSDP2's
+        `set_requires_gradient_sync` is its setter."""
         if self.sharded:
-            self.outer.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.outer.set_requires_gradient_sync(True)
-            return
-        with (self.outer.no_sync() if hasattr(self.outer, "no_sync") else nullcontext()):
-            yield
+            self.outer.set_requires_gradient_sync(sync)
+        elif hasattr(self.outer, "require_backward_grad_sync"):
+            self.outer.require_backward_grad_sync = sync
 
     @contextmanager
     def gathered(self) -> Iterator[None]:

@@ -114,24 +114,24 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             idx = mine[micro * tc.batch_size:(micro + 1) * tc.batch_size]
             stand_in = not idx
             idx = idx or positions[:1]
-            with s.engine.accumulating(micro < n_micro - 1):
-                # forward
-                pairs = s.pair_logps("train", idx)
-                if aux is not None:
-                    pairs = aux.with_delta(pairs, idx)
-                # loss
-                per_example, terms = objective(pairs)
-                weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
-                loss = (weights * per_example).sum() / len(positions)
-                if aux is not None and not stand_in:
-                    loss = loss + aux.penalty(idx, n_global=len(positions))
-                if step == 0 and start == 0 and micro == 0:
-                    check_step0(pairs, terms, objective.at_reference())
-                if not torch.isfinite(loss):
-                    raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
-                                    f"stopped, the last good checkpoint is kept in {run_dir}")
-                # backward
-                loss.backward()
+            s.engine.sync_gradients(micro == n_micro - 1)  # the earlier ones accumulate locally
+            # forward
+            pairs = s.pair_logps("train", idx)
+            if aux is not None:
+                pairs = aux.with_delta(pairs, idx)
+            # loss
+            per_example, terms = objective(pairs)
+            weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
+            loss = (weights * per_example).sum() / len(positions)
+            if aux is not None and not stand_in:
+                loss = loss + aux.penalty(idx, n_global=len(positions))
+            if step == 0 and start == 0 and micro == 0:
+                check_step0(pairs, terms, objective.at_reference())
+            if not torch.isfinite(loss):
+                raise UserError(f"step {step}: the loss is {loss.item()} (not finite); "
+                                f"stopped, the last good checkpoint is kept in {run_dir}")
+            # backward
+            loss.backward()
             # a stand-in adds zeros: every rank sums the same keys
             stats.add(pairs, terms, per_example, weights, beta=lc.beta, scale=float(not stand_in))
         # step

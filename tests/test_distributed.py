@@ -163,7 +163,7 @@ def one_rank_group(monkeypatch):
 def test_torchrun_engines_are_pytorch_ddp_and_fsdp2(tiny_dir, one_rank_group):
     """Started by torchrun (even as its only process) the run joins a process group with the
     configured timeout, and the scope's forward trains as a DistributedDataParallel module
-    whose gradient sync is off inside `accumulating(True)` and on outside it; under FSDP2
+    whose gradient sync `sync_gradients` turns off and on again (DDP's no_sync); under FSDP2
     every parameter of the model, embeddings and head included, is a sharded DTensor (none
     is left replicated for a hand-made all-reduce)."""
     import torch.distributed as td
@@ -191,10 +191,10 @@ def test_torchrun_engines_are_pytorch_ddp_and_fsdp2(tiny_dir, one_rank_group):
 
     _, ddp = engine(False)
     assert isinstance(ddp.wrapped, DistributedDataParallel)
-    with ddp.accumulating(True):
-        assert not ddp.wrapped.require_backward_grad_sync
-    with ddp.accumulating(False):
-        assert ddp.wrapped.require_backward_grad_sync
+    ddp.sync_gradients(False)
+    assert not ddp.wrapped.require_backward_grad_sync  # what DDP's no_sync() sets
+    ddp.sync_gradients(True)
+    assert ddp.wrapped.require_backward_grad_sync
     model, fsdp = engine(True)
     assert isinstance(fsdp.wrapped, FSDPModule)
     params = dict(model.named_parameters())
