@@ -111,12 +111,12 @@ class Distributed:
         under torchrun, called as is otherwise."""
         module = PairModule(model, forward)
         if not self.grouped:
-            return Engine(module, module, sharded=False)
+            return Engine(module, sharded=False)
         if sharded:
             from dpolab.sharding import shard
 
             shard(module, model)
-            return Engine(module, module, sharded=True)
+            return Engine(module, sharded=True)
         from torch.nn.parallel import DistributedDataParallel
 
         # device_ids=None: the pair forward moves its own inputs (token ids built from the
@@ -128,7 +128,7 @@ class Distributed:
         # over ranks: this hook all-reduces each bucket without the division. (Scaling the
         # loss by the world size instead would be exact only for powers of two.)
         ddp.register_comm_hook(None, _sum_bucket)
-        return Engine(ddp, module, sharded=False)
+        return Engine(ddp, sharded=False)
 
     def barrier(self) -> None:
         if self.grouped:
@@ -173,19 +173,15 @@ class Engine:
     """The trained module as the loop calls it: `engine(examples, split=...)` -> FlatLogps,
     `sync_gradients(False)` before the micro-batches that must not synchronise yet."""
 
-    def __init__(self, outer: torch.nn.Module, inner: PairModule, *, sharded: bool):
-        self.outer, self.inner, self.sharded = outer, inner, sharded
+    def __init__(self, wrapped: torch.nn.Module, *, sharded: bool):
+        self.wrapped = wrapped  # DistributedDataParallel, the FSDP2 root, or the PairModule
+        self.sharded = sharded
 
     def __call__(self, examples: Sequence, *, split: str | None = None):
         from dpolab.policy import FlatLogps
 
-        tokens, seg, n = self.outer(list(examples), split)
+        tokens, seg, n = self.wrapped(list(examples), split)
         return FlatLogps(tokens, seg, len(examples), n)
-
-    @property
-    def wrapped(self) -> torch.nn.Module:
-        """The engine's module: DistributedDataParallel, the FSDP2 root, or the PairModule."""
-        return self.outer
 
     def sync_gradients(self, sync: bool) -> None:
         """Whether the next forward and backward reduce gradients across ranks: off for all
@@ -194,9 +190,9 @@ class Engine:
         flag (set here per micro-batch instead, so the loop needs no extra block); FSDP2's
         `set_requires_gradient_sync` is its setter."""
         if self.sharded:
-            self.outer.set_requires_gradient_sync(sync)
-        elif hasattr(self.outer, "require_backward_grad_sync"):
-            self.outer.require_backward_grad_sync = sync
+            self.wrapped.set_requires_gradient_sync(sync)
+        elif hasattr(self.wrapped, "require_backward_grad_sync"):
+            self.wrapped.require_backward_grad_sync = sync
 
     @contextmanager
     def gathered(self) -> Iterator[None]:
@@ -206,8 +202,8 @@ class Engine:
         if not self.sharded:
             yield
             return
-        self.outer.unshard()
+        self.wrapped.unshard()
         try:
             yield
         finally:
-            self.outer.reshard()
+            self.wrapped.reshard()

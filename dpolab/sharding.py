@@ -26,14 +26,6 @@ def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def has_sharded_modules(model) -> bool:
-    """True when some submodule is an FSDP2 unit (its parameters may be sharded DTensors or,
-    between a forward and its reshard, unsharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 def shard(root: torch.nn.Module, model: torch.nn.Module) -> int:
     """fully_shard every decoder layer of `model`, then `root` (which owns `model`) for the
     rest; returns how many units were made."""
