@@ -121,8 +121,10 @@ class Distributed:
 
         # device_ids=None: the pair forward moves its own inputs (token ids built from the
         # examples) to the device. Buffers (rotary tables) are constants: synced once at
-        # construction with the parameters, never again before a forward.
-        ddp = DistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)
+        # construction with the parameters, never again before a forward. Gradients are
+        # views into the communication buckets: no second copy of them.
+        ddp = DistributedDataParallel(module, device_ids=None, forward_sync_buffers=False,
+                                      gradient_as_bucket_view=True)
         # DDP divides the summed gradient by the world size. Each rank's loss is already
         # divided by the global batch, so the gradient of the global mean is the plain SUM
         # over ranks: this hook all-reduces each bucket without the division. (Scaling the
