@@ -10,14 +10,16 @@ assumption is a flag and is written into the results row.
 The engines, as dpolab runs them under torchrun (train.distributed):
     ddp     every parameter replicated; gradients all-reduced in buckets during backward.
             Ring all-reduce of S bytes over N ranks: 2 (N-1)/N S per rank.
-    fsdp2   each decoder layer sharded (fully_shard); its parameters all-gathered for forward
-            and again for backward, its gradients reduce-scattered: 3 (N-1)/N S_layers; the
-            embeddings, final norm and head stay replicated and are all-reduced as in ddp.
+    fsdp2   every parameter sharded (fully_shard): each decoder layer one unit, the rest
+            (embeddings, final norm, head) the root unit; each unit's parameters all-gathered
+            for forward and again for backward, its gradients reduce-scattered: 3 (N-1)/N S.
 Collective time = bytes per rank / bus bandwidth (the nccl-tests definition). On 2 nodes the
 slowest link, the inter-node one, sets the bus bandwidth of a ring over all 16 ranks.
 Memory per GPU counts weights, gradients and AdamW's two moments in float32 (16 bytes per
-parameter, divided by N for sharded ones) plus, for fsdp2, two gathered layers in flight;
-activations are left out (they depend on the tokens per GPU, not on the engine).
+parameter, divided by N under fsdp2) plus, for fsdp2, what is gathered in flight: the root
+unit (gathered through the whole pair forward and again through its backward) and two
+layers, weights and their unsharded gradients before the reduce-scatter; activations are
+left out (they depend on the tokens per GPU, not on the engine).
 Appends one JSON line per (model, layout, engine) to benchmarks/results/scaling.jsonl.
 """
 
@@ -67,9 +69,10 @@ def estimate(shape: dict[str, int], *, engine: str, gpus: int, nodes: int, a) ->
         per_rank = 2 * ring * P * grad_bytes
         memory = 16 * P
     else:
-        replicated = P - L
-        per_rank = 3 * ring * L * gather_bytes + 2 * ring * replicated * grad_bytes
-        memory = 16 * L / n + 16 * replicated + 2 * shape["largest_layer"] * gather_bytes
+        root = P - L  # embeddings, final norm, head: the root unit
+        per_rank = 3 * ring * P * gather_bytes
+        in_flight = root + 2 * shape["largest_layer"]
+        memory = 16 * P / n + in_flight * (gather_bytes + grad_bytes)
     comm_s = per_rank / busbw if n > 1 else 0.0
     compute_s = 6 * P * a.tokens_per_gpu / (a.mfu * a.peak_tflops * 1e12)
     # Best case: communication hidden behind compute (bucketed all-reduce during backward,

@@ -102,7 +102,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # full/lora: recompute each block in backward
     cpu_reuse_memory: bool = True  # CPU/glibc: keep freed tensor memory mapped (dpolab.memory)
     pair_forward: str = "shared_prompt"  # shared_prompt (one row per pair, 4D mask) | two_rows
-    distributed: str = "ddp"  # under torchrun: ddp (replicated) | fsdp2 (decoder layers sharded)
+    distributed: str = "ddp"  # under torchrun: ddp (DistributedDataParallel) | fsdp2 (all weights sharded)
+    dist_timeout_s: float = 1800.0  # under torchrun: seconds any collective may wait for the other ranks
     eval_batch_size: int = 16  # pairs per forward at evaluation and reference time
     device: str = "auto"  # auto | cpu | cuda
     bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
@@ -304,7 +305,7 @@ _BOUNDS = [
     ("train", "warmup_steps", 0, True, "a step count"),
     ("train", "epochs", 1, True, "a pass count"),
     ("train", "max_steps", 0, True, "a step count (0 = from epochs)"),
-    ("train", "eval_every", 0, True, "a step count (0 = start and end)"),
+    ("train", "eval_every", -1, True, "a step count (0 = start and end, -1 = about 8 over the run)"),
     ("train", "save_every", 0, True, "a step count (0 = at the end)"),
     ("train", "keep_checkpoints", 1, True, "the number of checkpoints kept"),
     ("train", "logps_chunk", 1, True, "a chunk size"),

@@ -85,26 +85,46 @@ def sample_completions(model, prompt_ids: list[int], *, k: int, max_new_tokens: 
     return samples
 
 
-def did_metrics(model, examples: Sequence, *, policy_logps: Callable, ref_logps: Callable,
-                k: int, max_new_tokens: int, eos_id: int, pad_id: int, seed: int,
-                device) -> dict[str, float]:
-    """Sample from the policy on the prompts of `examples`, score under policy and reference
-    (callables: list of pair-like examples -> (B,) summed log-probs), and summarize."""
-    lp, lr = [], []
+def score_samples(model, examples: Sequence, *, policy_logps: Callable, k: int,
+                  max_new_tokens: int, eos_id: int, pad_id: int, seed: int,
+                  device) -> tuple[list[list], Tensor]:
+    """Sample K completions from the policy on the prompt of each of `examples` and score
+    them under the policy (`policy_logps`: list of pair-like examples -> (B,) summed
+    log-probs). Returns (the P batches of K scored samples, log pi (P, K) float64)."""
+    batches, lp = [], []
     for i, ex in enumerate(examples):
         samples = sample_completions(model, ex.prompt_ids, k=k, max_new_tokens=max_new_tokens,
                                      eos_id=eos_id, pad_id=pad_id, seed=seed * 7919 + i,
                                      device=device)
-        batch = [_Scored(ex.prompt_ids, s, s) for s in samples]
+        batches.append([_Scored(ex.prompt_ids, s, s) for s in samples])
         with torch.no_grad():
-            lp.append(policy_logps(batch).double().cpu())
-            lr.append(ref_logps(batch).double().cpu())
-    logp, logr = torch.stack(lp), torch.stack(lr)  # (P, K)
+            lp.append(policy_logps(batches[-1]).double().cpu())
+    return batches, torch.stack(lp)
+
+
+def did_summary(logp: Tensor, logr: Tensor) -> dict[str, float]:
+    """The DID metrics of K samples per prompt from the policy: logp, logr (P, K) their
+    log-probs under the policy and the reference."""
     log_w = logp - logr
+    p, k = logp.shape
     return {
         "did/entropy": float(did_entropy_estimate(logp, logr, sampled_from="policy").mean()),
         "did/kl": float(log_w.mean()),
         "did/logratio_std": float(log_w.std(dim=1).mean()) if k > 1 else 0.0,
-        "did/prompts": float(len(examples)),
+        "did/prompts": float(p),
         "did/samples_per_prompt": float(k),
     }
+
+
+def did_metrics(model, examples: Sequence, *, policy_logps: Callable, ref_logps: Callable,
+                k: int, max_new_tokens: int, eos_id: int, pad_id: int, seed: int,
+                device) -> dict[str, float]:
+    """Sample from the policy on the prompts of `examples`, score under policy and reference
+    (callables: list of pair-like examples -> (B,) summed log-probs), and summarize. The
+    reference scores the samples after the policy has scored all of them."""
+    batches, logp = score_samples(model, examples, policy_logps=policy_logps, k=k,
+                                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                  seed=seed, device=device)
+    with torch.no_grad():
+        logr = torch.stack([ref_logps(b).double().cpu() for b in batches])
+    return did_summary(logp, logr)

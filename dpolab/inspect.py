@@ -7,7 +7,7 @@ the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; t
 loads things, runs the reference pass and prints.
 
 The reference pass goes through the trainer's own path (:func:`dpolab.session.load_split_rows`
-and :func:`dpolab.session.reference_for`) with the same seed, split and truncation, so the
+and :func:`dpolab.reference.reference_for`) with the same seed, split and truncation, so the
 reference log-probs it stores are the ones a later ``dpolab train`` with those settings loads
 instead of computing them again.
 """
@@ -232,6 +232,12 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
                            autocast=cuda and tc.bf16_autocast, dtype=model.dtype)
     with redirect_stdout(sys.stderr):     # load_split_rows reports skipped rows on stdout
         splits = session.load_split_rows(cfg)
+    from dpolab.dedup import dedupe_split  # as train does, so the stored reference is shared
+
+    try:
+        splits = dedupe_split(*splits, say=None)
+    except UserError:  # nothing held out after it: the audit still scores what there is
+        pass
     wheres, groups, chosen, rejected = [], [], [], []
     for split, rows in zip(("train", "held_out"), splits):
         rows = [rows[i] for i in audit.token_lengths(rows, tokenizer).index]
@@ -245,7 +251,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
             examples = []
         if not examples:
             continue
-        ref = session.reference_for(model_hash, forward, examples, cfg, dist, split)
+        ref = reference.reference_for(model_hash, forward, examples, cfg, dist, split)
         c, r = ref.sums()                                    # (N,) float64 each
         wheres += [f"{ex.source}:{ex.row}" for ex in examples]
         groups += [ex.group for ex in examples]

@@ -62,6 +62,22 @@ class FlatLogps:
         return torch.cat([c, r]).tolist()
 
 
+def padded(tokens: Tensor, seg: Tensor, n_seq: int) -> tuple[Tensor, Tensor]:
+    """Flat per-token values (N,) with sequence ids `seg` (N,) in [0, n_seq) -> (values
+    (n_seq, T), mask (n_seq, T) bool), each sequence's tokens left-aligned in their order
+    (T the longest sequence); differentiable in `tokens`."""
+    order = torch.sort(seg, stable=True).indices
+    seg_sorted = seg[order]
+    counts = torch.bincount(seg_sorted, minlength=n_seq)
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(seg.numel(), device=seg.device) - starts[seg_sorted]
+    width = int(counts.max()) if counts.numel() else 0
+    out = tokens.new_zeros((n_seq, width)).index_put((seg_sorted, col), tokens[order])
+    mask = torch.zeros((n_seq, width), dtype=torch.bool, device=seg.device)
+    mask[seg_sorted, col] = True
+    return out, mask
+
+
 class BodyForward:
     """Two rows per pair (prompt + chosen, prompt + rejected), right-padded, with the model's
     own 2D attention mask: for attention kernels that take no custom 4D mask
@@ -102,26 +118,33 @@ class CachedHeadForward:
         self.cache: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def fill(self, states: Callable, examples: Sequence, *, split: str, batch_size: int,
-             store: Path | None = None, progress: Callable[[int], None] | None = None) -> None:
+             store: Path | None = None, progress: Callable[[int], None] | None = None,
+             map_batches: Callable | None = None) -> None:
         """Run the (frozen) body once over `examples` and keep completion-position states.
         `states(examples) -> (h (N, D), labels (N,), seg (N,), n_tokens)` is a pair forward's
         `hidden` (tokens sorted by sequence id). With `store` (a safetensors path keyed by
-        weights and token ids) they are read from there when present, else written there."""
+        weights and token ids) they are read from there when present, else written there.
+        `map_batches(fn, n_batches, progress=...)` -> [fn(0), ...] runs the batches (each rank
+        a share, results on every rank: `Distributed.map_batches`); in order here without it."""
         if store is not None and self._load(store, examples, split):
             if progress:
                 progress(len(examples))
             return
+        batches = [list(examples[s:s + batch_size]) for s in range(0, len(examples), batch_size)]
+
+        def run(i: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+            h, labels, seg, _ = states(batches[i])
+            b = len(batches[i])
+            counts = torch.bincount(seg, minlength=2 * b).tolist()
+            hs, ys = torch.split(h.float().cpu(), counts), torch.split(labels.cpu(), counts)
+            return [(hs[j], ys[j], hs[b + j], ys[b + j]) for j in range(b)]
+
+        bar = (lambda done: progress(min(len(examples), done * batch_size))) if progress else None
         with torch.no_grad():
-            for s in range(0, len(examples), batch_size):
-                chunk = list(examples[s:s + batch_size])
-                h, labels, seg, _ = states(chunk)
-                counts = torch.bincount(seg, minlength=2 * len(chunk)).tolist()
-                hs, ys = torch.split(h.float(), counts), torch.split(labels, counts)
-                b = len(chunk)
-                for i, ex in enumerate(chunk):
-                    self.cache[(split, ex.index)] = (hs[i], ys[i], hs[b + i], ys[b + i])
-                if progress:
-                    progress(min(s + batch_size, len(examples)))
+            results = (map_batches or _in_order)(run, len(batches), progress=bar)
+        for chunk, entries in zip(batches, results):
+            for ex, entry in zip(chunk, entries):
+                self.cache[(split, ex.index)] = tuple(t.to(self.device) for t in entry)
         if store is not None:
             self._save(store, examples, split)
 
@@ -162,6 +185,15 @@ class CachedHeadForward:
         tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
                           chunk_size=self.chunk_size)
         return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))
+
+
+def _in_order(fn: Callable[[int], object], n: int, *, progress=None) -> list:
+    out = []
+    for i in range(n):
+        out.append(fn(i))
+        if progress:
+            progress(i + 1)
+    return out
 
 
 def shared_prompt_batch(examples: Sequence, *, pad_id: int, dtype: torch.dtype):

@@ -92,7 +92,13 @@ def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
             rejected.extend(t.float().cpu() for t in r)
             if progress:
                 progress(min(s + batch_size, len(examples)))
-    seqs = chosen + rejected
+    return assemble(chosen, rejected, key)
+
+
+def assemble(chosen: Sequence[Tensor], rejected: Sequence[Tensor], key: str) -> ReferenceLogps:
+    """The store of per-example per-token log-probs (chosen list, rejected list, in example
+    order), in the layout above."""
+    seqs = [t.float().cpu() for t in chosen] + [t.float().cpu() for t in rejected]
     lengths = torch.tensor([0] + [t.numel() for t in seqs], dtype=torch.int64)
     return ReferenceLogps(torch.cat(seqs) if seqs else torch.zeros(0), lengths.cumsum(0), key)
 
@@ -107,3 +113,38 @@ def load(path: Path, key: str) -> ReferenceLogps | None:
     """The stored reference for `key`, or None when absent or unreadable (then recompute)."""
     t = atomic.read_tensors(path)
     return None if t is None else ReferenceLogps(t["tokens"], t["offsets"], key)
+
+
+def reference_for(model_hash: str, forward, examples: list, cfg,
+                  dist, split: str, *, collective: bool = False) -> ReferenceLogps:
+    """Load the stored reference for (weights, token ids), or compute and store it under
+    $DPOLAB_CACHE/reference. `dist`: the run's dpolab.distributed.Distributed.
+    `forward(examples, split=split)` -> FlatLogps of the policy at its reference point.
+
+    Data-parallel under torchrun: each rank scores a share of the batches and every rank
+    assembles the whole store and keeps its own copy (one writer per machine), so no
+    filesystem need be shared. The batches and the key do not depend on the world size: a
+    run on any number of processes reuses the store. `collective`: every rank runs as many
+    forwards (sharded layers gather their weights in each)."""
+    from dpolab.models import dpolab_cache_dir
+    from dpolab.progress import Progress
+
+    key = f"{model_hash}-{hash_examples(examples)[:16]}"
+    path = store_path(dpolab_cache_dir(), key)
+    ref = load(path, key)
+    if ref is not None and ref.n == len(examples):
+        return ref
+    bs = cfg.train.eval_batch_size
+    batches = [examples[s:s + bs] for s in range(0, len(examples), bs)]
+    bar = Progress(len(examples), f"reference ({split})",
+                   enabled=cfg.train.progress and dist.is_main)
+    with torch.no_grad():
+        parts = dist.map_batches(lambda i: forward(batches[i], split=split).split(), len(batches),
+                                 same_count=collective,
+                                 progress=lambda done: bar.update(min(len(examples), done * bs)))
+    bar.close()
+    ref = assemble([c for p in parts for c in p[0]], [r for p in parts for r in p[1]],
+                             key)
+    if dist.local_main:
+        save(ref, path)
+    return ref

@@ -35,18 +35,26 @@ class Scope:
     head_states: CachedHeadForward | None
     reference_head: Head | None
     # kw -> the reference's forward over any pairs (e.g. sampled completions), where kw are
-    # SharedPromptForward's keywords: the reference weights as this scope still has them.
+    # SharedPromptForward's keywords: the reference weights as this scope still has them
+    # (the full scope has not: it loads them into the policy's parameters, ending the policy).
     text_reference: Callable[[dict], Forward]
+    # text_reference loads the reference weights into the policy's parameters (the full
+    # scope: no second model in memory), so it comes after the policy's last use.
+    reference_replaces_policy: bool = False
 
-    def text_forwards(self, *, pad_id: int, chunk_size: int, device) -> tuple[Forward, Forward]:
-        """(policy, reference) forwards over any pairs, one row per pair with the prompt
-        shared, no autocast: the training forward's log-probs without its caches."""
+    def text_forwards(self, *, pad_id: int, chunk_size: int, device
+                      ) -> tuple[Forward, Callable[[], Forward]]:
+        """(policy forward, a function making the reference forward) over any pairs, one row
+        per pair with the prompt shared, no autocast: the training forward's log-probs
+        without its caches. Make the reference's only after the policy's last use: for the
+        full scope it takes the policy's place in memory."""
         from dpolab.models import body_and_head
 
         kw = dict(pad_id=pad_id, chunk_size=chunk_size, device=device, autocast=False)
-        body, head = body_and_head(self.model)
-        policy = SharedPromptForward(body, lambda: head, dtype=self.model.dtype, **kw)
-        return policy, self.text_reference(kw)
+        body, _ = body_and_head(self.model)
+        policy = SharedPromptForward(body, lambda: body_and_head(self.model)[1],
+                                     dtype=self.model.dtype, **kw)
+        return policy, lambda: self.text_reference(kw)
 
 
 def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist,
@@ -64,16 +72,16 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         checkpoint_activations(model)
     if tc.scope == "full":
         model.requires_grad_(True)
-        if dist.world > 1 and tc.distributed == "fsdp2":
-            from dpolab.sharding import shard_layers
-
-            shard_layers(model)
-        body, head = body_and_head(model)
-        fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
-                           dtype=model.dtype)
-        # The reference weights are gone from memory once training starts: load them again.
+        body, _ = body_and_head(model)
+        # The head read at each call: under FSDP2 the head's parameter is swapped between
+        # its sharded and its gathered form (dpolab.sharding).
+        fwd = pair_forward(tc, body, lambda: body_and_head(model)[1], pad_id=pad_id,
+                           device=device, autocast=autocast, dtype=model.dtype)
+        # The reference weights are gone from memory once training starts: at the end they
+        # are loaded again, into the policy's place.
         return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
-                     model, None, None, lambda kw: _reloaded_forward(cfg, kw, reload))
+                     model, None, None, lambda kw: _reference_in_place(cfg, model, kw, reload),
+                     reference_replaces_policy=True)
     if tc.scope == "lora":
         # A peft model given as it is (dpolab.api.Trainer) trains its own adapters.
         peft_model = model if hasattr(model, "peft_config") else _add_lora(model, tc)
@@ -105,8 +113,11 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
                        enabled=tc.progress and dist.is_main)
         states = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
                               dtype=model.dtype).hidden
+        # Data-parallel under torchrun: each rank runs the body on its share of the batches,
+        # every rank keeps (and stores) all states.
         fwd.fill(states, t.examples, split=split, batch_size=tc.eval_batch_size,
-                 progress=bar.update, store=state_store(split, t.examples) if state_store else None)
+                 progress=bar.update, store=state_store(split, t.examples) if state_store else None,
+                 map_batches=dist.map_batches)
         bar.close()
 
     def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
@@ -128,8 +139,36 @@ def _adapter_off_forward(peft_model, kw: dict) -> Forward:
     return reference
 
 
+def _reference_in_place(cfg, model, kw: dict, reload=None) -> Forward:
+    """The full scope's reference: its weights are gone from memory. They are read again and
+    put in the policy's own parameters, so memory never holds two models: this ends the
+    policy (its last use, after export). Replicated weights are freed before the read, and
+    the read tensors are adopted (moved to the device one at a time); sharded ones (FSDP2)
+    receive this rank's shard of each read tensor."""
+    from dpolab import sharding
+    from dpolab.models import body_and_head, load_configured
+
+    named = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for p in named.values():
+            if not sharding.is_sharded(p):
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        # reload: the starting weights of a model given in memory (dpolab.api.Trainer)
+        ref = reload("cpu") if reload is not None else load_configured(cfg.model, device="cpu")
+        for name, r in ref.named_parameters(remove_duplicate=False):
+            p = named[name]
+            if sharding.is_sharded(p):
+                p.copy_(sharding.like(r.detach(), p))
+            else:
+                p.data = r.detach().to(p.device)
+        del ref
+    body, _ = body_and_head(model)
+    return SharedPromptForward(body, lambda: body_and_head(model)[1], dtype=model.dtype, **kw)
+
+
 def _reloaded_forward(cfg, kw: dict, reload=None) -> Forward:
-    """The full scope's reference: its weights are gone from memory; load them again."""
+    """A reference model loaded again beside the policy (a peft model given in memory whose
+    adapters start nonzero: switching them off is no reference)."""
     from dpolab.models import body_and_head, load_configured
 
     ref_model = (reload(kw["device"]) if reload is not None
@@ -141,9 +180,10 @@ def _reloaded_forward(cfg, kw: dict, reload=None) -> Forward:
 def pair_forward(tc, body, head, *, pad_id: int, device, autocast: bool, dtype):
     """The forward over pairs that train.pair_forward names."""
     kw = dict(pad_id=pad_id, chunk_size=tc.logps_chunk, device=device, autocast=autocast)
+    head_fn = head if callable(head) else (lambda: head)  # a Head, or a function reading it
     if tc.pair_forward == "two_rows":
-        return BodyForward(body, lambda: head, **kw)
-    return SharedPromptForward(body, lambda: head, dtype=dtype, **kw)
+        return BodyForward(body, head_fn, **kw)
+    return SharedPromptForward(body, head_fn, dtype=dtype, **kw)
 
 
 def untie_head(model) -> None:

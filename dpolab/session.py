@@ -3,7 +3,7 @@
 `build` follows the data path of the design: rows -> token ids -> reference log-probs
 (computed once with the untouched model, stored, reused) -> the trainable scope. The session
 then answers the loop's questions per micro-batch (`pair_logps`, `group_weights`), evaluates
-(`evaluate`, `did_eval`) and exports.
+(`evaluate`) and exports with the DID probe (`export_and_probe`).
 
 A run whose loss terms all read no reference (sft, simpo, cpo, orpo; the registry's
 `needs_reference`) has none: no reference pass, no stored file, `PairLogps.ref_*` None. Its
@@ -14,7 +14,7 @@ with a reference out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,11 +26,12 @@ from dpolab import reference, rundir
 from dpolab.config import RunConfig
 from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
                                 unflippable, without_reference_metrics)
-from dpolab.distributed import Distributed
+from dpolab.distributed import Distributed, Engine
 from dpolab.errors import UserError
 from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
+from dpolab.policy import padded
 from dpolab.progress import Progress
 from dpolab.scopes import Scope
 
@@ -61,6 +62,7 @@ class Session:
     scope: Scope
     splits: dict[str, Split]
     groups: list[str]  # sorted group names of both splits
+    engine: Engine  # the scope's forward as the trained module (DDP / FSDP2 under torchrun)
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
     @cached_property
@@ -89,7 +91,7 @@ class Session:
         counts of the pairs at positions `idx` of `split`; differentiable in the policy's.
         The reference ones are None in a reference-free run. With loss.ld_alpha < 1 both
         are LD-DPO's sums (:func:`dpolab.losses.ld_sequence_logps`), as in TRL."""
-        flat = self.scope.forward([self.splits[split].examples[i] for i in idx], split=split)
+        flat = self.engine([self.splits[split].examples[i] for i in idx], split=split)
         self.tokens_processed += flat.n_processed
         nc, nr = flat.counts()
         sp, dev, alpha = self.splits[split], self.dist.device, self.cfg.loss.ld_alpha
@@ -132,7 +134,7 @@ class Session:
         pcs, prs, ncs, nrs = [], [], [], []
         with torch.no_grad():
             for s in range(0, len(sp.examples), bs):
-                flat = self.scope.forward(sp.examples[s:s + bs], split=split)
+                flat = self.engine(sp.examples[s:s + bs], split=split)
                 pc, pr = flat.sums()
                 nc, nr = flat.counts()
                 pcs.append(pc.double().cpu())
@@ -174,36 +176,50 @@ class Session:
                 stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
         return row
 
-    def did_eval(self) -> dict[str, float]:
-        """DID entropy of the policy against its reference on held-out prompts, by sampling
-        (see dpolab.did_probe); `eval/did/...` metrics."""
-        from dpolab.did_probe import did_metrics
+    def export_and_probe(self, out: Path) -> dict[str, float]:
+        """Export the policy to `out`, and measure its DID entropy against its reference on
+        held-out prompts by sampling (see dpolab.did_probe): `eval/did/...` metrics. These
+        are the policy's last uses, ordered so that memory never holds two models: the policy
+        samples and scores, then, where the reference takes the policy's place (the full
+        scope), the policy is exported before the reference is loaded; otherwise the
+        reference scores first (exporting merged LoRA adapters removes them, and with them
+        the reference). Collective: every rank calls it."""
+        from dpolab.did_probe import did_summary, score_samples
 
         tc = self.cfg.train
         if tc.did_samples <= 0 or not self.held_out or not self.needs_reference:
-            return {}  # DID is measured against the reference: a reference-free run has none
+            self.export(out)  # DID is measured against the reference: none without one
+            return {}
         seen, prompts = set(), []
         for ex in self.held_out:
             if tuple(ex.prompt_ids) not in seen and len(prompts) < tc.did_prompts:
                 seen.add(tuple(ex.prompt_ids))
                 prompts.append(ex)
-        policy, ref = self.scope.text_forwards(pad_id=self.tokenizer.pad_token_id,
-                                               chunk_size=tc.logps_chunk, device=self.dist.device)
-        out = did_metrics(self.scope.model, prompts,
-                          policy_logps=lambda b: policy(b).sums()[0],
-                          ref_logps=lambda b: ref(b).sums()[0],
-                          k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
-                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                          seed=tc.seed, device=self.dist.device)
-        return {f"eval/{k}": v for k, v in out.items()}
+        with self.engine.gathered():
+            policy, make_reference = self.scope.text_forwards(
+                pad_id=self.tokenizer.pad_token_id, chunk_size=tc.logps_chunk,
+                device=self.dist.device)
+            batches, logp = score_samples(
+                self.scope.model, prompts, policy_logps=lambda b: policy(b).sums()[0],
+                k=tc.did_samples, max_new_tokens=tc.did_max_new_tokens,
+                eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                seed=tc.seed, device=self.dist.device)
+        if self.scope.reference_replaces_policy:
+            self.export(out)
+        ref = make_reference()  # outside gathered(): sharded weights are loaded as shards
+        with self.engine.gathered(), torch.no_grad():
+            logr = torch.stack([ref(b).sums()[0].double().cpu() for b in batches])
+        if not self.scope.reference_replaces_policy:
+            self.export(out)
+        return {f"eval/{k}": v for k, v in did_summary(logp, logr).items()}
 
     def export(self, out: Path) -> None:
         """Collective: every rank calls it (sharded weights are gathered), rank 0 writes."""
         from dpolab import sharding
         from dpolab.checkpoint import export_model
 
-        if sharding.has_sharded_modules(self.model):
-            for m in self.model.modules():  # back to the sharded layout: state_dict gathers it
+        if self.engine.sharded:
+            for m in self.engine.wrapped.modules():  # the sharded layout: state_dict gathers it
                 if hasattr(m, "reshard"):
                     m.reshard()
             state = {k: sharding.full(v).detach().clone()
@@ -262,11 +278,19 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         state_store=lambda split, ex: cache_dir() / "states" / (
             f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"),
         reload=inputs.reloader(cfg, model))
+    # Under torchrun the scope's forward trains as DDP's or FSDP2's module. FSDP2 replaces
+    # the parameters by sharded ones: the scope's list is read again.
+    engine = dist.engine(scope.model, scope.forward, sharded=tc.distributed == "fsdp2")
+    if engine.sharded:
+        scope = replace(scope, params=tuple(p for p in scope.model.parameters()
+                                            if p.requires_grad))
     # The reference is the policy before its first update (scope.reference): for last_layer
-    # the cached body states under the original head, otherwise the scope's own forward.
-    sharded = dist.world > 1 and tc.distributed == "fsdp2"
-    refs = {split: reference_for(model_hash, scope.reference, t.examples, cfg, dist, split,
-                                 collective=sharded) if needs_reference(cfg) else None
+    # the cached body states under the original head, otherwise the scope's own forward,
+    # which under FSDP2 (full scope only) must run as the engine's forward. A run whose terms
+    # read no reference has none.
+    ref_forward = engine if engine.sharded else scope.reference
+    refs = {split: reference.reference_for(model_hash, ref_forward, t.examples, cfg, dist,
+                                           split, collective=engine.sharded) if needs_reference(cfg) else None
             for split, t in tok.items()}
     gindex = {g: i for i, g in enumerate(groups)}
     splits = {}
@@ -282,7 +306,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         rundir.write_data_report(run_dir, tok)
         if needs_reference(cfg):  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
-    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups)
+    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine)
 
 
 def needs_reference(cfg: RunConfig) -> bool:
@@ -297,22 +321,6 @@ def reward_average(cfg: RunConfig) -> bool:
     return any(logps_reduction(term.logps, cfg.loss) == "mean" for term, _ in obj.terms.values())
 
 
-def padded(tokens: Tensor, seg: Tensor, n_seq: int) -> tuple[Tensor, Tensor]:
-    """Flat per-token values (N,) with sequence ids `seg` (N,) in [0, n_seq) -> (values
-    (n_seq, T), mask (n_seq, T) bool), each sequence's tokens left-aligned in their order
-    (T the longest sequence); differentiable in `tokens`."""
-    order = torch.sort(seg, stable=True).indices
-    seg_sorted = seg[order]
-    counts = torch.bincount(seg_sorted, minlength=n_seq)
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(seg.numel(), device=seg.device) - starts[seg_sorted]
-    width = int(counts.max()) if counts.numel() else 0
-    out = tokens.new_zeros((n_seq, width)).index_put((seg_sorted, col), tokens[order])
-    mask = torch.zeros((n_seq, width), dtype=torch.bool, device=seg.device)
-    mask[seg_sorted, col] = True
-    return out, mask
-
-
 def _report_unflippable(cfg: RunConfig, run_dir: Path, splits: dict[str, Split],
                         groups: list[str]) -> None:
     """List, before training, the pairs too strongly dispreferred by the reference for DPO to
@@ -324,30 +332,6 @@ def _report_unflippable(cfg: RunConfig, run_dir: Path, splits: dict[str, Split],
         print(f"unflippable at beta={cfg.loss.beta}: {out['train']['count']} of "
               f"{out['train']['pairs']} training pairs, {out['held_out']['count']} of "
               f"{out['held_out']['pairs']} held-out (listed in {run_dir / 'unflippable.json'})")
-
-
-def reference_for(model_hash: str, forward, examples: list, cfg: RunConfig,
-                  dist: Distributed, split: str, *, collective: bool = False
-                  ) -> reference.ReferenceLogps:
-    """Load the stored reference for (weights, token ids), or compute and store it.
-    `forward(examples, split=split)` -> FlatLogps of the policy at its reference point."""
-    key = f"{model_hash}-{reference.hash_examples(examples)[:16]}"
-    path = reference.store_path(cache_dir(), key)
-    ref = reference.load(path, key)
-    if ref is not None and ref.n == len(examples):
-        return ref
-    # With sharded layers every rank must run the same forwards (they gather shards).
-    if dist.is_main or collective:
-        bar = Progress(len(examples), f"reference ({split})",
-                       enabled=cfg.train.progress and dist.is_main)
-        ref = reference.compute(lambda ex: forward(ex, split=split).split(), examples,
-                                batch_size=cfg.train.eval_batch_size, key=key,
-                                progress=bar.update)
-        bar.close()
-        if dist.is_main:
-            reference.save(ref, path)
-    dist.barrier()
-    return ref if ref is not None else reference.load(path, key)
 
 
 def load_split_rows(cfg: RunConfig) -> tuple[list, list]:

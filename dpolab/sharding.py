@@ -1,13 +1,16 @@
 """FSDP2 (`fully_shard`) for models that do not fit on one device (train.distributed=fsdp2).
 
 Each decoder layer becomes one FSDP unit: its parameters are DTensors sharded across ranks,
-gathered for its forward and backward and reduce-scattered after. Embeddings, the final norm
-and the head stay replicated (their gradients go through the same all-reduce as in data
-parallelism), so the trainer can still apply the head itself, chunked.
+gathered for its forward and backward and reduce-scattered after. The module that runs the
+pair forward (`distributed.PairModule`, owning the model) is the root unit: the parameters
+outside the layers (embeddings, final norm, the head) are sharded too, gathered when the pair
+forward starts and again before its backward (the chunked head's backward reads the gathered
+head weight it saved), and reduce-scattered like the layers'. Nothing is replicated, so no
+gradient is reduced outside FSDP2.
 
 Gradient reduction sums (divide factor 1): each rank's loss is already divided by the global
-batch size, as for the replicated parameters. Everything that turns sharded tensors into full
-ones (checkpoints, export) is a collective: every rank calls it, rank 0 writes.
+batch size. Everything that turns sharded tensors into full ones (checkpoints, export) is a
+collective: every rank calls it, rank 0 writes.
 """
 
 from __future__ import annotations
@@ -23,26 +26,29 @@ def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def has_sharded_modules(model) -> bool:
-    """True when some submodule is an FSDP2 unit (its parameters may be sharded DTensors or,
-    between a forward and its reshard, unsharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def shard_layers(model) -> int:
-    """fully_shard every decoder layer; returns how many units were made."""
+def shard(root: torch.nn.Module, model: torch.nn.Module) -> int:
+    """fully_shard every decoder layer of `model`, then `root` (which owns `model`) for the
+    rest; returns how many units were made."""
+    import torch.distributed as td
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from dpolab.models import decoder_layers
 
+    # The mesh on the model's device type (FSDP2 would pick CUDA whenever present, even for
+    # a run on the CPU).
+    mesh = init_device_mesh(next(model.parameters()).device.type, (td.get_world_size(),))
     layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer)
-        layer.set_gradient_divide_factor(1.0)
-        layer.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    return len(layers)
+        fully_shard(layer, mesh=mesh)
+    # The root reshards after its forward as the layers do (FSDP2 keeps a root gathered by
+    # default): an evaluation or reference forward must leave every parameter in its
+    # sharded form, which is what the optimizer, checkpoints and export hold.
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    for unit in [*layers, root]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return len(layers) + 1
 
 
 def full(t: Tensor) -> Tensor:
@@ -81,27 +87,31 @@ def load_optimizer_state_full(optimizer: torch.optim.Optimizer, sd: dict) -> Non
 
 
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
-    """Global gradient norm over replicated and sharded gradients; clip when max_norm > 0.
-    Sharded gradients contribute their local shards, summed over ranks (disjoint shards);
-    replicated gradients, already equal on every rank, count once."""
+    """Global gradient norm over sharded (and any replicated) gradients; clip when
+    max_norm > 0. Sharded gradients contribute their local shards, summed over ranks
+    (disjoint shards); a replicated gradient, equal on every rank, counts once. Reduced on
+    the gradients' device (NCCL reduces device tensors only)."""
     import torch.distributed as td
 
-    local = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        if is_sharded(p.grad):
-            local += p.grad.to_local().double().pow(2).sum().cpu()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    local_of = lambda g: g.to_local() if is_sharded(g) else g  # noqa: E731
+    device = local_of(grads[0]).device
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        sq = local_of(g).double().pow(2).sum()
+        if is_sharded(g):
+            sharded += sq
         else:
-            replicated += p.grad.double().pow(2).sum().cpu()
-    td.all_reduce(local, op=td.ReduceOp.SUM)
-    norm = float((local + replicated).sqrt())
+            replicated += sq
+    td.all_reduce(sharded, op=td.ReduceOp.SUM)
+    norm = float((sharded + replicated).sqrt())
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        for g in grads:
+            g.mul_(coef)
     return norm
 
 

@@ -6,8 +6,9 @@
 What it trains on is assembled by `dpolab.session.build`; per micro-batch the loop asks the
 session for the pairs' log-probs (`pair_logps`) and does the rest itself. More than one
 process (torchrun) means data parallelism: each rank takes an interleaved slice of every
-global batch and gradients are averaged with an all-reduce, so N processes give the same
-step as one process on the same global batch.
+global batch and PyTorch's engine (DDP, or FSDP2 for sharded weights; `session.engine`) sums
+the gradients during the backward of the step's last micro-batch, so N processes give the
+same step as one process on the same global batch.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def train(cfg: RunConfig, *, resume: bool = False, inputs: Inputs | None = None)
 
 def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
     # ---- setup -------------------------------------------------------------------------
-    dist = Distributed.from_env(cfg.train.device)
+    dist = Distributed.from_env(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
         memory.reuse_freed_blocks()  # no page faults for the same buffers every step
     run_dir = rundir.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
@@ -88,7 +89,6 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
     tc, lc = cfg.train, cfg.loss
     objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
-    trained = s.params + ([aux.delta] if aux is not None else [])
 
     # ---- optimizer and schedule ----------------------------------------------------------
     groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay}]
@@ -128,19 +128,24 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         stats = StepStats()
         mine = positions[dist.rank::dist.world]
-        for micro in range(tc.grad_accum):
+        # Every rank runs as many micro-batches as rank 0 (the longest slice), the last one
+        # synchronising gradients; a rank whose slice is shorter (the end of an epoch) runs a
+        # stand-in pair with weight 0, so the engine's collectives line up.
+        n_micro = math.ceil(len(positions[::dist.world]) / tc.batch_size)
+        for micro in range(n_micro):
             idx = mine[micro * tc.batch_size:(micro + 1) * tc.batch_size]
-            if not idx:
-                continue
+            stand_in = not idx
+            idx = idx or positions[:1]
+            s.engine.sync_gradients(micro == n_micro - 1)  # the earlier ones accumulate locally
             # forward
             pairs = s.pair_logps("train", idx)
             if aux is not None:
                 pairs = aux.with_delta(pairs, idx)
             # loss
             per_example, terms = objective(pairs)
-            weights = s.group_weights("train", idx)
+            weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
             loss = (weights * per_example).sum() / len(positions)
-            if aux is not None:
+            if aux is not None and not stand_in:
                 loss = loss + aux.penalty(idx, n_global=len(positions))
             if step == 0 and start == 0 and micro == 0:
                 check_step0(pairs, terms, objective.at_reference())
@@ -148,10 +153,12 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
                 raise checkpoint.nonfinite_error(run_dir, step + 1, "loss", loss.item())
             # backward
             loss.backward()
+            # a stand-in adds zeros: every rank sums the same keys
             stats.add(pairs, terms, per_example, weights, beta=lc.beta,
-                      average=s.reward_average)
+                      average=s.reward_average, scale=float(not stand_in))
         # step
-        dist.average_gradients(trained)
+        if aux is not None:
+            dist.sum_grad(aux.delta)  # outside the engine's module: summed here, once
         grad_norm = clip(s.params, tc.max_grad_norm)
         if not math.isfinite(grad_norm):  # never applied, so never checkpointed
             raise checkpoint.nonfinite_error(run_dir, step + 1, "gradient norm", grad_norm)
@@ -164,13 +171,10 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
                    elapsed_s=time.monotonic() - t_start)
         metrics.write(row)
         bar.update(step + 1, loss=row["loss"], acc=row["rewards/accuracies"])
-        # evaluate
+        # evaluate (the last evaluation follows the export)
         done = step + 1 == total
-        if done or (every and (step + 1) % every == 0):
-            row = s.evaluate(step=step + 1, train_split=done)  # train pairs: start and end
-            if done:
-                row.update(s.did_eval())
-            metrics.write(row)
+        if not done and every and (step + 1) % every == 0:
+            metrics.write(s.evaluate(step=step + 1, train_split=False))  # train pairs: start, end
         # checkpoint
         if done or (tc.save_every and (step + 1) % tc.save_every == 0):
             checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
@@ -178,10 +182,14 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
                             keep=tc.keep_checkpoints)  # collective
             dist.barrier()
     bar.close()
-    metrics.close()
 
-    # ---- export ------------------------------------------------------------------------
-    s.export(run_dir / "model")  # collective
+    # ---- the last evaluation, export, DID probe ----------------------------------------
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer  # its moments: the DID probe below needs the model's weights alone
+    row = s.evaluate(step=total)
+    row.update(s.export_and_probe(run_dir / "model"))  # collective; the policy's last use
+    metrics.write(row)
+    metrics.close()
     if dist.is_main:
         rundir.write_summary(run_dir, metrics.path, wall_s=time.monotonic() - t_start)
         if tc.report:
@@ -205,7 +213,7 @@ class StepStats:
         self.sums: dict[str, float] = {}
 
     def add(self, pairs: PairLogps, terms: dict[str, Tensor], per_example: Tensor,
-            weights: Tensor, *, beta: float, average: bool = False) -> None:
+            weights: Tensor, *, beta: float, average: bool = False, scale: float = 1.0) -> None:
         with torch.no_grad():
             pc, pr, nc, nr = (t.detach().double().cpu().numpy() for t in (
                 pairs.policy_chosen, pairs.policy_rejected, pairs.n_chosen, pairs.n_rejected))
@@ -219,7 +227,7 @@ class StepStats:
             for name, t in terms.items():
                 add[f"loss/{name}"] = float(t.double().sum())
         for k, v in add.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.sums[k] = self.sums.get(k, 0.0) + scale * v
 
     def summary(self, dist: Distributed, *, n_global: int) -> dict[str, float]:
         keys = sorted(self.sums)

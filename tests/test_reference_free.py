@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dpolab import rundir, scopes, session
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
+from dpolab.policy import padded
 from dpolab.losses import PairLogps
 from dpolab.train import StepStats, train
 from tests.test_train import cfg_for, write_pairs
@@ -100,7 +101,7 @@ def test_padded_keeps_each_sequence_in_order():
     """Flat tokens with interleaved sequence ids come back left-aligned per sequence, in order."""
     tokens = torch.tensor([1.0, 10.0, 2.0, 20.0, 3.0])
     seg = torch.tensor([0, 1, 0, 1, 0])
-    vals, mask = session.padded(tokens, seg, 3)
+    vals, mask = padded(tokens, seg, 3)
     assert vals.tolist() == [[1.0, 2.0, 3.0], [10.0, 20.0, 0.0], [0.0, 0.0, 0.0]]
     assert mask.tolist() == [[True] * 3, [True, True, False], [False] * 3]
 
