@@ -218,16 +218,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], *,
         except yaml.YAMLError:
             value = text
         values.append((key, value, f"override {item!r}"))
-    return _apply(raw, values)
+    return _apply(raw, values, source=source)
 
 
-def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+def apply_values(raw: dict[str, Any], values: dict[str, Any], *,
+                 source: str = "config") -> dict[str, Any]:
     """Overrides given as Python values under their `section.key` names (`{"loss.beta": 0.1}`):
     the command line's overrides without the YAML parsing, checked the same way."""
-    return _apply(raw, [(key, value, f"override {key!r}") for key, value in values.items()])
+    return _apply(raw, [(key, value, f"override {key!r}") for key, value in values.items()],
+                  source=source)
 
 
-def _apply(raw: dict[str, Any], values: list[tuple[str, Any, str]]) -> dict[str, Any]:
+def _apply(raw: dict[str, Any], values: list[tuple[str, Any, str]], *,
+           source: str) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for key, value, item in values:
         if key == "out":
