@@ -11,7 +11,7 @@
 # a copy of the rows go to $OUT (default: benchmarks/results/gpu_check/).
 #
 # Preparing the wheels (once, on a machine with PyPI; nothing here is committed: /.whl/ is in
-# .git/info/exclude). TRL and datasets with the two pure-Python packages of datasets' that
+# .gitignore). TRL and datasets with the two pure-Python packages of datasets' that
 # the GPU image lacks; everything else they import (accelerate, pandas, pyarrow, xxhash,
 # fsspec, huggingface-hub, ...) is in the image. No torch wheel. About 1.8 MB in all:
 #
@@ -82,10 +82,13 @@ print({p: v(p) for p in ("transformers", "trl", "datasets", "pyarrow", "dill", "
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
-# 1. GPU tests (skipped, and so quick, without CUDA) and the CPU tests of the packed layout.
+# 1. GPU tests (skipped, and so quick, without CUDA), the CPU tests of the packed layout, and
+#    the NCCL runs of the distributed engines (a 1-process torchrun with NCCL equals a plain run).
 stamp "pytest"
 timeout 210 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_packing.py \
-    tests/test_logps_autocast.py 2>&1 | tail -40 | tee "$OUT/pytest.txt"
+    tests/test_logps_autocast.py "tests/test_distributed.py::test_nccl_collectives_take_device_tensors" \
+    "tests/test_distributed.py::test_one_process_torchrun_equals_plain_run[cuda]" \
+    2>&1 | tail -40 | tee "$OUT/pytest.txt"
 stamp "pytest exit ${PIPESTATUS[0]}"
 
 # 2. qwen0.5b: the three systems side by side.

@@ -4,6 +4,7 @@ body states computed data-parallel equal those of one process; the NCCL path on 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,14 +21,27 @@ def _env(cache: Path) -> dict:
     return {**os.environ, "DPOLAB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
 
 
+def _run(cmd: list[str], env: dict, *, timeout: float = 300) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own: on a timeout the whole group (torchrun
+    and its workers) is killed, so no worker outlives the test holding memory and cores."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def _train(args: list[str], *, cache: Path, nproc: int | None = None):
     """`dpolab train` in a fresh process, or under torchrun with `nproc` processes."""
     launch = [sys.executable, "-m", "dpolab", "train"]
     if nproc is not None:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   f"--nproc_per_node={nproc}", "-m", "dpolab", "train"]
-    r = subprocess.run([*launch, *args], env=_env(cache), capture_output=True, text=True,
-                       timeout=300)
+    r = _run([*launch, *args], _env(cache))
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -116,9 +130,9 @@ def test_fsdp2_checkpoint_resume(tiny_dir, tmp_path):
     resume: 2 steps, checkpoint, 2 more steps equals 4 uninterrupted steps (constant lr)."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=24)
     env = {**os.environ, "DPOLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run(  # noqa: E731
+    run = lambda *a: _run(  # noqa: E731
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "dpolab", "train", *a], env=env, capture_output=True, text=True, timeout=300)
+         "-m", "dpolab", "train", *a], env)
     common = ["--model", str(tiny_dir), "--data", str(data), "train.lr=0.01",
               "train.progress=false", "data.max_length=48", "data.max_prompt_length=16",
               "train.did_samples=0", "train.report=false", "train.scope=full",
