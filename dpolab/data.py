@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dpolab import chat_data
-from dpolab.chat_data import ROLES  # re-exported: the roles a message may have
 from dpolab.errors import UserError
 
 FORMATS = ("standard", "conversational", "implicit", "implicit_conversational")

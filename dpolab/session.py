@@ -32,7 +32,6 @@ from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.policy import padded
-from dpolab.progress import Progress
 from dpolab.scopes import Scope
 
 Tensor = torch.Tensor

@@ -15,8 +15,6 @@ Tolerances, and why:
 import json
 import math
 import os
-import signal
-import time
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from dpolab.policy import BodyForward, SharedPromptForward, packed_states
 from dpolab.tiny import tiny_model
 from dpolab.tokenize import PairExample
 from dpolab.train import train
-from tests.test_train import _run_cli, cfg_for, write_pairs
+from tests.test_train import cfg_for, run_killed_and_resumed, write_pairs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -108,7 +106,7 @@ def test_packed_forward_bf16_autocast_and_neighbours_cuda():
 
 
 @pytest.mark.parametrize("scope", ["full", "lora"])
-def test_train_on_cuda(scope, tiny_dir, tmp_path, cache):  # noqa: F811
+def test_train_on_cuda(scope, tiny_dir, tmp_path, cache):
     """A tiny run on CUDA (full: bf16 autocast over float32 weights; lora): the step-0
     invariant holds (training checks it; the first loss is ln 2 within its 1e-3) and
     training lowers the loss."""
@@ -123,7 +121,7 @@ def test_train_on_cuda(scope, tiny_dir, tmp_path, cache):  # noqa: F811
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
-def test_resume_on_cuda_matches_uninterrupted(tiny_dir, tmp_path, cache):  # noqa: F811
+def test_resume_on_cuda_matches_uninterrupted(tiny_dir, tmp_path, cache):
     """kill -9 after a checkpoint, then --resume, on CUDA: every logged loss within 1e-3 of
     the uninterrupted run's and the weights within 1e-3 + 1e-2 relative (module docstring)."""
     from safetensors.torch import load_file
@@ -134,18 +132,7 @@ def test_resume_on_cuda_matches_uninterrupted(tiny_dir, tmp_path, cache):  # noq
             "train.did_samples=0", "train.report=false", "train.device=cuda",
             "train.max_steps=16", "train.save_every=4", "train.lr=0.01", "train.progress=false",
             "data.max_length=48", "data.max_prompt_length=16", "train.scope=full"]
-    ref = _run_cli([*args, "--out", str(tmp_path / "full")], env)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    killed = _run_cli([*args, "--out", str(tmp_path / "killed")], env)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert latest.exists()
-    resumed = _run_cli(["--resume", str(tmp_path / "killed")], env)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    run_killed_and_resumed(args, env, full=tmp_path / "full", killed=tmp_path / "killed")
     read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = read(tmp_path / "full"), read(tmp_path / "killed")
     assert [r.get("step") for r in a] == [r.get("step") for r in b]

@@ -128,10 +128,8 @@ def test_ld_dpo_step1_loss_by_hand(tiny_dir, tmp_path, cache):
     loss = -log sigma(beta (LD(y_w) - LD(y_l))) + LD(y_w) * (-1/|y_w|), averaged over the
     batch (all 4 pairs), from the model's own full logits. With ld_alpha = 1 the same
     formula on plain sums differs (so the check can fail)."""
-    from dpolab.models import load_model
+    from dpolab.models import load_model, load_tokenizer
     from dpolab.tokenize import tokenize_rows
-    from dpolab.data import load_rows
-    from dpolab.models import load_tokenizer
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=5)  # 4 train pairs, 1 held out
     cfg = cfg_for(tiny_dir, data, tmp_path / "ld", "loss.name=cpo", "loss.ld_alpha=0.5",

@@ -2,9 +2,7 @@
 verified and fall back, non-finite steps are never applied, and every bad model folder,
 template, text, config value and metrics file is an exit-2 message naming the place."""
 
-import fcntl
 import json
-import os
 import re
 import shutil
 import signal

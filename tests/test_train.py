@@ -297,6 +297,23 @@ def _run_cli(args, env, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def run_killed_and_resumed(args, env, *, full: Path, killed: Path) -> None:
+    """`dpolab train ARGS` run through into `full`; the same run into `killed`, killed with
+    SIGKILL once its first checkpoint exists, then `--resume`d to the end."""
+    ref = _run_cli([*args, "--out", str(full)], env)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    run = _run_cli([*args, "--out", str(killed)], env)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert latest.exists()
+    resumed = _run_cli(["--resume", str(killed)], env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+
 def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path, cache):
     """kill -9 after a checkpoint, then --resume: metrics.jsonl and the trained weights are
     bitwise those of an uninterrupted run with the same seed."""
@@ -306,18 +323,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path, cache):
             "train.did_samples=0", "train.report=false",
             "train.max_steps=30", "train.save_every=3", "train.lr=0.01", "train.progress=false",
             "data.max_length=48", "data.max_prompt_length=16", "train.scope=full"]
-    ref = _run_cli([*args, "--out", str(tmp_path / "full")], env)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    killed = _run_cli([*args, "--out", str(tmp_path / "killed")], env)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert latest.exists()
-    resumed = _run_cli(["--resume", str(tmp_path / "killed")], env)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    run_killed_and_resumed(args, env, full=tmp_path / "full", killed=tmp_path / "killed")
     a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items()  # noqa: E731
