@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -55,22 +55,32 @@ class Inputs:
                 p.requires_grad_(adapter in name)
         return model
 
-    def reloader(self, cfg, model) -> Callable[[Any], torch.nn.Module] | None:
+    def reloader(self, cfg, model) -> "Theta0 | None":
         """For a model from memory whose starting weights cannot be loaded again (the full
         scope overwrites them; a peft model's adapters may start nonzero): a CPU copy of its
-        weights now, and a function that rebuilds the model at theta0 from it, for scoring
-        samples against the reference after training (train.did_samples). None otherwise."""
+        weights now, for scoring samples against the reference after training
+        (train.did_samples). None otherwise."""
         if self.model is None or cfg.train.did_samples <= 0:
             return None
         if not (cfg.train.scope == "full" or is_peft(model)):
             return None
-        theta0 = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return Theta0(model, {k: v.detach().to("cpu", copy=True)
+                              for k, v in model.state_dict().items()})
 
-        def reload(device) -> torch.nn.Module:
-            ref = copy.deepcopy(model)  # the module tree; its weights are replaced next
-            ref.load_state_dict(theta0)
-            return ref.to(device).eval().requires_grad_(False)
-        return reload
+
+@dataclass(frozen=True)
+class Theta0:
+    """A model's weights before training, on the CPU (`weights`: state-dict name -> tensor,
+    tied weights under each of their names)."""
+
+    model: torch.nn.Module
+    weights: dict
+
+    def __call__(self, device) -> torch.nn.Module:
+        """A second model at theta0 on `device` (a peft model's reference beside the policy)."""
+        ref = copy.deepcopy(self.model)  # the module tree; its weights are replaced next
+        ref.load_state_dict(self.weights)
+        return ref.to(device).eval().requires_grad_(False)
 
 
 def is_peft(model) -> bool:

@@ -153,15 +153,18 @@ def _reference_in_place(cfg, model, kw: dict, reload=None) -> Forward:
         for p in named.values():
             if not sharding.is_sharded(p):
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        # reload: the starting weights of a model given in memory (dpolab.api.Trainer)
-        ref = reload("cpu") if reload is not None else load_configured(cfg.model, device="cpu")
-        for name, r in ref.named_parameters(remove_duplicate=False):
-            p = named[name]
+        if reload is not None:  # a model given in memory: its starting weights, kept on the CPU
+            source = reload.weights
+        else:
+            source = dict(load_configured(cfg.model, device="cpu").named_parameters(
+                remove_duplicate=False))
+        for name, p in named.items():
+            r = source[name].detach()
             if sharding.is_sharded(p):
-                p.copy_(sharding.like(r.detach(), p))
+                p.copy_(sharding.like(r, p))
             else:
-                p.data = r.detach().to(p.device)
-        del ref
+                p.data = r.to(p.device, copy=True)  # the kept copy stays as it was
+        del source
     body, _ = body_and_head(model)
     return SharedPromptForward(body, lambda: body_and_head(model)[1], dtype=model.dtype, **kw)
 

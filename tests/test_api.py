@@ -46,6 +46,23 @@ def test_trainer_on_objects_trains_in_memory(tiny_dir, tmp_path, cache):
     assert "<in-memory LlamaForCausalLM from " in config and "<in-memory train_dataset>" in config
 
 
+def test_full_scope_in_memory_probe_measures_against_the_starting_weights(tiny_dir, tmp_path,
+                                                                          cache):
+    """The full scope overwrites a model given in memory, so the end-of-run DID probe scores
+    its samples against the kept starting weights, put back into the policy's place: the
+    same DID numbers as the same run from the folder, whose reference is read from disk."""
+    from transformers import AutoModelForCausalLM
+
+    did = {**FAST, "train.scope": "full", "train.did_samples": 2, "train.did_prompts": 2,
+           "train.did_max_new_tokens": 4}
+    a = dpolab.Trainer(str(tiny_dir), pairs(12), out=str(tmp_path / "a"), **did).train()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    b = dpolab.Trainer(model, pairs(12), out=str(tmp_path / "b"), **did).train()
+    after = [json.loads((r / "summary.json").read_text())["after"] for r in (a, b)]
+    kl = [x["eval/did/kl"] for x in after]
+    assert kl[0] != 0 and kl[1] == pytest.approx(kl[0], rel=1e-6, abs=1e-9)
+
+
 def test_model_from_memory_finds_the_stored_reference(tiny_dir, tmp_path, cache):
     """The reference store keys on the weights' hash and the token ids: a run on the model
     loaded in memory reuses the reference a run on the same folder stored (no new file)."""
