@@ -93,13 +93,18 @@ def _check_tool_calls(calls: Any, at: str) -> None:
         if args is _MISSING or args is None:
             raise RowProblem(f"{here} has no 'arguments' (use {{}} for none)")
         if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError as err:
-                raise RowProblem(f"{here} 'arguments' is a string but not valid JSON: "
-                                 f"{err.msg} (column {err.colno})") from None
+            args = _decoded(args, f"{here} 'arguments'")
         if not isinstance(args, dict):
             raise RowProblem(f"{here} 'arguments' must be a JSON object, got {_type(args)}")
+
+
+def _decoded(text: str, what: str) -> Any:
+    """A value TRL accepts as JSON text (tool-call arguments, the tools column), decoded."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RowProblem(f"{what} is a string but not valid JSON: {err.msg} "
+                         f"(column {err.colno})") from None
 
 
 def check_tools(value: Any) -> list[dict] | None:
@@ -108,11 +113,7 @@ def check_tools(value: Any) -> list[dict] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise RowProblem(f"field 'tools' is a string but not valid JSON: {err.msg} "
-                             f"(column {err.colno})") from None
+        value = _decoded(value, "field 'tools'")
     if not isinstance(value, list):
         raise RowProblem(f"field 'tools' must be a list of function schemas, got {_type(value)}")
     for i, tool in enumerate(value):

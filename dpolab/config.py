@@ -268,6 +268,11 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
         (cfg.loss.aux_mode in ("soft", "exact"), "loss.aux_mode must be soft or exact"),
+        # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
+        # log_sum_sq_probs); the chunked head returns log pi(label) only.
+        (not cfg.loss.use_weighting, "loss.use_weighting needs the per-token log sum_v pi(v)^2 "
+         "of the policy (WPO's weight), which dpolab's forward does not compute; set "
+         "loss.use_weighting=false"),
         (cfg.train.distributed in ("ddp", "fsdp2"), "train.distributed must be ddp or fsdp2"),
         (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
          "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),

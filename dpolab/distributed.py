@@ -28,7 +28,6 @@ class Distributed:
     grouped: bool = False  # a process group exists (torchrun started this process)
     local_rank: int = 0  # this process's index on its machine
 
-
     @classmethod
     def from_env(cls, device: str = "auto", *, timeout_s: float = 1800.0) -> "Distributed":
         """Join torchrun's process group whenever torchrun started the process (RANK and

@@ -162,15 +162,13 @@ class Session:
             if sp.ref is None:  # the policy's own preference; nothing to compare with
                 row.update({prefix + k: v for k, v in
                             without_reference_metrics(summarize(stats)).items()})
-                row.update({prefix + k: v for k, v in group_summaries(
-                    stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
-                continue
-            row.update({prefix + k: v for k, v in summarize(stats).items()})
-            flags = unflippable(stats.ref_chosen, stats.ref_rejected, beta=stats.beta)
-            row[prefix + "unflippable/fraction"] = float(flags.mean())
-            if flags.any():  # did training flip the model's own preference on them anyway?
-                pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
-                row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
+            else:
+                row.update({prefix + k: v for k, v in summarize(stats).items()})
+                flags = unflippable(stats.ref_chosen, stats.ref_rejected, beta=stats.beta)
+                row[prefix + "unflippable/fraction"] = float(flags.mean())
+                if flags.any():  # did training flip the model's own preference on them anyway?
+                    pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
+                    row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
             row.update({prefix + k: v for k, v in group_summaries(
                 stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
         return row
@@ -238,12 +236,6 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     from dpolab.tokenize import tokenize_rows
 
     tc = cfg.train
-    if cfg.loss.use_weighting:
-        # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
-        # log_sum_sq_probs); the chunked head returns log pi(label) only.
-        raise UserError("config loss.use_weighting: loss.use_weighting needs the per-token "
-                        "log sum_v pi(v)^2 of the policy (WPO's weight), which dpolab's "
-                        "forward does not compute; set loss.use_weighting=false")
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
@@ -288,9 +280,10 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     # which under FSDP2 (full scope only) must run as the engine's forward. A run whose terms
     # read no reference has none.
     ref_forward = engine if engine.sharded else scope.reference
+    has_reference = needs_reference(cfg)
     refs = {split: reference.reference_for(model_hash, ref_forward, t.examples, cfg, dist,
-                                           split, collective=engine.sharded) if needs_reference(cfg) else None
-            for split, t in tok.items()}
+                                           split, collective=engine.sharded)
+            if has_reference else None for split, t in tok.items()}
     gindex = {g: i for i, g in enumerate(groups)}
     splits = {}
     for split, t in tok.items():
@@ -303,7 +296,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
                              for e in t.examples]))
     if dist.is_main:
         rundir.write_data_report(run_dir, tok)
-        if needs_reference(cfg):  # unflippable is a property of the reference
+        if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine)
 
