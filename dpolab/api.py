@@ -146,9 +146,10 @@ def _rows(dataset, name: str, cfg) -> list:
     """Validated PreferenceRows of an in-memory data set; errors read `NAME:ROW: field ...`."""
     from dpolab.data import load_rows
 
+    from dpolab.session import report_skipped
+
     loaded = load_rows(dataset, skip_invalid=cfg.data.skip_invalid, name=name)
-    if loaded.skipped:
-        print(f"{name}: skipped {len(loaded.skipped)} invalid row(s); first: {loaded.skipped[0]}")
+    report_skipped(loaded, name)
     return list(loaded.rows)
 
 

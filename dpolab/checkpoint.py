@@ -188,7 +188,7 @@ def describe_latest(run_dir: Path) -> str:
     dirs = [p for p in step_dirs(run_dir / "checkpoints") if verify(p)[0] is not None]
     if not dirs:
         return f"no checkpoint has been saved in {run_dir} yet"
-    return f"the last checkpoint is {dirs[0]} (step {int(dirs[0].name.split('-')[1])})"
+    return f"the last checkpoint is {dirs[0]} (step {_step_of(dirs[0])})"
 
 
 def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:

@@ -339,10 +339,10 @@ def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
                             held_out_per_group=d.eval_per_group or None,
                             groups=list(d.groups) or None)
     rows = load_rows(d.path, skip_invalid=d.skip_invalid)
-    _report_skipped(rows, d.path)
+    report_skipped(rows, d.path)
     if d.eval_path:
         held = load_rows(d.eval_path, skip_invalid=d.skip_invalid)
-        _report_skipped(held, d.eval_path)
+        report_skipped(held, d.eval_path)
         return list(rows.rows), list(held.rows)
     return split_held_out(rows.rows, cfg)
 
@@ -358,6 +358,7 @@ def split_held_out(rows: Sequence, cfg: RunConfig) -> tuple[list, list]:
     return train, held
 
 
-def _report_skipped(loaded, path: str) -> None:
+def report_skipped(loaded, path: str) -> None:
+    """Say how many invalid rows `data.skip_invalid` dropped from `path`, and the first."""
     if loaded.skipped:
         print(f"{path}: skipped {len(loaded.skipped)} invalid row(s); first: {loaded.skipped[0]}")
