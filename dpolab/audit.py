@@ -71,12 +71,13 @@ def group_sizes(rows: Sequence[PreferenceRow]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------- duplicates
-def _key(row: PreferenceRow) -> tuple[str, str, str]:
+def row_key(row: PreferenceRow) -> tuple[str, str, str]:
+    """What makes two rows exact duplicates: prompt, chosen and rejected as text."""
     return tuple(row_text(getattr(row, f)) for f in FIELDS)
 
 
 def _norm_key(row: PreferenceRow) -> tuple[str, str, str]:
-    return tuple(normalize(t) for t in _key(row))
+    return tuple(normalize(t) for t in row_key(row))
 
 
 def _clusters(keys: Sequence[Any]) -> list[list[int]]:
@@ -89,7 +90,7 @@ def _clusters(keys: Sequence[Any]) -> list[list[int]]:
 
 def exact_duplicates(rows: Sequence[PreferenceRow]) -> list[list[str]]:
     """Clusters (FILE:ROW lists, first occurrence first) of rows equal in all three fields."""
-    return [[where(rows[i]) for i in c] for c in _clusters([_key(r) for r in rows])]
+    return [[where(rows[i]) for i in c] for c in _clusters([row_key(r) for r in rows])]
 
 
 def near_duplicates(rows: Sequence[PreferenceRow], *, threshold: float = 0.9, n: int = 4,
@@ -106,7 +107,7 @@ def near_duplicates(rows: Sequence[PreferenceRow], *, threshold: float = 0.9, n:
         # rows equal as loaded are exact duplicates, not near ones: keep one per exact key
         first_of: dict[tuple[str, str, str], int] = {}
         for i in cluster:
-            first_of.setdefault(_key(rows[i]), i)
+            first_of.setdefault(row_key(rows[i]), i)
         firsts = list(first_of.values())
         for j in firsts[1:]:
             out.append({"a": where(rows[firsts[0]]), "b": where(rows[j]), "similarity": 1.0,

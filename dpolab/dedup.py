@@ -1,8 +1,8 @@
 """Exact duplicate pairs between and within the training and held-out splits.
 
 Two rows are exact duplicates when prompt, chosen and rejected are equal as loaded (messages
-compared as ``role: content`` lines, the key of :func:`dpolab.audit.exact_duplicates`; the
-group and other columns do not count). Training keeps its own duplicates (they weigh a pair
+compared as ``role: content`` lines; :func:`dpolab.audit.row_key`, the key `dpolab inspect`
+lists duplicates by; the group and other columns do not count). Training keeps its own duplicates (they weigh a pair
 more, which a data set may intend) but says how many there are; a held-out pair equal to a
 training pair measures memory, not generalization, so it is removed from the held-out split.
 """
@@ -12,13 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from dpolab.audit import row_text, where
+from dpolab.audit import row_key, where
 from dpolab.data import PreferenceRow
 from dpolab.errors import UserError
-
-
-def row_key(row: PreferenceRow) -> tuple[str, str, str]:
-    return (row_text(row.prompt), row_text(row.chosen), row_text(row.rejected))
 
 
 def extra_copies(rows: Sequence[PreferenceRow]) -> int:
