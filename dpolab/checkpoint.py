@@ -16,7 +16,6 @@ silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,18 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab import atomic
+from dpolab.atomic import sha256
 from dpolab.errors import UserError
 
 FILES = ("trainable.safetensors", "optimizer.pt")  # checksummed in state.json
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
@@ -58,7 +50,8 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     with atomic.write_dir(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()},
                   str(tmp / "trainable.safetensors"))
-        torch.save(opt_state, tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a failed write keeps
+            torch.save(opt_state, f)                  # its errno (dpolab.atomic.writing)
         state = {"step": step, "metrics_lines": metrics_lines,
                  "sha256": {name: sha256(tmp / name) for name in FILES}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -202,6 +195,14 @@ def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Pat
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def after_write_error(run_dir: Path, err: atomic.WriteError) -> atomic.WriteError:
+    """A write that failed during a run (a checkpoint, the export, metrics, a cache file),
+    with what the run can go on from: every checkpoint written before it is intact."""
+    return atomic.WriteError(err.path, f"{err.what}. {_capital(describe_latest(run_dir))}; "
+                                       f"once it can be written, continue with: dpolab train "
+                                       f"--resume {run_dir}")
 
 
 def nonfinite_error(run_dir: Path, step: int, what: str, value: float) -> UserError:

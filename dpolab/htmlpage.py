@@ -35,9 +35,10 @@ def pyplot():
 
 def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
     """Lay out `fig`, write it as a PNG to `path` (creating the folder) and free it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with atomic.writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
 

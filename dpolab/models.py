@@ -11,8 +11,8 @@ masked out of attention and of the log-probs, so the choice only has to be a val
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +39,10 @@ def stay_offline(online: bool) -> None:
 
 
 def dpolab_cache_dir() -> Path:
-    """`$DPOLAB_CACHE` if set, else `~/.cache/dpolab`."""
-    return Path(os.environ.get("DPOLAB_CACHE") or Path.home() / ".cache" / "dpolab")
+    """`$DPOLAB_CACHE` if set, else `~/.cache/dpolab` (a UserError when that is a file)."""
+    from dpolab.cachedir import root
+
+    return root()
 
 
 def _default_gguf() -> Path:
@@ -57,7 +59,15 @@ def _default_gguf() -> Path:
 
 
 def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    """Whether `folder` holds a conversion whose files still match the sha256 recorded when
+    it was converted (dpolab.cachedir.folder_intact). The logit check at conversion tells
+    nothing of later damage: a changed weight would load without error, hash to another
+    reference key and train silently as if it were the model named. A folder without the
+    record (an earlier dpolab) or with a changed file is converted again."""
+    from dpolab import cachedir
+
+    return ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+            and cachedir.folder_intact(folder))
 
 
 def convert_gguf(gguf: Path, dest: Path, *, progress: bool = True) -> Path:
@@ -86,9 +96,16 @@ def save_converted(gguf_model, tokenizer, dest: Path) -> Path:
     after checking the reloaded copy's logits against `gguf_model` (see `convert_gguf`)."""
     from transformers import AutoModelForCausalLM
 
+    from dpolab import cachedir
+
     dest = Path(dest)
     plain = _plain_copy(gguf_model)
-    with atomic.write_dir(dest, keep_existing=True) as tmp:  # another process may finish first
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+             for t in plain.state_dict().values()}  # a tied weight counts once
+    cachedir.require(dest / "model.safetensors", sum(sizes.values()), "the converted model")
+    # Another process may finish first: its folder is kept, unless this one replaces a
+    # damaged folder.
+    with atomic.write_dir(dest, keep_existing=not dest.exists()) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -96,6 +113,7 @@ def save_converted(gguf_model, tokenizer, dest: Path) -> Path:
         if not err <= _CHECK_ATOL:
             raise RuntimeError(f"converted {dest.name} differs from the GGUF model: "
                                f"max |logit difference| {err:.3g} > {_CHECK_ATOL}")
+        cachedir.record_folder(tmp)
     return dest
 
 
@@ -133,11 +151,7 @@ def default_model_path(*, cache_dir: Path | None = None, progress: bool = True) 
 
 def _gguf_path(gguf: Path, *, progress: bool = True) -> Path:
     """Converted folder for a user's GGUF file, keyed by the file's SHA-256 (first 16 hex)."""
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    dest = dpolab_cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    dest = dpolab_cache_dir() / "models" / f"{gguf.stem}-{atomic.sha256(gguf)[:16]}"
     if not _is_converted(dest):
         convert_gguf(gguf, dest, progress=progress)
     return dest
@@ -221,8 +235,6 @@ def check_model_folder(folder: str | Path, *, weights: bool = True) -> None:
 def safetensors_problem(path: Path) -> str | None:
     """What is wrong with a safetensors file's layout ("" -> None when it is whole): the
     8-byte header length, the JSON header, and the file size the header's offsets imply."""
-    import json
-
     size = path.stat().st_size
     if size < 8:
         return f"not a safetensors file: {size} bytes (empty or cut short)"

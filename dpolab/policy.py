@@ -26,11 +26,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from dpolab import atomic, packing
+from dpolab import atomic, cachedir, packing, reference
 from dpolab.tokenize import collate_pairs
 from dpolab.logps import Head, label_logps
 
 Tensor = torch.Tensor
+STATES = "states"  # the kind of file the cached body states are (dpolab.atomic.save_tensors)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class CachedHeadForward:
     def __init__(self, head_fn: Callable[[], Head], *, chunk_size: int, device: torch.device):
         self.head_fn, self.chunk_size, self.device = head_fn, chunk_size, device
         self.cache: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.stores: dict[str, Path] = {}  # split -> the file its states are kept in
 
     def fill(self, states: Callable, examples: Sequence, *, split: str, batch_size: int,
              store: Path | None = None, progress: Callable[[int], None] | None = None,
@@ -126,10 +128,15 @@ class CachedHeadForward:
         weights and token ids) they are read from there when present, else written there.
         `map_batches(fn, n_batches, progress=...)` -> [fn(0), ...] runs the batches (each rank
         a share, results on every rank: `Distributed.map_batches`); in order here without it."""
-        if store is not None and self._load(store, examples, split):
-            if progress:
-                progress(len(examples))
-            return
+        if store is not None:
+            self.stores[split] = store
+            if self._load(store, examples, split):
+                if progress:
+                    progress(len(examples))
+                return
+            width = self.head_fn().weight.shape[-1]  # float32 states and an int64 label each
+            cachedir.require(store, reference.store_bytes(examples, 4 * width + 8),
+                             "the cached body states")
         batches = [list(examples[s:s + batch_size]) for s in range(0, len(examples), batch_size)]
 
         def run(i: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -159,20 +166,41 @@ class CachedHeadForward:
         hs, ys = self.responses(examples, split=split)
         offsets = torch.tensor([0] + [h.shape[0] for h in hs]).cumsum(0)
         atomic.save_tensors({"hidden": torch.cat(hs).cpu().contiguous(),
-                             "labels": torch.cat(ys).cpu(), "offsets": offsets}, path)
+                             "labels": torch.cat(ys).cpu(), "offsets": offsets}, path,
+                            kind=STATES)
 
     def _load(self, path: Path, examples: Sequence, split: str) -> bool:
-        t = atomic.read_tensors(path)
+        """Fill the cache from `path` when it holds these examples' states (checksum, kind,
+        layout, labels and width all checked; else a miss said in one line)."""
+        t = atomic.read_tensors(path, kind=STATES)
         if t is None:
             return False
-        n, off = len(examples), t["offsets"].tolist()
-        if len(off) != 2 * n + 1:
+        problem = self._problem(t, examples)
+        if problem:
+            atomic.miss(path, problem)
             return False
+        n, off = len(examples), t["offsets"].tolist()
         h, y = t["hidden"].to(self.device), t["labels"].to(self.device)
         for i, ex in enumerate(examples):
             c, r = slice(off[i], off[i + 1]), slice(off[n + i], off[n + i + 1])
             self.cache[(split, ex.index)] = (h[c], y[c], h[r], y[r])
         return True
+
+    def _problem(self, t: dict, examples: Sequence) -> str | None:
+        """What makes stored tensors `t` not the states of `examples` for this head, or None."""
+        if set(t) != {"hidden", "labels", "offsets"}:
+            return f"holds {', '.join(sorted(t))}, not hidden, labels and offsets"
+        h, y, width = t["hidden"], t["labels"], self.head_fn().weight.shape[-1]
+        if h.dtype != torch.float32 or h.dim() != 2 or h.shape[1] != width:
+            return f"its states are {h.dtype} {tuple(h.shape)}, not float32 (tokens, {width})"
+        if y.dtype != torch.int64 or tuple(y.shape) != (h.shape[0],):
+            return f"its labels are {y.dtype} {tuple(y.shape)}, not int64 ({h.shape[0]},)"
+        problem = reference.layout_problem(t["offsets"], reference.scored_lengths(examples), h)
+        if problem:
+            return problem
+        if not torch.equal(y, scored_tokens(examples)):
+            return "its labels are not the completions' scored tokens"
+        return None
 
     def __call__(self, examples: Sequence, *, split: str | None = None,
                  head: Head | None = None) -> FlatLogps:
@@ -185,6 +213,16 @@ class CachedHeadForward:
         tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
                           chunk_size=self.chunk_size)
         return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))
+
+
+def scored_tokens(examples: Sequence) -> Tensor:
+    """(T,) int64: the scored tokens of every chosen completion, then of every rejected one,
+    in example order (a cached-state file's labels)."""
+    def scored(ids, mask) -> list[int]:
+        return list(ids) if mask is None else [t for t, m in zip(ids, mask) if m]
+    return torch.tensor([t for e in examples for t in scored(e.chosen_ids, e.chosen_mask)]
+                        + [t for e in examples for t in scored(e.rejected_ids, e.rejected_mask)],
+                        dtype=torch.int64)
 
 
 def _in_order(fn: Callable[[int], object], n: int, *, progress=None) -> list:

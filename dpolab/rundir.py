@@ -61,7 +61,7 @@ class MetricsLog:
         self.lines += 1
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with atomic.writing(self.path), self.path.open("a") as f:  # a full disk: one line
             f.write(json.dumps(row, sort_keys=True) + "\n")
         self.tracker.log(row)
 
@@ -94,7 +94,7 @@ def write_data_report(run_dir: Path, tok: dict) -> None:
                     "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
                     "truncated_completion": t.truncated_completion, "groups": t.groups}
             for split, t in tok.items()}
-    (run_dir / "data.json").write_text(json.dumps(info, indent=1))
+    atomic.write_text(run_dir / "data.json", json.dumps(info, indent=1))
 
 
 def write_unflippable(run_dir: Path, splits: dict, groups: list[str], *, beta: float) -> dict:

@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from dpolab import reference, rundir
+from dpolab import cachedir, reference, rundir
 from dpolab.config import RunConfig
 from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
                                 unflippable, without_reference_metrics)
@@ -148,9 +148,11 @@ class Session:
         return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
                          beta=self.cfg.loss.beta)
 
-    def evaluate(self, *, step: int, train_split: bool = True) -> dict[str, float]:
+    def evaluate(self, *, step: int, train_split: bool = True,
+                 check: Callable[[str, PairStats], None] | None = None) -> dict[str, float]:
         """Held-out metrics as `eval/...` (plus per-group ones), and with `train_split` the
-        same of the training pairs as `train_eval/...` (they are usually the larger split)."""
+        same of the training pairs as `train_eval/...` (they are usually the larger split).
+        `check(split, stats)` sees each split's statistics (the step-0 check of every pair)."""
         row: dict[str, float] = {"step": step}
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):
             sp = self.splits[split]
@@ -159,6 +161,8 @@ class Session:
             if not sp.examples:
                 continue
             stats = self.pair_stats(split)
+            if check is not None:
+                check(split, stats)
             if sp.ref is None:  # the policy's own preference; nothing to compare with
                 row.update({prefix + k: v for k, v in
                             without_reference_metrics(summarize(stats)).items()})
@@ -240,6 +244,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
     inputs = inputs or Inputs()
+    if dist.local_main:  # what killed writers left; never a live process's
+        cachedir.remove_orphans(run_dir)
     tokenizer = inputs.tokenizer_for(cfg)
     model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
 
