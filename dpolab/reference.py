@@ -168,8 +168,8 @@ def disagree(policy: Tensor, ref: Tensor) -> Tensor:
     reference's (bool, same shape). Usually they are bitwise equal, but the batches need not
     be: the reference pass and the evaluation run train.eval_batch_size pairs at once, the
     training step its micro-batches, and padding to another length changes float32 sums of
-    ~100 terms in their last bits (~1e-5 nats). 1e-3 + 1e-5 |ref| nats leaves that room and
-    no more: any damaged token moves a sum by far more."""
+    ~100 terms in their last bits (~1e-5 nats). 1e-3 + 1e-5 |ref| nats leaves that room: a
+    difference beyond it is no rounding."""
     policy, ref = policy.double(), ref.double()
     return (policy - ref).abs() > 1e-3 + 1e-5 * ref.abs()
 

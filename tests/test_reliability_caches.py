@@ -439,3 +439,38 @@ def test_write_problem_reads_the_errno_wherever_the_writer_put_it(tmp_path):
                                 tmp_path) == "no space left on device"
     assert atomic.write_problem(ValueError("bad value"), tmp_path) is None
     assert atomic.write_problem(OSError(errno.ENOENT, "gone"), tmp_path) is None
+
+
+@pytest.mark.parametrize("pair_forward", ["shared_prompt", "two_rows"])
+def test_the_states_a_run_stores_are_read_back_by_the_next(tiny_dir, tmp_path, pair_forward, capsys):
+    """The labels and lengths a state file is checked against (the scored tokens of the
+    token ids) are those the forward stored, masked multi-turn completions included, under
+    either pair forward: a second fill reads the file (no miss) and holds the same states."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.models import body_and_head
+    from dpolab.policy import CachedHeadForward
+    from dpolab.scopes import pair_forward as make_forward
+    from dpolab.tokenize import PairExample
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    body, head = body_and_head(model)
+    tc = SimpleNamespace(pair_forward=pair_forward, logps_chunk=64)
+    states = make_forward(tc, body, head, pad_id=0, device=torch.device("cpu"), autocast=False,
+                          dtype=model.dtype).hidden
+    examples = [PairExample([5, 6], [7, 8, 9, 10], [11], None, 0, 1, "s",
+                            chosen_mask=(True, False, False, True)),
+                PairExample([5, 9, 12], [13, 14], [15, 16, 17], None, 1, 2, "s",
+                            rejected_mask=(False, True, True))]
+    store = tmp_path / "states" / "x.safetensors"
+    first, second = (CachedHeadForward(lambda: head, chunk_size=64, device=torch.device("cpu"))
+                     for _ in range(2))
+    first.fill(states, examples, split="train", batch_size=2, store=store)
+    second.fill(lambda batch: pytest.fail("the stored states were computed again"), examples,
+                split="train", batch_size=2, store=store)
+    assert "computing it again" not in capsys.readouterr().err
+    for key, entry in first.cache.items():
+        assert all(torch.equal(a, b) for a, b in zip(entry, second.cache[key]))
+    assert [e[1].tolist() for e in first.cache.values()] == [[7, 10], [13, 14]]
