@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,7 +37,9 @@ _HOST = re.sub(r"[@/]", "_", socket.gethostname()) or "localhost"
 # NAME.PID@HOST.tmp (write_dir's folders .NAME.RANDOM.PID@HOST.tmp); NAME.PID.tmp without
 # the host from earlier dpolab versions.
 _TMP_NAME = re.compile(r"\.(\d+)(?:@([^@/]*))?\.tmp$")
-_KIND, _DIGEST = "dpolab.kind", "dpolab.blake2b"  # cache-file metadata keys
+# A cache file's metadata: one entry, JSON with sorted keys ("kind", "blake2b", the caller's):
+# safetensors writes several entries in a random order, and equal files must be equal bytes.
+_META = "dpolab"
 
 
 def tmp_sibling(path: Path) -> Path:
@@ -203,10 +206,11 @@ def save_tensors(tensors: dict, path: str | Path, *, kind: str,
 
     path = Path(path)
     tmp = tmp_sibling(path)
-    meta = {**(metadata or {}), _KIND: kind, _DIGEST: digest(tensors)}
+    meta = json.dumps({**(metadata or {}), "kind": kind, "blake2b": digest(tensors)},
+                      sort_keys=True)
     with writing(path, tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata={_META: meta})
         tmp.replace(path)
     return path
 
@@ -222,15 +226,15 @@ def read_tensors(path: str | Path | None, *, kind: str) -> dict | None:
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(_META, "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # any unreadable file is a miss
         return miss(path, f"cannot be read ({type(err).__name__})")
-    if _DIGEST not in meta:
+    if not isinstance(meta, dict) or "blake2b" not in meta:
         return miss(path, "has no checksum (written by an earlier dpolab, or not by dpolab)")
-    if meta.get(_KIND) != kind:
-        return miss(path, f"holds {meta.get(_KIND)!r}, not {kind!r}")
-    if meta[_DIGEST] != digest(tensors):
+    if meta.get("kind") != kind:
+        return miss(path, f"holds {meta.get('kind')!r}, not {kind!r}")
+    if meta["blake2b"] != digest(tensors):
         return miss(path, "its tensors do not match their recorded checksum (damaged)")
     return tensors
 
