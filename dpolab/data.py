@@ -192,7 +192,11 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
 
 
 def _parquet_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq     # imported here: only Parquet users pay for it
+    try:
+        import pyarrow.parquet as pq  # imported here: only Parquet users install and load it
+    except ImportError:
+        raise DataError(f"{name}: reading Parquet needs pyarrow, which is not installed: "
+                        "pip install 'dpolab[parquet]'") from None
     try:
         records = pq.read_table(path).to_pylist()
     except Exception as err:         # pyarrow raises several unrelated types for bad files

@@ -349,3 +349,15 @@ def test_collate_after_tokenize_masks_exactly_the_completions(tokenizer):
 
 def load_rows_from(records) -> list[PreferenceRow]:
     return [parse_row(r, source="mem", row=i + 1)[0] for i, r in enumerate(records)]
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    """pyarrow is an optional extra: a Parquet file without it is a one-line DataError naming
+    the file and the extra to install, not an ImportError traceback."""
+    import sys
+
+    path = _write(tmp_path / "pairs.parquet", CASES["standard"], "parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    with pytest.raises(DataError, match=r"pairs\.parquet: reading Parquet needs pyarrow.*"
+                                        r"dpolab\[parquet\]"):
+        load_rows(path)
