@@ -23,8 +23,9 @@ column (a list of JSON function schemas, or that list as a JSON string) and a
 {"enable_thinking": false}) are passed to the chat template.
 
 An optional "group" column (a string: the value label) is kept on each row; every other column
-is kept untouched in ``PreferenceRow.meta``.  Sources: a JSONL file, a JSON file (a list of
-objects or {"data": [...]}), a Parquet file, or a ``datasets.Dataset``.
+is kept untouched in ``PreferenceRow.meta``.  Sources (:mod:`dpolab.sources`): a JSONL file,
+a JSON file (a list of objects or {"data": [...]}), a Parquet file, a ``datasets.Dataset`` or a
+list of dicts; several splits at once, and image or video columns, are refused there.
 
 Errors name the place and the field, ``FILE:ROW: field 'chosen' is empty``; ROW is the 1-based
 line of a JSONL file or the 1-based position in a list/table.  Tokenization and collation live in
@@ -36,17 +37,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dpolab import chat_data
-from dpolab.errors import UserError
+from dpolab.errors import DataError
+from dpolab.sources import BadRecord, read_source
 
 FORMATS = ("standard", "conversational", "implicit", "implicit_conversational")
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
-
-
-class DataError(UserError):
-    """A preference data problem the user can fix; the message starts with FILE or FILE:ROW."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +76,13 @@ def load_rows(source: Any, *, skip_invalid: bool = False, name: str | None = Non
     ``skip_invalid`` a bad row is dropped and its message kept in ``skipped``; a file that cannot
     be read, and a data set with no valid row, raise :class:`DataError` either way.
     """
-    name, records = _read_source(source, name)
+    name, records = read_source(source, name)
     rows: list[PreferenceRow] = []
     skipped: list[str] = []
     fmt: str | None = None
     for row_no, record in records:
         try:
-            if isinstance(record, _BadRecord):
+            if isinstance(record, BadRecord):
                 raise DataError(f"{name}:{row_no}: {record.message}")
             row, row_fmt = parse_row(record, source=name, row=row_no, expected=fmt)
         except DataError as err:
@@ -121,83 +119,6 @@ def write_jsonl(rows: list[PreferenceRow], path: str | Path) -> Path:
             record.update(row.meta)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-# ---------------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class _BadRecord:
-    message: str                  # why this record could not be read (e.g. invalid JSON)
-
-
-def _read_source(source: Any, name: str | None = None) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """(name, iterator of (1-based row, record dict or _BadRecord)) for any accepted source."""
-    if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
-        return name or "<dataset>", ((i + 1, rec) for i, rec in enumerate(source))
-    if isinstance(source, (list, tuple)):
-        return name or "<list>", ((i + 1, rec) for i, rec in enumerate(source))
-    if not isinstance(source, (str, Path)):
-        raise DataError(f"{name or repr(source)}: expected a file path, a datasets.Dataset "
-                        f"or a list of dicts, "
-                        f"got {type(source).__name__}")
-    path = Path(source)
-    name = str(source)
-    if not path.is_file():
-        raise DataError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return name, _jsonl_records(path, name)
-    if suffix == ".json":
-        return name, _json_records(path, name)
-    if suffix == ".parquet":
-        return name, _parquet_records(path, name)
-    raise DataError(f"{name}: unknown extension {path.suffix or '(none)'!r}; "
-                    "valid: .jsonl, .json, .parquet")
-
-
-def _read_text(path: Path, name: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{name}: cannot be read: {err}") from None
-
-
-def _jsonl_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    # Read the whole file first so an unreadable file raises before any row is handled.
-    lines = _read_text(path, name).splitlines()
-    return _jsonl_lines(lines)
-
-
-def _jsonl_lines(lines: list[str]) -> Iterator[tuple[int, Any]]:
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue            # blank lines (often a trailing one) are not rows
-        try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield i, _BadRecord(f"not valid JSON: {err.msg} (column {err.colno})")
-
-
-def _json_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    try:
-        data = json.loads(_read_text(path, name))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{name}: not valid JSON: {err.msg} (line {err.lineno}, "
-                        f"column {err.colno})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{name}: expected a JSON list of rows or {{\"data\": [...]}}, "
-                        f"got {type(data).__name__}")
-    return ((i + 1, rec) for i, rec in enumerate(data))
-
-
-def _parquet_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq     # imported here: only Parquet users pay for it
-    try:
-        records = pq.read_table(path).to_pylist()
-    except Exception as err:         # pyarrow raises several unrelated types for bad files
-        raise DataError(f"{name}: cannot be read as Parquet: {err}") from None
-    return ((i + 1, rec) for i, rec in enumerate(records))
 
 
 # ------------------------------------------------------------------------------- validation
