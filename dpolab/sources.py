@@ -4,10 +4,10 @@
 each record.  Two kinds of input are refused here, whole, before any row is read, because no
 row-by-row message would say what is wrong:
 
-    several splits   a `datasets.DatasetDict`, a dict of splits, a JSON file holding an object
-                     of row lists, or a folder saved by `DatasetDict.save_to_disk`: one source
-                     is one split (`split_names` finds the splits; the message says which
-                     argument or setting takes which split)
+    several splits   a JSON file holding an object of row lists, or a folder saved by
+                     `DatasetDict.save_to_disk`: one source is one split (the message names
+                     the splits and which setting takes which); a DatasetDict or a dict of
+                     splits in memory is refused by dpolab.api, which names the arguments
     vision columns   a column of images or videos (`VISION_COLUMNS`): the models dpolab trains
                      read text only, so training on the text alone would silently be another
                      task than the data set's
@@ -35,13 +35,12 @@ class BadRecord:
 def read_source(source: Any, name: str | None = None) -> tuple[str, Iterator[tuple[int, Any]]]:
     """(name, iterator of (1-based row, record dict or BadRecord)) for any accepted source.
     `name`: how errors name an in-memory source (default "<dataset>" or "<list>")."""
+    if isinstance(source, dict):  # a DatasetDict too; dpolab.api names its splits
+        raise DataError(f"{name or '<dataset>'}: expected a file path, a datasets.Dataset or a "
+                        f"list of dicts, got {type(source).__name__}")
     splits = split_names(source)
-    if splits is not None:
-        if isinstance(source, (str, Path)):
-            raise DataError(splits_message(str(source), splits, holder=holder_name(source)))
-        raise DataError(splits_message(name or "<dataset>", splits, holder=holder_name(source),
-                                       argument=name if name == "eval_dataset" else
-                                       "train_dataset"))
+    if splits is not None:   # a folder saved by DatasetDict.save_to_disk
+        raise DataError(splits_message(str(source), splits, holder=holder_name(source)))
     if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
         name = name or "<dataset>"
         _refuse_vision(source.column_names, name)
