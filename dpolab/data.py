@@ -10,8 +10,9 @@ Accepted formats (those of TRL's preference data sets, unchanged):
                              chosen and rejected share at their start join the prompt, so a
                              completion may be several turns: its assistant turns are scored,
                              its user and tool turns are context (see dpolab.chat).
-    implicit                 {"chosen": str, "rejected": str}: the prompt is empty; a shared
-                             leading text is *not* split out (it stays part of both completions).
+    implicit                 {"chosen": str, "rejected": str}: the prompt is their longest
+                             common leading text, by TRL's rule (:func:`split_shared_text`);
+                             it is "" when they differ from their first character.
     implicit_conversational  {"chosen": [msg, ...], "rejected": [msg, ...]}: full conversations;
                              the prompt is their common leading messages, the completion the
                              messages after it (ending with the final assistant turn).
@@ -49,7 +50,7 @@ _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 
 @dataclass(frozen=True)
 class PreferenceRow:
-    """One validated preference pair.  ``prompt`` is "" for implicit string rows."""
+    """One validated preference pair.  ``prompt`` may be "" for implicit string rows."""
     prompt: str | list[dict]      # text, or the prompt messages
     chosen: str | list[dict]      # the preferred completion (text, or its messages)
     rejected: str | list[dict]    # the dispreferred completion
@@ -59,6 +60,10 @@ class PreferenceRow:
     meta: dict = field(default_factory=dict)  # every other column, untouched
     tools: list[dict] | None = None       # "tools" column: function schemas for the template
     chat_template_kwargs: dict | None = None  # "chat_template_kwargs" column: template variables
+    # The row had no prompt column: the prompt is the start chosen and rejected share (the
+    # implicit formats). A found prompt's end is not a boundary the data set chose, so string
+    # rows are then tokenized whole and cut where their tokens diverge (dpolab.common_prefix).
+    implicit_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,15 +106,17 @@ def load_rows(source: Any, *, skip_invalid: bool = False, name: str | None = Non
 def write_jsonl(rows: list[PreferenceRow], path: str | Path) -> Path:
     """Write rows as JSONL that :func:`load_rows` reads back to the same rows.
 
-    One object per line: prompt (omitted when it is "", the implicit format), chosen, rejected,
-    group (when set), then the ``meta`` columns; ``source`` and ``row`` are not written, since
-    reading the file gives them anew.
+    One object per line: prompt, chosen, rejected (an implicit prompt is written back into both
+    completions, with no prompt column), group (when set), then the ``meta`` columns;
+    ``source`` and ``row`` are not written, since reading the file gives them anew.
     """
     path = Path(path)
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
-            record = {"prompt": row.prompt} if row.prompt != "" else {}
-            record.update(chosen=row.chosen, rejected=row.rejected)
+            if row.implicit_prompt:
+                record = {"chosen": row.prompt + row.chosen, "rejected": row.prompt + row.rejected}
+            else:
+                record = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected}
             if row.group is not None:
                 record["group"] = row.group
             if row.tools is not None:
@@ -140,7 +147,8 @@ def parse_row(record: Any, *, source: str, row: int,
     if values["chosen"] == values["rejected"]:
         raise DataError(f"{where}: chosen and rejected are identical")
     if fmt == "implicit":
-        values["prompt"] = ""
+        values["prompt"], values["chosen"], values["rejected"] = split_shared_text(
+            values["chosen"], values["rejected"])
     elif fmt == "implicit_conversational":
         values["prompt"] = []
         if values["chosen"][0] != values["rejected"][0]:
@@ -160,7 +168,24 @@ def parse_row(record: Any, *, source: str, row: int,
     meta = {k: v for k, v in record.items() if k not in (*_TEXT_FIELDS, "group", *_CHAT_COLUMNS)}
     return PreferenceRow(prompt=values["prompt"], chosen=values["chosen"],
                          rejected=values["rejected"], group=group, source=source, row=row,
-                         meta=meta, **extras), fmt
+                         meta=meta, implicit_prompt=fmt.startswith("implicit"), **extras), fmt
+
+
+def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of an implicit string row, by TRL's rule
+    (`trl.data_utils.extract_prompt`): the prompt is the text before the first character where
+    chosen and rejected differ, less a space it would end with (that space then starts both
+    completions, where word-level tokenizers attach it to the next word). When one is the
+    start of the other, the loop finds no difference and the cut falls before their last
+    shared character, so neither completion is empty.  (TRL, differing at character 0 of a
+    chosen that ends with a space, would cut at -1; here the prompt is then "".)"""
+    n = min(len(chosen), len(rejected))     # >= 1: both are non-empty
+    cut = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        cut = n - 1
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 _CHAT_COLUMNS = ("tools", "chat_template_kwargs")
