@@ -295,6 +295,19 @@ def test_implicit_string_rows_equal_trl_preprocessing():
     assert out.common_prefix == 1      # "The cat see|s": the prompt's " see" token left out
 
 
+def test_implicit_conversational_prompt_equals_trl_extract_prompt():
+    """Dialogues that differ within their common length: the prompt is the messages they share
+    at their start, as trl.data_utils.extract_prompt finds it.  (When one dialogue is the start
+    of the other, TRL keeps their last shared message in both completions; dpolab refuses
+    the row, tests/test_chat_data.py.)"""
+    trl_data = pytest.importorskip("trl.data_utils")
+    for record in CHAINED[0][1], {"chosen": [_user("Hi"), _bot("A")],
+                                  "rejected": [_user("Hi"), _bot("B"), _user("C"), _bot("D")]}:
+        row = _row(record)
+        assert trl_data.extract_prompt(record) == {"prompt": row.prompt, "chosen": row.chosen,
+                                                   "rejected": row.rejected}
+
+
 def test_prompt_difference_before_the_generation_prompt_is_refused():
     """A template that renders the prompt's own last message differently once an answer
     follows would put prompt text into the completion: refused, naming row and divergence."""

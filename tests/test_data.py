@@ -116,12 +116,16 @@ def test_every_format_loads_from_every_source(tmp_path, kind, fmt):
         assert (second.chosen, second.rejected) == ([_bot("4")], [_bot("5")])
 
 
-def test_write_jsonl_round_trips(tmp_path):
-    """write_jsonl then load_rows gives back the same prompt/chosen/rejected/group/meta."""
-    rows = load_rows(_write(tmp_path / "a.jsonl", STANDARD + [], "jsonl")).rows
-    again = load_rows(write_jsonl(rows, tmp_path / "b.jsonl")).rows
-    strip = [(r.prompt, r.chosen, r.rejected, r.group, r.meta) for r in rows]
-    assert [(r.prompt, r.chosen, r.rejected, r.group, r.meta) for r in again] == strip
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_write_jsonl_round_trips(tmp_path, fmt):
+    """write_jsonl then load_rows gives back the same prompt/chosen/rejected/group/meta, and an
+    implicit prompt stays implicit (written back into both completions)."""
+    rows = load_rows(_write(tmp_path / "a.jsonl", CASES[fmt], "jsonl")).rows
+    again = load_rows(write_jsonl(rows, tmp_path / "b.jsonl"))
+    keys = ("prompt", "chosen", "rejected", "group", "meta", "implicit_prompt")
+    assert [[getattr(r, k) for k in keys] for r in again.rows] == [
+        [getattr(r, k) for k in keys] for r in rows]
+    assert again.format == fmt
 
 
 # ----------------------------------------------------------------------------- bad input
