@@ -138,7 +138,7 @@ def _scored_spans(r: Rendering, steps: tuple[Step, ...], full: list[int], k: int
             spans.append((start, len(full)))          # the final turn: cut at its EOS later
             continue
         if steps[-1].text.startswith(steps[i].text):  # the turn keeps its rendering
-            end = min(common_prefix(enc(steps[i].text), full), bound)
+            end = max(start, min(common_prefix(enc(steps[i].text), full), bound))
             seg = full[start:end]
             spans.append((start, end - seg[::-1].index(eos) if eos in seg else end))
             continue

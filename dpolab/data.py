@@ -26,7 +26,8 @@ column (a list of JSON function schemas, or that list as a JSON string) and a
 An optional "group" column (a string: the value label) is kept on each row; every other column
 is kept untouched in ``PreferenceRow.meta``.  Sources (:mod:`dpolab.sources`): a JSONL file,
 a JSON file (a list of objects or {"data": [...]}), a Parquet file, a ``datasets.Dataset`` or a
-list of dicts; several splits at once, and image or video columns, are refused there.
+list of dicts; image or video columns and several splits at once are refused whole (a
+DatasetDict in memory by dpolab.api, which names the arguments).
 
 Errors name the place and the field, ``FILE:ROW: field 'chosen' is empty``; ROW is the 1-based
 line of a JSONL file or the 1-based position in a list/table.  Tokenization and collation live in

@@ -189,7 +189,8 @@ def test_counted_in_data_json_and_inspect(tmp_path, cache, capsys):
     run = dpolab.Trainer(tiny_model(vocab_size=len(tok)), rows[:4], tokenizer=tok,
                          eval_dataset=rows[4:], out=str(tmp_path / "run"),
                          **{"train.max_steps": 1, "train.progress": False,
-                            "train.did_samples": 0, "train.report": False}).train()
+                            "train.did_samples": 0, "train.report": False,
+                            "data.max_length": 64, "data.max_prompt_length": 32}).train()
     info = json.loads((run / "data.json").read_text())
     assert (info["train"]["common_prefix"], info["held_out"]["common_prefix"]) == (4, 2)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])
