@@ -29,8 +29,9 @@ class Trainer:
         loaded `PreTrainedModel` / peft model (trained in place; a peft model trains its own
         adapters, with train.scope=lora); None: `model.name` of the config.
     train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a file path
-        (JSONL, JSON, Parquet); rows are checked like a file's, and errors name the argument
-        and row (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
+        (JSONL, JSON, Parquet), one split each (a DatasetDict is refused, naming its splits);
+        rows are checked like a file's, and errors name the argument and row
+        (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
         `data.path`, or the embedded default. eval_dataset None: a seeded `data.eval_fraction`
         of the training rows.
     tokenizer: the model's tokenizer; None: loaded from the model's folder or name.
@@ -42,6 +43,7 @@ class Trainer:
     def __init__(self, model: Any = None, train_dataset: Any = None, *, tokenizer: Any = None,
                  eval_dataset: Any = None, config: C.RunConfig | str | Path | None = None,
                  **overrides: Any):
+        _one_split_each(train_dataset, eval_dataset)
         raw = _raw_config(config)
         named = _named_keys(raw) | set(overrides)
         if isinstance(model, (str, Path)):
@@ -96,6 +98,19 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
                               data=dataclasses.replace(cfg.data, **replace["data"]))
     return cfg, Inputs(model=None if isinstance(model, (str, Path)) else model,
                        tokenizer=tokenizer, rows=rows)
+
+
+def _one_split_each(train_dataset, eval_dataset) -> None:
+    """A DatasetDict (or a dict of splits, or a folder saved by DatasetDict.save_to_disk) given
+    as train_dataset or eval_dataset is refused, naming its splits and which argument takes
+    which: each argument is one split."""
+    from dpolab.sources import holder_name, split_names, splits_message
+
+    for argument, value in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        splits = split_names(value)
+        if splits is not None:
+            raise UserError(splits_message(argument, splits, holder=holder_name(value),
+                                           argument=argument))
 
 
 def _raw_config(config) -> dict[str, Any]:

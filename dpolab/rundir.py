@@ -89,10 +89,12 @@ def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[s
 
 
 def write_data_report(run_dir: Path, tok: dict) -> None:
-    """data.json: per split, the pairs kept and what tokenization dropped or cut."""
+    """data.json: per split, the pairs kept, what tokenization dropped or cut, and how many rows
+    had their prompt cut at the longest common token prefix (`TokenizedPairs.common_prefix`)."""
     info = {split: {"pairs": len(t.examples), "dropped_identical": t.dropped_identical,
                     "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
-                    "truncated_completion": t.truncated_completion, "groups": t.groups}
+                    "truncated_completion": t.truncated_completion,
+                    "common_prefix": t.common_prefix, "groups": t.groups}
             for split, t in tok.items()}
     (run_dir / "data.json").write_text(json.dumps(info, indent=1))
 

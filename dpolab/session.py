@@ -240,13 +240,13 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
     inputs = inputs or Inputs()
-    tokenizer = inputs.tokenizer_for(cfg)
-    model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
-
     from dpolab.dedup import dedupe_split  # counts duplicates; no held-out copy of a train pair
 
+    # rows first: bad data stops the run before a model is loaded
     train_rows, held_rows = inputs.rows or load_split_rows(cfg)
     train_rows, held_rows = dedupe_split(train_rows, held_rows, say=print if dist.is_main else None)
+    tokenizer = inputs.tokenizer_for(cfg)
+    model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
     rows = {"train": train_rows, "held_out": held_rows}
     tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,
                                 max_prompt_length=cfg.data.max_prompt_length,
