@@ -363,29 +363,44 @@ def _signal_mid_run(args: list[str], env: dict, metrics: Path, sig: int, after: 
     return p.returncode, err
 
 
-def test_sigterm_and_sighup_stop_after_the_step_with_a_checkpoint(env, tmp_path, monkeypatch):
-    """SIGTERM mid-run: exit 143, one line naming the checkpoint of the step reached (none
-    would exist otherwise: train.save_every=0) and how to resume; resumed, SIGHUP mid-run:
-    exit 129 likewise; resumed again to the end, metrics.jsonl equals the uninterrupted
-    run's."""
-    env_vars = {**_env(tmp_path / "cache")}
-    args = train_args(env, tmp_path / "run", "train.max_steps=24", "train.save_every=0")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
-        run = args if sig == signal.SIGTERM else ["train", "--resume", str(tmp_path / "run")]
-        rc, err = _signal_mid_run(run, env_vars, metrics, sig, after=2)
-        assert rc == code, err[-3000:]
-        step = _steps(tmp_path / "run")[-1]["step"]
-        saved = tmp_path / "run" / "checkpoints" / f"step-{step:06d}"
-        name = "SIGTERM" if sig == signal.SIGTERM else "SIGHUP"
-        assert (f"dpolab train: stopped by {name} after step {step} of 24; checkpoint {saved}; "
-                f"continue with: dpolab train --resume {tmp_path / 'run'}") in err, err[-3000:]
-        assert checkpoint.step_dirs(saved.parent)[0] == saved
-        assert step < 24 and "Traceback" not in err
-    r = _run([sys.executable, "-m", "dpolab", "train", "--resume", str(tmp_path / "run")],
-             env_vars)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_sigterm_and_sighup_stop_after_the_step_with_a_checkpoint(env, tmp_path, monkeypatch,
+                                                                capsys):
+    """SIGTERM sent to a run mid-way: exit 143, one line naming the checkpoint of the step
+    reached (none would exist otherwise: train.save_every=0) and how to resume. Resumed (in
+    this process), SIGHUP during step 12: exit 129 likewise, checkpoint step 12. Resumed again
+    to the end, metrics.jsonl equals the uninterrupted run's."""
+    from dpolab import train
+
     monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
+    run, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    rc, err = _signal_mid_run(train_args(env, run, "train.max_steps=24", "train.save_every=0"),
+                              _env(tmp_path / "cache"), metrics, signal.SIGTERM, after=2)
+    assert rc == 143, err[-3000:]
+    step = _steps(run)[-1]["step"]
+    saved = run / "checkpoints" / f"step-{step:06d}"
+    assert (f"dpolab train: stopped by SIGTERM after step {step} of 24; checkpoint {saved}; "
+            f"continue with: dpolab train --resume {run}") in err, err[-3000:]
+    assert checkpoint.step_dirs(run / "checkpoints") == [saved]
+    assert step < 12 and "Traceback" not in err
+    real = train.lr_at
+
+    def lr_at(i, **kw):  # step i counts from 0: this is step 12
+        if i == 11:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(i, **kw)
+
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (not nohup)
+    try:
+        assert main(["train", "--resume", str(run)]) == 129
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # the handler is gone again
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert (f"dpolab train: stopped by SIGHUP after step 12 of 24; checkpoint "
+            f"{run / 'checkpoints' / 'step-000012'}; continue with: dpolab train --resume "
+            f"{run}") in capsys.readouterr().err
+    monkeypatch.setattr(train, "lr_at", real)
+    assert main(["train", "--resume", str(run)]) == 0
     assert main(train_args(env, tmp_path / "full", "train.max_steps=24",
                            "train.save_every=0")) == 0
     assert strip(metrics) == strip(tmp_path / "full" / "metrics.jsonl")
@@ -444,7 +459,8 @@ def test_torchrun_ranks_with_other_data_stop_with_one_line(env, tmp_path):
     assert r.stderr.count("exitcode  : 2") + r.stderr.count("exitcode: 2") >= 1, r.stderr[-3000:]
 
 
-def test_torchrun_warm_and_cold_ranks_and_sigterm_on_one_rank(env, tmp_path):
+def test_torchrun_warm_and_cold_ranks_and_sigterm_on_one_rank(env, tmp_path, monkeypatch,
+                                                                capsys):
     """Rank 0's cache holds the reference store and the cached body states (a 1-process run
     filled it), rank 1's is empty: the ranks compute both together, rank 1 stores them
     bitwise equal to rank 0's, and they train the 1-process run's steps. SIGTERM reaching
@@ -454,9 +470,8 @@ def test_torchrun_warm_and_cold_ranks_and_sigterm_on_one_rank(env, tmp_path):
     common = _common(env["tiny"], env["data"], "train.max_steps=6", "train.save_every=0",
                      "train.dist_timeout_s=60")
     cache0 = Path(str(tmp_path / "cache") + "-rank0")
-    one = _run([sys.executable, "-m", "dpolab", "train", *common, "train.batch_size=4",
-                "--out", str(tmp_path / "one")], _env(cache0))
-    assert one.returncode == 0, one.stderr[-3000:]
+    monkeypatch.setenv("DPOLAB_CACHE", str(cache0))
+    assert main(["train", *common, "train.batch_size=4", "--out", str(tmp_path / "one")]) == 0
     r = _torchrun(tmp_path, [*common, "train.batch_size=2", "--out", str(tmp_path / "two")],
                   {"SIGTERM_RANK": "1"})
     assert r.returncode != 0 and r.stderr.count("exitcode  : 143") + r.stderr.count(
@@ -470,10 +485,10 @@ def test_torchrun_warm_and_cold_ranks_and_sigterm_on_one_rank(env, tmp_path):
         "reference", "states"}
     for rel in files(cache0):
         assert (cache0 / rel).read_bytes() == (cache1 / rel).read_bytes()
-    alone = _run([sys.executable, "-m", "dpolab", "train", "--resume", str(tmp_path / "two")],
-                 _env(cache0))
-    assert alone.returncode == 2 and "the global batch differs (4 = 2 process(es) x 2 pairs" \
-        in alone.stderr, alone.stderr[-3000:]
+    assert main(["train", "--resume", str(tmp_path / "two")]) == 2
+    assert ("the global batch differs (4 = 2 process(es) x 2 pairs x 1 micro-batch(es) when "
+            "the run started, 2 = 1 process(es) x 2 pairs x 1 micro-batch(es) now); resume it "
+            "on 2 process(es)") in capsys.readouterr().err
     again = _torchrun(tmp_path, ["--resume", str(tmp_path / "two")], {})
     assert again.returncode == 0, again.stderr[-4000:]
     for a, b in zip(_steps(tmp_path / "one"), _steps(tmp_path / "two"), strict=True):
