@@ -18,7 +18,7 @@ from typing import Any
 
 from dpolab import config as C
 from dpolab.errors import UserError
-from dpolab.inputs import Inputs, is_peft
+from dpolab.inputs import Inputs, check_fit, check_model, check_tokenizer, is_peft
 from dpolab.trackers import check as check_trackers
 
 
@@ -76,6 +76,7 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
 
         tokenizer = load_tokenizer(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
     if model is not None and not isinstance(model, (str, Path)):
+        check_model(model)
         dtype = _dtype_name(model)
         if "model.dtype" in named and dtype != cfg.model.dtype:
             raise UserError(f"model.dtype={cfg.model.dtype}, but the model given is {dtype}; "
@@ -83,6 +84,9 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
         replace["model"] = {"name": _in_memory_name(model), "dtype": dtype}
         if tokenizer is None:
             tokenizer = _tokenizer_of(model, cfg)
+        check_fit(model, tokenizer)
+    elif tokenizer is not None:
+        check_tokenizer(tokenizer)  # its fit with the named model: when training starts
     rows = None
     if train_dataset is not None and not isinstance(train_dataset, (str, Path)):
         held = None if eval_dataset is None else _rows(eval_dataset, "eval_dataset", cfg)

@@ -283,6 +283,37 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_vocab(tokenizer, rows: int, where: str) -> None:
+    """Every token id of `tokenizer` (added tokens included) must index one of the `rows`
+    rows of the model's embedding (`where` names them), or the first forward fails deep."""
+    top = max([len(tokenizer) - 1, *tokenizer.get_vocab().values()])
+    if top >= rows:
+        raise UserError(f"tokenizer: token id {top} ({tokenizer.convert_ids_to_tokens(top)!r}) "
+                        f"does not fit the model's {rows} embedding rows ({where}); use the "
+                        f"model's own tokenizer, or model.resize_token_embeddings(len(tokenizer))")
+
+
+def check_folder(model_cfg, tokenizer) -> None:
+    """Before a run directory exists: the model `model_cfg` names is a causal LM (by its
+    config.json, weights not loaded) whose embedding fits `tokenizer`."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    name = resolve_model_path(model_cfg.name)
+    _check_loadable(name)
+    check_model_folder(name)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as err:  # OSError, ValueError (unknown model type), a damaged JSON
+        raise UserError(f"model {name!r}: its config cannot be read: {type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0]}") from None
+    if not (type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+            or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})):
+        raise UserError(f"model {name!r}: a {config.model_type!r} model is not a causal "
+                        f"language model (AutoModelForCausalLM cannot load it)")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_vocab(tokenizer, text.vocab_size, f"vocab_size in {name}/config.json")
+
+
 def decoder_layers(model):
     """The decoder's list of transformer blocks (`.layers`, or GPT-2's `.h`)."""
     decoder = model.get_decoder()

@@ -115,8 +115,22 @@ def load(path: Path, key: str) -> ReferenceLogps | None:
     return None if t is None else ReferenceLogps(t["tokens"], t["offsets"], key)
 
 
+def store_key(model_hash: str, examples_hash: str) -> str:
+    """The store's key: the weights' hash and the token ids' hash (`hash_examples`)."""
+    return f"{model_hash}-{examples_hash[:16]}"
+
+
+def stored(key: str, n: int) -> ReferenceLogps | None:
+    """The stored reference under `key` when it is there whole (n pairs), else None."""
+    from dpolab.models import dpolab_cache_dir
+
+    ref = load(store_path(dpolab_cache_dir(), key), key)
+    return ref if ref is not None and ref.n == n else None
+
+
 def reference_for(model_hash: str, forward, examples: list, cfg,
-                  dist, split: str, *, collective: bool = False) -> ReferenceLogps:
+                  dist, split: str, *, collective: bool = False,
+                  reuse: bool = True) -> ReferenceLogps:
     """Load the stored reference for (weights, token ids), or compute and store it under
     $DPOLAB_CACHE/reference. `dist`: the run's dpolab.distributed.Distributed.
     `forward(examples, split=split)` -> FlatLogps of the policy at its reference point.
@@ -129,10 +143,10 @@ def reference_for(model_hash: str, forward, examples: list, cfg,
     from dpolab.models import dpolab_cache_dir
     from dpolab.progress import Progress
 
-    key = f"{model_hash}-{hash_examples(examples)[:16]}"
+    key = store_key(model_hash, hash_examples(examples))
     path = store_path(dpolab_cache_dir(), key)
-    ref = load(path, key)
-    if ref is not None and ref.n == len(examples):
+    ref = stored(key, len(examples)) if reuse else None
+    if ref is not None:
         return ref
     bs = cfg.train.eval_batch_size
     batches = [examples[s:s + bs] for s in range(0, len(examples), bs)]

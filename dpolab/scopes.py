@@ -144,27 +144,30 @@ def _reference_in_place(cfg, model, kw: dict, reload=None) -> Forward:
     put in the policy's own parameters, so memory never holds two models: this ends the
     policy (its last use, after export). Replicated weights are freed before the read, and
     the read tensors are adopted (moved to the device one at a time); sharded ones (FSDP2)
-    receive this rank's shard of each read tensor."""
+    receive this rank's shard of each read tensor. A model given in memory (`reload`: its
+    starting weights, kept on the CPU) exchanges its weights with the kept ones instead
+    (inputs.Theta0.exchange), and is exchanged back after the probe: the caller's model
+    ends trained."""
     from dpolab import sharding
     from dpolab.models import body_and_head, load_configured
 
     named = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for p in named.values():
-            if not sharding.is_sharded(p):
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        if reload is not None:  # a model given in memory: its starting weights, kept on the CPU
-            source = reload.weights
+        if reload is not None:
+            reload.exchange(model)
         else:
+            for p in named.values():
+                if not sharding.is_sharded(p):
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             source = dict(load_configured(cfg.model, device="cpu").named_parameters(
                 remove_duplicate=False))
-        for name, p in named.items():
-            r = source[name].detach()
-            if sharding.is_sharded(p):
-                p.copy_(sharding.like(r, p))
-            else:
-                p.data = r.to(p.device, copy=True)  # the kept copy stays as it was
-        del source
+            for name, p in named.items():
+                r = source[name].detach()
+                if sharding.is_sharded(p):
+                    p.copy_(sharding.like(r, p))
+                else:
+                    p.data = r.to(p.device)  # adopted: no second copy on the same device
+            del source
     body, _ = body_and_head(model)
     return SharedPromptForward(body, lambda: body_and_head(model)[1], dtype=model.dtype, **kw)
 
