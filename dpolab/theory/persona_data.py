@@ -19,8 +19,9 @@ sources (a true and a false version of one item, a correct and a wrong answer to
 contribute both versions of each item, so Yes and No are balanced item by item and the two
 versions of an item always land on the same side of the train / held-out split; unpaired
 sources (reviews, toxicity-scored texts) take the first Yes and the first No statements in
-that order, equally many. Of the `per_group` statements the first half (by item order) is held
-out, the second half trains.
+that order, equally many. Statements whose text occurs more than once in a source are left out
+(with their item's other version). The first `held` statements in item order are held out,
+the next `train` train.
 """
 
 from __future__ import annotations
@@ -418,34 +419,45 @@ def _order(seed: int, group: str, item: str) -> bytes:
     return hashlib.sha256(f"{seed}:{group}:{item}".encode()).digest()
 
 
-def sample_group(group: ValueGroup, *, per_group: int, seed: int
+def distinct(statements: list[Statement]) -> list[Statement]:
+    """The statements whose text occurs once in the group's source; for paired items, the
+    items none of whose versions repeats a text (sources repeat rows: a repeated text could
+    land on both sides of the split, or carry both answers)."""
+    count: dict[str, int] = {}
+    for s in statements:
+        count[s.text] = count.get(s.text, 0) + 1
+    bad_items = {s.item for s in statements if count[s.text] > 1}
+    return [s for s in statements if s.item not in bad_items]
+
+
+def sample_group(group: ValueGroup, *, train: int, held: int, seed: int
                  ) -> tuple[list[Statement], list[Statement]]:
-    """(train, held_out): `per_group` statements, half Yes and half No, the first half (in
-    item order) held out. Raises PersonaDataError when the group has too few."""
-    if per_group < 4 or per_group % 4:
-        raise PersonaDataError(f"per_group must be a positive multiple of 4 (half Yes, half No, "
-                               f"half held out), got {per_group}")
-    statements = group.build()
-    half = per_group // 2
+    """(train, held_out): `train` training and `held` held-out statements, each half Yes and
+    half No; the held-out ones come first in the item order. Raises PersonaDataError when the
+    group has too few."""
+    if train < 2 or held < 2 or train % 2 or held % 2:
+        raise PersonaDataError(f"train and held must be positive even numbers (half Yes, half "
+                               f"No), got {train}, {held}")
+    statements = distinct(group.build())
     if group.paired:
         items: dict[str, list[Statement]] = {}
         for s in statements:
             items.setdefault(s.item, []).append(s)
         order = sorted(items, key=lambda i: _order(seed, group.name, i))
-        chosen = [items[i] for i in order if len(items[i]) == 2][:half]
-        if len(chosen) < half:
-            raise PersonaDataError(f"group {group.name}: {len(chosen)} paired items, "
-                                   f"{per_group} statements need {half}")
+        chosen = [items[i] for i in order if len(items[i]) == 2][:(train + held) // 2]
+        if 2 * len(chosen) < train + held:
+            raise PersonaDataError(f"group {group.name}: {2 * len(chosen)} statements in "
+                                   f"paired items, {train} + {held} needed")
         flat = [s for pair in chosen for s in pair]
-        return flat[half:], flat[:half]
+        return flat[held:], flat[:held]
     picked = []
     for pole in (True, False):
         mine = sorted((s for s in statements if s.yes == pole),
-                      key=lambda s: _order(seed, group.name, s.item))[:half]
-        if len(mine) < half:
+                      key=lambda s: _order(seed, group.name, s.item))[:(train + held) // 2]
+        if 2 * len(mine) < train + held:
             raise PersonaDataError(f"group {group.name}: {len(mine)} "
-                                   f"{'Yes' if pole else 'No'} statements, {per_group} "
-                                   f"statements need {half} of each")
+                                   f"{'Yes' if pole else 'No'} statements, {train} + {held} "
+                                   f"statements need {(train + held) // 2} of each")
         picked.append(mine)
-    q = half // 2  # per pole and split
-    return picked[0][q:] + picked[1][q:], picked[0][:q] + picked[1][:q]
+    h = held // 2  # per pole
+    return picked[0][h:] + picked[1][h:], picked[0][:h] + picked[1][:h]

@@ -41,6 +41,7 @@ import torch
 
 from dpolab import atomic
 from dpolab.theory import persona_data as PD
+from dpolab.threads import single_thread
 from dpolab.theory.values import fit_line
 
 Tensor = torch.Tensor
@@ -55,7 +56,8 @@ PASS_GROWTH_SLOPE = (-1.2, -0.8)  # and log growth rate vs log K with a slope in
 OPTIMIZERS = ("adam", "gd")
 # Learning rates the K = 1 training criterion chooses from, smallest first: half decades.
 LR_GRID = {"adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-           "gd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)}
+           "gd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0,
+                  1000.0)}
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class PersonaConfig:
 
     model: str = "smollm2-135m-instruct"  # model name, folder or .gguf (dpolab.models)
     groups: tuple[str, ...] | None = None  # candidate groups (None: all, in their fixed order)
-    per_group: int = 80  # statements per group, half Yes / half No, half held out
+    q: int = 80  # training statements per group (the paper's Q), half Yes / half No
+    held: int = 40  # held-out statements per group, half Yes / half No
     seed: int = 0  # statement sampling and the draws of groups
     beta: float = 0.01  # DPO beta (the paper's)
     steps: int = 300  # full-batch steps per run
@@ -89,6 +92,7 @@ class PersonaStates:
     groups: tuple[str, ...]
     w0: Tensor  # (2, D) float32, the reference head's rows of " Yes" and " No"
     info: dict = field(default_factory=dict)  # cache key, hit, timings, counts
+    logp0: Tensor | None = None  # (N, 2) float32 log p(Yes), log p(No) under the full head
 
     def select(self, groups: Sequence[int], *, held: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(x (n, D), s (n,) +1 for chosen Yes / -1 for No, group (n,)) of the statements of
@@ -168,23 +172,60 @@ def load_checked(path: Path) -> dict[str, Tensor] | None:
     return tensors if recorded == _digest(tensors) else None
 
 
+def prompt_digest(ids: Sequence[int]) -> bytes:
+    """16-byte blake2b of a prompt's token ids: the key of its state in the store."""
+    return hashlib.blake2b(json.dumps(list(ids)).encode(), digest_size=16).digest()
+
+
+def load_store(path: Path | None) -> dict[bytes, Tensor]:
+    """{prompt digest: row (D + 2,) = [state, log p(Yes), log p(No)]} of a model's store
+    file (empty when missing or when its checksum fails: everything is computed again)."""
+    arrays = load_checked(path) if path is not None else None
+    if arrays is None or set(arrays) != {"ids", "rows"}:
+        return {}
+    return {bytes(k.tolist()): r for k, r in zip(arrays["ids"], arrays["rows"])}
+
+
+def save_store(rows: dict[bytes, Tensor], path: Path) -> None:
+    ids = torch.tensor([list(k) for k in rows], dtype=torch.uint8)
+    save_checked({"ids": ids, "rows": torch.stack(list(rows.values())).contiguous()}, path)
+
+
+def response_logps(x: Tensor, weight: Tensor, ids: tuple[int, int], *, chunk: int = 256
+                   ) -> Tensor:
+    """(N, 2) float32 log p(Yes | x), log p(No | x) under the full softmax of the head weight
+    (V, D), in chunks of states (the (N, V) logits never exist at once)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            z = x[i:i + chunk].double() @ weight.double().T  # (c, V)
+            out.append((z[:, list(ids)] - torch.logsumexp(z, 1, keepdim=True)).float())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
 def build_states(cfg: PersonaConfig, *, store_dir: Path | None, progress: bool = True
                  ) -> PersonaStates:
-    """Sample every candidate group, tokenize, and get the states: from `store_dir` when a
-    checked file for (weights, token ids) is there, else by one forward per statement."""
+    """Sample every candidate group, tokenize, and get the states: each prompt's from the
+    model's store in `store_dir` (keyed by the weights' hash, then by the prompt's token ids;
+    checked on read) when it is there, else by one forward per missing prompt, then added."""
     from dpolab import reference
     from dpolab.models import body_and_head, load_model, load_tokenizer, resolve_model_path
     from dpolab.progress import Progress
 
     t0 = time.perf_counter()
-    groups = PD.get_groups(cfg.groups)
+    groups, too_small = [], {}
     statements, gidx, held = [], [], []
-    for g, group in enumerate(groups):
-        tr, ho = PD.sample_group(group, per_group=cfg.per_group, seed=cfg.seed)
+    for group in PD.get_groups(cfg.groups):
+        try:  # a candidate with fewer than q + held statements cannot take part
+            tr, ho = PD.sample_group(group, train=cfg.q, held=cfg.held, seed=cfg.seed)
+        except PD.PersonaDataError as err:
+            too_small[group.name] = str(err)
+            continue
         for split, rows in ((False, tr), (True, ho)):
             statements += rows
-            gidx += [g] * len(rows)
+            gidx += [len(groups)] * len(rows)
             held += [split] * len(rows)
+        groups.append(group)
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
     yes_id, no_id = response_ids(tokenizer)
@@ -195,27 +236,33 @@ def build_states(cfg: PersonaConfig, *, store_dir: Path | None, progress: bool =
     if head.bias is not None or head.softcap is not None:
         raise ValueError(f"{cfg.model}: a head with a bias or a logit softcap breaks the "
                          "two-row reduction (the softcap does not cancel in the margin)")
-    ids_hash = hashlib.blake2b(json.dumps(prompts).encode(), digest_size=16).hexdigest()
-    key = f"{reference.hash_parameters(model)[:16]}-{ids_hash[:16]}-{STATES_VERSION}"
+    key = f"{reference.hash_parameters(model)[:16]}-{STATES_VERSION}"
     store = store_dir / f"{key}.safetensors" if store_dir is not None else None
-    arrays = load_checked(store) if store is not None else None
-    hit = arrays is not None and tuple(arrays["x"].shape) == (len(prompts), head.weight.shape[1])
+    known = load_store(store)
+    digests = [prompt_digest(p) for p in prompts]
+    missing = [i for i, d in enumerate(digests) if d not in known]
     t1 = time.perf_counter()
-    if not hit:
-        bar = Progress(len(prompts), "persona states", enabled=progress)
+    if missing:
+        bar = Progress(len(missing), "persona states", enabled=progress)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        arrays = {"x": last_states(body, prompts, pad_id=pad, batch_tokens=cfg.batch_tokens,
-                                   progress=bar.update)}
+        new = last_states(body, [prompts[i] for i in missing], pad_id=pad,
+                          batch_tokens=cfg.batch_tokens, progress=bar.update)
         bar.close()
+        lp = response_logps(new, head.weight.detach(), (yes_id, no_id))
+        known.update({digests[i]: torch.cat([x, l]) for i, x, l in zip(missing, new, lp)})
         if store is not None:
-            save_checked(arrays, store)
+            save_store(known, store)
+    rows = torch.stack([known[d] for d in digests])
+    x, logp0 = rows[:, :-2].contiguous(), rows[:, -2:].contiguous()
+    hit = not missing
     w0 = head.weight.detach()[[yes_id, no_id]].float().clone()
     info = {"model": cfg.model, "cache_key": key, "cache_hit": hit, "load_s": t1 - t0,
             "states_s": time.perf_counter() - t1, "statements": len(prompts),
-            "prompt_tokens": sum(map(len, prompts)), "response_ids": [yes_id, no_id]}
-    return PersonaStates(arrays["x"], torch.tensor([s.yes for s in statements]),
+            "prompt_tokens": sum(map(len, prompts)), "response_ids": [yes_id, no_id],
+            "computed": len(missing), "too_small": too_small}
+    return PersonaStates(x, torch.tensor([s.yes for s in statements]),
                          torch.tensor(gidx), torch.tensor(held), tuple(g.name for g in groups),
-                         w0, info)
+                         w0, info, logp0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,47 +292,59 @@ def _stack(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tens
     return X, S, M
 
 
-def _h(delta: Tensor, X: Tensor, S: Tensor) -> Tensor:
-    """Log-ratio margins (R, n): h = s (delta_Yes - delta_No) . x with delta = W - W0 (R, 2, D)."""
-    u = delta[:, 0] - delta[:, 1]  # (R, D)
-    return S * torch.einsum("rnd,rd->rn", X, u)
+def _h(u: Tensor, X: Tensor, S: Tensor) -> Tensor:
+    """Log-ratio margins (R, n): h = s u . x, u = delta_Yes - delta_No (R, D), delta = W - W0."""
+    return S * (X * u[:, None, :]).sum(-1)
 
 
 def train_rows(train: Sequence[tuple[Tensor, Tensor]], held: Sequence[tuple[Tensor, Tensor]],
-               *, beta: float, lr: float, steps: int, optimizer: str) -> RowRuns:
+               *, beta: float, lr: float, steps: int, optimizer: str,
+               held_every: int = 5) -> RowRuns:
     """R independent runs of full-batch DPO on the two rows, all from W0 (delta = 0).
 
-    Run r minimises its own mean_i -log sigma(beta h_i) over its statements train[r]; the
-    summed objective sum_r L_r has gradient L_r' on run r's rows only, so Adam (elementwise)
-    and GD step each run exactly as alone. `optimizer`: "adam" or "gd".
+    Run r minimises its own L_r = mean_i -log sigma(beta h_i) over its statements train[r];
+    Adam (elementwise) and GD step each run exactly as alone. The gradient is written out
+    (no autograd: the loop is the whole cost of a sweep):
+        dL_r/dh_i = -beta sigma(-beta h_i) / n_r,   h_i = s_i (delta_Yes - delta_No) . x_i,
+        dL_r/d delta_Yes = sum_i dL_r/dh_i s_i x_i = -dL_r/d delta_No.
+    The held-out margin curve is recorded every `held_every` steps (NaN between) and at the
+    last step. `optimizer`: "adam" or "gd".
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    with single_thread():  # small tensors: a second thread costs more than it brings
+        return _train_rows(train, held, beta=beta, lr=lr, steps=steps, optimizer=optimizer,
+                           held_every=held_every)
+
+
+def _train_rows(train, held, *, beta: float, lr: float, steps: int, optimizer: str,
+                held_every: int) -> RowRuns:
     Xt, St, Mt = _stack(train)
     Xh, Sh, Mh = _stack(held)
     nt, nh = Mt.sum(1), Mh.sum(1)
-    delta = torch.zeros(len(train), 2, Xt.shape[2], dtype=torch.float64, requires_grad=True)
+    delta = torch.zeros(len(train), 2, Xt.shape[2], dtype=torch.float64)
     opt = torch.optim.Adam([delta], lr=lr) if optimizer == "adam" else None
     rec = {"train": [], "held": [], "loss": []}
     for step in range(steps + 1):
-        h = _h(delta, Xt, St)
-        per = -torch.nn.functional.logsigmoid(beta * h) * Mt  # (R, n)
-        loss_r = per.sum(1) / nt  # (R,)
-        with torch.no_grad():
-            rec["loss"].append(loss_r.numpy().copy())
-            rec["train"].append(((beta * h * Mt).sum(1) / nt).numpy().copy())
-            rec["held"].append(((beta * _h(delta, Xh, Sh) * Mh).sum(1) / nh).numpy().copy())
+        h = _h(delta[:, 0] - delta[:, 1], Xt, St)  # (R, n)
+        rec["loss"].append(((torch.nn.functional.softplus(-beta * h) * Mt).sum(1) / nt).numpy())
+        rec["train"].append(((beta * h * Mt).sum(1) / nt).numpy())
+        if step % held_every == 0 or step == steps:
+            hh = _h(delta[:, 0] - delta[:, 1], Xh, Sh)
+            rec["held"].append(((beta * hh * Mh).sum(1) / nh).numpy())
+        else:
+            rec["held"].append(np.full(len(train), np.nan))
         if step == steps:
             break
-        (grad,) = torch.autograd.grad(loss_r.sum(), delta)
+        dh = -beta * torch.sigmoid(-beta * h) * Mt / nt[:, None]  # (R, n)
+        g_yes = torch.bmm((dh * St)[:, None, :], Xt)[:, 0]  # (R, D)
+        grad = torch.stack([g_yes, -g_yes], 1)  # (R, 2, D)
         if opt is None:
-            with torch.no_grad():
-                delta -= lr * grad
+            delta -= lr * grad
         else:
             delta.grad = grad
             opt.step()
-    with torch.no_grad():
-        ht, hh = beta * _h(delta, Xt, St), beta * _h(delta, Xh, Sh)
+    ht, hh = beta * _h(delta[:, 0] - delta[:, 1], Xt, St), beta * hh
     return RowRuns(np.stack(rec["train"], 1), np.stack(rec["held"], 1), np.stack(rec["loss"], 1),
                    [ht[r, :x.shape[0]].numpy() for r, (x, _) in enumerate(train)],
                    [hh[r, :x.shape[0]].numpy() for r, (x, _) in enumerate(held)])
@@ -485,10 +544,11 @@ def analyse(st: PersonaStates, cfg: PersonaConfig, *, log=print) -> dict[str, An
         if fit:
             log(f"{opt}: held-out error = {fit['slope']:.4f} K + {fit['intercept']:.4f} "
                 f"(R^2 {fit['r2']:.3f}); reproduced: {verdicts[opt]['reproduced']}")
-    groups = PD.get_groups(cfg.groups)
+    too_small = st.info.get("too_small", {})
     return {
         "setting": {"config": asdict(cfg), "prompt": PD.PROMPT, "responses": list(PD.ANSWERS),
-                    "groups": [g.record() for g in groups],
+                    "groups": [g.record() | {"too_small": too_small.get(g.name)}
+                               for g in PD.get_groups(cfg.groups)],
                     "model_info": {k: v for k, v in st.info.items()
                                    if k not in ("load_s", "states_s")},
                     "hidden_size": int(st.x.shape[1]),
