@@ -51,7 +51,8 @@ class GeometrySetting:
     """One run of `dpolab reproduce misspecification --real-bandit` (bandit part)."""
 
     model: str = "smollm2-135m-instruct"  # model name, folder or .gguf
-    directions: int = 20  # random directions per family
+    directions: int = 20  # random head directions
+    lora_directions: int = 10  # random rank-1 LoRA directions
     families: tuple[str, ...] = ("head", "lora")
     counts: tuple[tuple[float, float, float], ...] = COUNTS
     beta: float = 1.0
@@ -243,14 +244,53 @@ def solve(method: str, fam: Family, setting: BanditSetting) -> dict[str, Any]:
                 return -(lp.exp() @ r_star - setting.beta * (lp.exp() @ (lp - ref)))
             return {"theta": minimise_scalar(neg_j, scale=scale)}
         if method == "AuxDPO":
-            gamma = rho_null_basis(fam)
-            z = joint_newton(lambda z: pair_objective("AuxDPO", fam.logp(z[0]), ref, setting,
-                                                      gamma @ z[1:]),
-                             torch.zeros(1 + gamma.shape[1], dtype=DTYPE))
-            return {"theta": float(z[0]), "delta": (gamma @ z[1:]).tolist(),
-                    "null_dim": int(gamma.shape[1])}
+            return auxdpo_optimum(fam, setting, ref, r_star)
         return {"theta": minimise_scalar(lambda t: pair_objective(method, fam.logp(t), ref,
                                                                   setting), scale=scale)}
+
+
+def auxdpo_optimum(fam: Family, setting: BanditSetting, ref: Tensor, r_star: Tensor
+                   ) -> dict[str, Any]:
+    """AuxDPO exact's population optimum, in closed form up to a 1-D root.
+
+    With soft labels each pair's loss is minimal where its reward margin equals
+    r*_i - r*_j, so the optimum fits r* exactly (up to a constant) whenever it can:
+    r_theta + delta = r* + k 1 with delta in N(A_rho). As A_rho 1 = A pi0 = 0, the constant is
+    in N(A_rho) too, and the fit exists iff  g(theta) = A_rho (r* - r_theta) = 0,
+    r_theta = beta (log pi_theta - log pi0): a scalar equation (its linearisation at theta0 is
+    the natural-gradient step of linearised RLHF, Sec. 4.1). The root nearest theta0 is
+    taken (grid outward from 0, then Brent), delta = Gamma Gamma^T (r* - r_theta). When g has
+    no root within |theta| <= 1e4, the joint minimisation over (theta, c) is used instead."""
+    from scipy.optimize import brentq
+
+    gamma = rho_null_basis(fam)
+    a_rho = fam.gradient() * ref.exp()[None, :]  # (1, 3)
+
+    def g(t: float) -> float:
+        r_theta = setting.beta * (fam.logp(t) - ref)
+        return float(a_rho @ (r_star - r_theta))
+
+    theta, root = None, None
+    g0 = g(0.0)
+    for edge in np.geomspace(0.25, 1e4, 80):
+        for a, b in ((0.0, edge), (0.0, -edge)):
+            if np.sign(g(b)) != np.sign(g0):
+                root = brentq(g, min(a, b), max(a, b), xtol=1e-13, maxiter=200)
+                break
+        if root is not None:
+            break
+    if root is not None:
+        theta = float(root)
+        resid = r_star - setting.beta * (fam.logp(theta) - ref)
+        delta = gamma @ (gamma.T @ resid) / setting.beta  # auxdpo_loss: beta (h + delta)
+        fit = float((resid - gamma @ (gamma.T @ resid)).norm())
+        return {"theta": theta, "delta": delta.tolist(), "null_dim": int(gamma.shape[1]),
+                "exact_fit_residual": fit, "solver": "root"}
+    z = joint_newton(lambda z: pair_objective("AuxDPO", fam.logp(z[0]), ref, setting,
+                                              gamma @ z[1:]),
+                     torch.zeros(1 + gamma.shape[1], dtype=DTYPE), max_iter=30)
+    return {"theta": float(z[0]), "delta": (gamma @ z[1:]).tolist(),
+            "null_dim": int(gamma.shape[1]), "solver": "joint"}
 
 
 def direction_rows(fam: Family, setting: BanditSetting) -> list[dict[str, Any]]:
@@ -281,7 +321,8 @@ def run(s: GeometrySetting, *, log=print) -> dict[str, Any]:
                            "model_logp": st.logp_model.tolist(),
                            "pi0": torch.softmax(st.logp_model, 0).tolist(), "runs": []}
     for family in s.families:
-        fams = directions(st, family, s.directions, seed=s.seed)
+        fams = directions(st, family, s.directions if family == "head" else s.lora_directions,
+                          seed=s.seed)
         for counts in s.counts:
             setting = replace(base, counts=tuple(counts))
             for d, fam in enumerate(fams):

@@ -182,7 +182,7 @@ def _real_bandit(args) -> dict:
     heldout = auxdpo_heldout.HeldoutSetting()
     persona = values_persona.PersonaConfig(model=args.model)
     if args.quick:
-        geometry = replace(geometry, directions=min(args.directions, 2))
+        geometry = replace(geometry, directions=min(args.directions, 2), lora_directions=2)
         heldout = replace(heldout, seeds=1, dominant=8, minority=2)
         persona = replace(persona, q=8, held=8, steps=40)
     return misspec_real.run(geometry, heldout, persona,

@@ -115,8 +115,9 @@ def report_blocks(res: dict[str, Any], figs: dict[str, Path]) -> list[str]:
             f"Prompt {b['texts'][0]!r}; replies a1 {b['texts'][1]!r}, a2 {b['texts'][2]!r}, a3 "
             f"{b['texts'][3]!r} ({b['reply_tokens']} tokens), r* = [1, 2, 0]; pi0 over the "
             f"three = {[round(p, 4) for p in b['pi0']]}. Policy classes: theta along "
-            f"{s['directions']} random directions of each family (head: W0 + theta M; lora: "
-            f"rank 1 on the last layer's down-projection); beta {s['beta']}, DPOP lambda "
+            f"{s['directions']} random head directions (W0 + theta M) and "
+            f"{s['lora_directions']} rank-1 LoRA directions on the last layer's "
+            f"down-projection; beta {s['beta']}, DPOP lambda "
             f"{s['dpop_lambda']}, soft labels. AuxDPO exact: delta in the null space of the "
             f"pi0-weighted 1 x 3 gradient."),
         htmlpage.para("Reproduced when DPO lowers E[r*] in at least 30% of the head directions "

@@ -102,6 +102,12 @@ def test_family_solver_reproduces_the_toy_bandit(counts):
     for method in ("DPO", "IPO", "DPOP", "AuxDPO", "RLHF"):
         toy = B.solve(method, setting).theta
         assert rows[method]["theta"] == pytest.approx(toy, abs=1e-7), method
+    aux = rows["AuxDPO"]
+    assert aux["solver"] == "root" and aux["exact_fit_residual"] < 1e-10
+    reward = np.log(np.array(aux["policy"]) / (1 / 3)) + np.array(aux["delta"])  # beta = 1
+    assert np.ptp(reward - np.array(setting.r_star)) < 1e-9  # fits r* up to a constant
+    toy_delta = np.array(B.solve("AuxDPO", setting).delta)
+    assert np.ptp(np.array(aux["delta"]) - toy_delta) < 1e-6
     if counts == (1.0, 1.0, 10.0):
         assert rows["DPO"]["expected_reward"] == pytest.approx(0.89563, abs=1e-5)
         assert rows["DPO"]["lowers"] and not rows["AuxDPO"]["lowers"]
@@ -184,3 +190,31 @@ def test_heldout_methods_on_synthetic_states():
     assert all(c["pairs"] == 4 for c in res["comparisons"])
     assert len(res["count_sensitivity"]) == 2 * len(AH.methods(s))
     assert AH.verdict(res)["summary"]
+
+
+def test_cli_quick_real_bandit_writes_both_experiments(persona_tiny_dir, tmp_path, cache):
+    """`dpolab reproduce misspecification --real-bandit --quick --model TINY` writes the toy
+    table, the real-geometry fractions for both families and all three count settings, the
+    held-out comparison (or why it was skipped), the figures and the report."""
+    from dpolab.theory.bandit_plots import cli_main
+
+    out = tmp_path / "out"
+    assert cli_main(["--out", str(out), "--real-bandit", "--quick", "--model",
+                     str(persona_tiny_dir)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rb = res["real_bandit"]
+    assert len(rb["bandit"]["fractions"]) == 2 * 3
+    assert len(rb["bandit"]["runs"]) == 2 * 3 * 2
+    assert "verdict" in rb["bandit"] and "verdict" in rb["heldout"]
+    assert (out / "real_bandit_fractions.png").stat().st_size > 0
+    assert "Real model: the bandit on" in (out / "report.html").read_text()
+
+
+def test_cli_refuses_bad_directions(tmp_path):
+    """--directions 0 is a one-line error before anything is written."""
+    from dpolab.errors import UserError
+    from dpolab.theory.bandit_plots import cli_main
+
+    with pytest.raises(UserError, match="--directions"):
+        cli_main(["--out", str(tmp_path / "o"), "--real-bandit", "--directions", "0"])
+    assert not (tmp_path / "o").exists()

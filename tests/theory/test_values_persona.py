@@ -154,24 +154,7 @@ def test_state_cache_is_checked_on_read(tmp_path):
     assert VP.load_checked(tmp_path / "missing.safetensors") is None
 
 
-@pytest.fixture(scope="module")
-def persona_tiny(tmp_path_factory):
-    """A tiny model whose tokenizer has " Yes" and " No" as single tokens."""
-    from tokenizers import AddedToken
-
-    from dpolab.tiny import tiny_model, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("persona_tiny")
-    tok = tiny_tokenizer()
-    tok.add_tokens([AddedToken(" Yes", normalized=False), AddedToken(" No", normalized=False)])
-    model = tiny_model(vocab_size=len(tok))
-    model.config.eos_token_id, model.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    model.save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
-
-
-def test_cli_quick_real_writes_results_figures_and_report(persona_tiny, tmp_path, cache):
+def test_cli_quick_real_writes_results_figures_and_report(persona_tiny_dir, tmp_path, cache):
     """`dpolab reproduce values --real --quick --skip-synthetic --model TINY` writes
     results.json (every candidate's K = 1 error, the recipe, the kept groups, both
     optimisers' sweeps and verdicts, the licences), the figures and report.html; a second
@@ -179,7 +162,7 @@ def test_cli_quick_real_writes_results_figures_and_report(persona_tiny, tmp_path
     from dpolab.cli import main
 
     argv = ["reproduce", "values", "--real", "--quick", "--skip-synthetic", "--model",
-            str(persona_tiny)]
+            str(persona_tiny_dir)]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     res = json.loads((tmp_path / "a" / "results.json").read_text())["real_model"]
     assert len(res["k1"]["adam"]) == len(res["k1"]["gd"]) == 23
