@@ -155,10 +155,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct", help="model of --real")
     p.add_argument("--did-samples", type=int, default=32,
                    help="--real: samples per held-out prompt (default 32)")
+    p.add_argument("--did-prompts", type=int, default=8,
+                   help="--real: held-out prompts the probe samples (default 8)")
     p.add_argument("--quick", action="store_true", help="--real: tiny runs (CI)")
     args = p.parse_args(argv)
-    if args.did_samples < 2:
-        raise UserError(f"--did-samples must be >= 2, got {args.did_samples}")
+    if args.did_samples < 2 or args.did_prompts < 1:
+        raise UserError(f"need --did-samples >= 2 and --did-prompts >= 1, got "
+                        f"{args.did_samples}, {args.did_prompts}")
     if not 2 <= args.responses <= MAX_RESPONSES:
         raise UserError(f"--responses must be in [2, {MAX_RESPONSES}], got {args.responses}")
     if not (math.isfinite(args.beta) and 0 < args.beta <= 10):
@@ -185,7 +188,8 @@ def cli_main(argv: list[str]) -> int:
     if args.real:
         from dpolab.theory import did_real
 
-        setting = did_real.DidRealSetting(model=args.model, did_samples=args.did_samples)
+        setting = did_real.DidRealSetting(model=args.model, did_samples=args.did_samples,
+                                          extra=(f"train.did_prompts={args.did_prompts}",))
         if args.quick:
             setting = did_real.DidRealSetting(
                 model=args.model, groups=("factual", "refusal", "reasoning"),
