@@ -118,7 +118,7 @@ def test_filter_keeps_the_decodable_groups_and_reports_every_k1_error():
     grid on training error alone; the filter keeps exactly the decodable ones; every
     group's K = 1 held-out error is reported; the sweep runs K = 1, 2, 4 over the kept."""
     st = _synthetic_states(4, 2)
-    cfg = VP.PersonaConfig(steps=60, draws=2, ks=(1, 2, 4, 16), early=5)
+    cfg = VP.PersonaConfig(steps=300, draws=2, ks=(1, 2, 4, 16), early=5)
     res = json.loads(json.dumps(VP.analyse(st, cfg, log=lambda *_: None)))
     assert res["kept"] == ["g0", "g1", "g2", "g3"]
     assert [r["group"] for r in res["k1"]["adam"]] == list(st.groups)
@@ -129,7 +129,7 @@ def test_filter_keeps_the_decodable_groups_and_reports_every_k1_error():
         assert res["sweeps"][opt]["ks"] == [1, 2, 4]
         assert len(res["sweeps"][opt]["runs"]) == 6
         assert not res["verdicts"][opt]["marks"]["k_max"]["pass"]  # only 4 groups kept
-    assert res["setting"]["config"]["steps"] == 60
+    assert res["setting"]["config"]["steps"] == 300
 
 
 def test_growth_rate_falls_as_one_over_k_under_gradient_descent():
