@@ -18,7 +18,7 @@ from typing import Any
 
 from dpolab import config as C
 from dpolab.errors import UserError
-from dpolab.inputs import Inputs, is_peft
+from dpolab.inputs import Inputs, check_fit, check_model, check_tokenizer, is_peft
 from dpolab.trackers import check as check_trackers
 
 
@@ -29,8 +29,9 @@ class Trainer:
         loaded `PreTrainedModel` / peft model (trained in place; a peft model trains its own
         adapters, with train.scope=lora); None: `model.name` of the config.
     train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a file path
-        (JSONL, JSON, Parquet); rows are checked like a file's, and errors name the argument
-        and row (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
+        (JSONL, JSON, Parquet), one split each (a DatasetDict is refused, naming its splits);
+        rows are checked like a file's, and errors name the argument and row
+        (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
         `data.path`, or the embedded default. eval_dataset None: a seeded `data.eval_fraction`
         of the training rows.
     tokenizer: the model's tokenizer; None: loaded from the model's folder or name.
@@ -42,6 +43,7 @@ class Trainer:
     def __init__(self, model: Any = None, train_dataset: Any = None, *, tokenizer: Any = None,
                  eval_dataset: Any = None, config: C.RunConfig | str | Path | None = None,
                  **overrides: Any):
+        _one_split_each(train_dataset, eval_dataset)
         raw = _raw_config(config)
         named = _named_keys(raw) | set(overrides)
         if isinstance(model, (str, Path)):
@@ -74,6 +76,7 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
 
         tokenizer = load_tokenizer(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
     if model is not None and not isinstance(model, (str, Path)):
+        check_model(model)
         dtype = _dtype_name(model)
         if "model.dtype" in named and dtype != cfg.model.dtype:
             raise UserError(f"model.dtype={cfg.model.dtype}, but the model given is {dtype}; "
@@ -81,6 +84,9 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
         replace["model"] = {"name": _in_memory_name(model), "dtype": dtype}
         if tokenizer is None:
             tokenizer = _tokenizer_of(model, cfg)
+        check_fit(model, tokenizer)
+    elif tokenizer is not None:
+        check_tokenizer(tokenizer)  # its fit with the named model: when training starts
     rows = None
     if train_dataset is not None and not isinstance(train_dataset, (str, Path)):
         held = None if eval_dataset is None else _rows(eval_dataset, "eval_dataset", cfg)
@@ -96,6 +102,19 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
                               data=dataclasses.replace(cfg.data, **replace["data"]))
     return cfg, Inputs(model=None if isinstance(model, (str, Path)) else model,
                        tokenizer=tokenizer, rows=rows)
+
+
+def _one_split_each(train_dataset, eval_dataset) -> None:
+    """A DatasetDict (or a dict of splits, or a folder saved by DatasetDict.save_to_disk) given
+    as train_dataset or eval_dataset is refused, naming its splits and which argument takes
+    which: each argument is one split."""
+    from dpolab.sources import holder_name, split_names, splits_message
+
+    for argument, value in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        splits = split_names(value)
+        if splits is not None:
+            raise UserError(splits_message(argument, splits, holder=holder_name(value),
+                                           argument=argument))
 
 
 def _raw_config(config) -> dict[str, Any]:

@@ -21,6 +21,7 @@ truncation makes identical, and its rules give which rows are cut.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,10 +40,35 @@ def where(row: PreferenceRow) -> str:
 
 
 def row_text(value: str | list[dict]) -> str:
-    """A field as one string; messages become ``role: content`` lines."""
+    """A field as one string; messages become lines (:func:`message_text`)."""
     if isinstance(value, str):
         return value
-    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+    return "\n".join(message_text(m) for m in value)
+
+
+def message_text(m: dict) -> str:
+    """A message as one line: ``role: content``, a tool call as ``call NAME ARGUMENTS``
+    (arguments as JSON with sorted keys, decoded first when given as a JSON string), other
+    keys the template reads (name, tool_call_id, reasoning_content...) as ``(key=value)``
+    after the role.  A turn that only calls tools has no content."""
+    extra = "".join(f" ({k}={_json(m[k])})" for k in sorted(m)
+                    if k not in ("role", "content", "tool_calls"))
+    body = [m["content"]] if m.get("content") else []
+    for call in m.get("tool_calls") or []:
+        fn = call.get("function", call)    # nested (OpenAI, TRL) or flat form
+        body.append(f"call {fn['name']} {_json(_decoded(fn.get('arguments')))}")
+    return f"{m['role']}{extra}: {' '.join(body)}"
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True,
+                                                           ensure_ascii=False)
+
+
+def _decoded(arguments: Any) -> Any:
+    """Tool-call arguments as an object: a JSON string of one (validated by dpolab.data) is
+    decoded, so the two spellings of the same call read alike after normalization."""
+    return json.loads(arguments) if isinstance(arguments, str) else arguments
 
 
 def normalize(text: str) -> str:
@@ -71,13 +97,22 @@ def group_sizes(rows: Sequence[PreferenceRow]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------- duplicates
-def row_key(row: PreferenceRow) -> tuple[str, str, str]:
-    """What makes two rows exact duplicates: prompt, chosen and rejected as text."""
-    return tuple(row_text(getattr(row, f)) for f in FIELDS)
+def row_key(row: PreferenceRow) -> tuple[str, ...]:
+    """What makes two rows exact duplicates: prompt, chosen and rejected as loaded, and the
+    tools and template variables the chat template renders with them (messages as JSON with
+    sorted keys: every key of every message counts, a tool call's arguments included)."""
+    return tuple(_json(v) for v in (row.prompt, row.chosen, row.rejected, row.tools,
+                                    row.chat_template_kwargs))
 
 
 def _norm_key(row: PreferenceRow) -> tuple[str, str, str]:
-    return tuple(normalize(t) for t in row_key(row))
+    """(prompt, chosen, rejected) as normalized text; the prompt with the tools column and
+    template variables, which the template renders into it."""
+    prompt = row_text(row.prompt)
+    for name, value in (("tools", row.tools), ("chat_template_kwargs", row.chat_template_kwargs)):
+        if value is not None:
+            prompt += f"\n{name}: {_json(value)}"
+    return (normalize(prompt), normalize(row_text(row.chosen)), normalize(row_text(row.rejected)))
 
 
 def _clusters(keys: Sequence[Any]) -> list[list[int]]:
@@ -105,7 +140,7 @@ def near_duplicates(rows: Sequence[PreferenceRow], *, threshold: float = 0.9, n:
     reported: set[tuple[int, int]] = set()
     for cluster in _clusters([_norm_key(r) for r in rows]):
         # rows equal as loaded are exact duplicates, not near ones: keep one per exact key
-        first_of: dict[tuple[str, str, str], int] = {}
+        first_of: dict[tuple[str, ...], int] = {}
         for i in cluster:
             first_of.setdefault(row_key(rows[i]), i)
         firsts = list(first_of.values())
@@ -185,30 +220,36 @@ class TokenLengths:
     chosen: list[int]
     rejected: list[int]
     problems: list[str]           # DataError messages of rows that did not tokenize
+    # FILE:ROW of rows whose prompt was cut at the longest common token prefix (a template that
+    # renders the prompt alone differently, an implicit prompt ending inside a token)
+    common_prefix: list[str]
 
 
 def token_lengths(rows: Sequence[PreferenceRow], tokenizer: Any, *,
                   progress: Callable[[int], None] | None = None) -> TokenLengths:
-    """Untruncated lengths as training sees them (:func:`dpolab.tokenize.tokenize_row`: chat
-    template for messages, one EOS per completion); a row whose template rendering of the
-    prompt is not a prefix of prompt + completion is listed in ``problems`` instead."""
-    from dpolab.tokenize import tokenize_row
+    """Untruncated lengths as training sees them (:func:`dpolab.tokenize.tokenize_pair`: chat
+    template for messages, one EOS per completion); a row training refuses (a template that
+    cannot render it or whose prompt differs before its generation prompt, text no tokenizer
+    takes) is listed in ``problems`` instead."""
+    from dpolab.tokenize import tokenize_pair
 
-    index, lengths, problems = [], ([], [], []), []
+    index, lengths, problems, cut = [], ([], [], []), [], []
     for i, row in enumerate(rows):
         try:
-            ids = tokenize_row(row, tokenizer)
+            ids = tokenize_pair(row, tokenizer)
         except DataError as err:
             problems.append(str(err))
             continue
         index.append(i)
-        for out, seq in zip(lengths, ids):
+        for out, seq in zip(lengths, (ids.prompt, ids.chosen[0], ids.rejected[0])):
             out.append(len(seq))
+        if ids.common_prefix:
+            cut.append(where(row))
         if progress and (i + 1) % 256 == 0:
             progress(i + 1)
     if progress:
         progress(len(rows))
-    return TokenLengths(index, *lengths, problems=problems)
+    return TokenLengths(index, *lengths, problems=problems, common_prefix=cut)
 
 
 def truncation_report(rows: Sequence[PreferenceRow], lengths: TokenLengths, tokenizer: Any, *,

@@ -15,8 +15,12 @@ turn; `T(msgs, gen)` is the chat template with or without the generation prompt)
                   T(prompt + m_0..m_{j-1}, gen=True)[len(previous):]
     scored        pieces of assistant turns; user, tool and header pieces are read only
 
-Each rendering must extend the previous one (checked; the error shows where they diverge):
-a template that rewrites earlier turns once later ones follow has no per-turn pieces.
+These renderings are the row's `Step`s.  When each extends the previous one,
+:func:`prefix_pieces` cuts them into pieces.  Some templates break that chain: the generation
+prompt opens a `<think>` block the rendered turn does not have, or the reverse (DeepSeek-V3,
+Nemotron 3), a turn is rewritten once later turns follow (Qwen3 drops an earlier turn's
+reasoning; Qwen2.5 closes a tool result's turn only after the last of several results).  Those
+rows are tokenized whole and cut at longest common prefixes (:mod:`dpolab.common_prefix`).
 The template gets the row's `tools` and its `chat_template_kwargs` (over the config's).
 """
 
@@ -34,9 +38,28 @@ class Piece:
     scored: bool                  # the assistant wrote it: its tokens enter the log-ratio
 
 
-def render_pair(row: PreferenceRow, tokenizer: Any, template_kwargs: dict | None = None
-                ) -> tuple[str, list[Piece], list[Piece]]:
-    """(prompt_text, chosen pieces, rejected pieces) of a conversational row.
+@dataclass(frozen=True)
+class Step:
+    """One rendering of the conversation as a completion is built up turn by turn."""
+    text: str                     # T(context, gen=True) for a header, else T(context + message)
+    scored: bool                  # what this step adds is an assistant turn
+    header: bool                  # rendered with the generation prompt: an assistant header
+    name: str                     # how messages name it, e.g. "prompt + chosen[:2]"
+
+
+@dataclass(frozen=True)
+class Rendering:
+    row: PreferenceRow
+    prompt: str                   # T(prompt, gen)
+    gen: bool                     # the prompt text ends with the generation prompt
+    chosen: tuple[Step, ...]      # the last step is the whole conversation prompt + chosen
+    rejected: tuple[Step, ...]
+    render: "Renderer"            # the row's template, for the common-prefix path's checks
+
+
+def render_pair(row: PreferenceRow, tokenizer: Any,
+                template_kwargs: dict | None = None) -> Rendering:
+    """Every rendering of a conversational row that its tokenization needs.
 
     ``template_kwargs`` (the config's data.chat_template_kwargs) are passed to the template
     under the row's own ``chat_template_kwargs``, which win on a shared key."""
@@ -47,14 +70,53 @@ def render_pair(row: PreferenceRow, tokenizer: Any, template_kwargs: dict | None
             f"them; use a model whose tokenizer has one (chat_template in tokenizer_config.json "
             f"or chat_template.jinja), or give prompt/chosen/rejected as plain strings")
     kwargs = {**(template_kwargs or {}), **(row.chat_template_kwargs or {})}
-    render = _Renderer(tokenizer, row, kwargs)
+    render = Renderer(tokenizer, row, kwargs)
     gen = all(c[0]["role"] == "assistant" for c in (row.chosen, row.rejected))
-    prompt_text = render(row.prompt, gen=gen)
-    return (prompt_text, render.pieces(prompt_text, row.chosen, "chosen", gen),
-            render.pieces(prompt_text, row.rejected, "rejected", gen))
+    return Rendering(row, render(row.prompt, gen=gen), gen,
+                     _steps(render, row.prompt, row.chosen, "chosen", gen),
+                     _steps(render, row.prompt, row.rejected, "rejected", gen), render)
 
 
-class _Renderer:
+def _steps(render: "Renderer", prompt: list[dict], completion: list[dict], key: str,
+           gen: bool) -> tuple[Step, ...]:
+    single = len(completion) == 1
+    out: list[Step] = []
+    for j, msg in enumerate(completion):
+        assistant = msg["role"] == "assistant"
+        context = prompt + completion[:j]
+        if assistant and not (j == 0 and gen):    # the turn's header is not in the text yet
+            out.append(Step(render(context, gen=True), False, True,
+                            f"prompt + {key}[:{j}] with the generation prompt"))
+        out.append(Step(render(context + [msg], gen=False), assistant, False,
+                        "prompt + completion" if single else f"prompt + {key}[:{j + 1}]"))
+    return tuple(out)
+
+
+def prefix_pieces(prompt_text: str, steps: tuple[Step, ...]) -> list[Piece] | None:
+    """The pieces each step adds to the previous rendering; None when some rendering does not
+    extend the previous one."""
+    out, text = [], prompt_text
+    for step in steps:
+        if not step.text.startswith(text):
+            return None
+        out.append(Piece(step.text[len(text):], scored=step.scored))
+        text = step.text
+    return out
+
+
+def divergence(row: PreferenceRow, prefix: str, full: str, prefix_name: str, full_name: str,
+               why: str = "") -> DataError:
+    """The error for a rendering `prefix` that `full` does not extend, showing where they part."""
+    at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b),
+              min(len(prefix), len(full)))
+    lo = max(0, at - 20)
+    return DataError(
+        f"{row.source}:{row.row}: the chat template's rendering of {prefix_name} is not a prefix "
+        f"of its rendering of {full_name}{why}; they diverge at character {at}: "
+        f"prompt ...{prefix[lo:at + 20]!r} vs full ...{full[lo:at + 20]!r}")
+
+
+class Renderer:
     def __init__(self, tokenizer: Any, row: PreferenceRow, kwargs: dict):
         self.tokenizer, self.row, self.kwargs = tokenizer, row, kwargs
 
@@ -72,34 +134,3 @@ class _Renderer:
                             f"this row ({len(messages)} messages, "
                             f"{'with' if gen else 'without'} the generation prompt): "
                             f"{type(err).__name__}: {err}") from None
-
-    def pieces(self, prompt_text: str, completion: list[dict], key: str,
-               gen: bool) -> list[Piece]:
-        single = len(completion) == 1
-        out: list[Piece] = []
-        text, have = prompt_text, "the prompt"
-        for j, msg in enumerate(completion):
-            assistant = msg["role"] == "assistant"
-            context = self.row.prompt + completion[:j]
-            if assistant and not (j == 0 and gen):    # the turn's header is not in `text` yet
-                head = self(context, gen=True)
-                self._check(text, head, have, f"prompt + {key}[:{j}] with the generation prompt")
-                out.append(Piece(head[len(text):], scored=False))
-                text, have = head, f"prompt + {key}[:{j}] with the generation prompt"
-            full = self(context + [msg], gen=False)
-            now = "prompt + completion" if single else f"prompt + {key}[:{j + 1}]"
-            self._check(text, full, have, now)
-            out.append(Piece(full[len(text):], scored=assistant))
-            text, have = full, now
-        return out
-
-    def _check(self, prefix: str, full: str, prefix_name: str, full_name: str) -> None:
-        if full.startswith(prefix):
-            return
-        at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b),
-                  min(len(prefix), len(full)))
-        lo = max(0, at - 20)
-        raise DataError(
-            f"{self.row.source}:{self.row.row}: the chat template's rendering of {prefix_name} "
-            f"is not a prefix of its rendering of {full_name}; they diverge at character {at}: "
-            f"prompt ...{prefix[lo:at + 20]!r} vs full ...{full[lo:at + 20]!r}")

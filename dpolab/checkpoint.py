@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the trainable tensors
 (`trainable.safetensors`), the optimizer state (`optimizer.pt`, read back with
-`torch.load(weights_only=True)`) and `state.json` (step, metrics lines written, and the
-sha256 of each of the two other files). It is written under a temporary name and renamed
+`torch.load(weights_only=True)`), the lines of metrics.jsonl written so far (`metrics.jsonl`)
+and `state.json` (step, metrics lines written, the run's identity (dpolab.identity), and the
+sha256 of each of the other files). It is written under a temporary name and renamed
 into place (dpolab.atomic.write_dir); `checkpoints/latest` names the newest complete one and
 is itself replaced atomically, so a run killed at any instant (kill -9 included) leaves the
 previous checkpoints intact and readable. The newest `keep` checkpoints are kept.
@@ -11,7 +12,9 @@ previous checkpoints intact and readable. The newest `keep` checkpoints are kept
 On resume every checkpoint is checked, newest first, against its recorded checksums; a
 damaged one is skipped with a message saying why, and the newest intact one is loaded. A run
 that has checkpoints but no intact one stops with a UserError; it never restarts from step 0
-silently.
+silently. A resume continues the same run or refuses (`check_identity`), and its
+metrics.jsonl restarts from the checkpoint's own copy of the lines, so a cut or deleted
+metrics.jsonl is repaired, not continued short.
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ from dpolab.atomic import sha256
 from dpolab.errors import UserError
 
 FILES = ("trainable.safetensors", "optimizer.pt")  # checksummed in state.json
+METRICS = "metrics.jsonl"  # the run's metrics lines up to the checkpoint, checksummed too
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer, *, metrics_lines: int, is_main: bool = True,
-         keep: int = 2) -> Path:
+         optimizer: torch.optim.Optimizer, *, metrics: str, identity: dict | None = None,
+         is_main: bool = True, keep: int = 2) -> Path:
     """Collective under FSDP2: every rank calls it (sharded tensors are gathered), rank 0
-    writes. Keeps the newest `keep` checkpoints (at least one: the one just written)."""
+    writes. `metrics`: metrics.jsonl's text so far; `identity`: RunIdentity.record().
+    Keeps the newest `keep` checkpoints (at least one: the one just written)."""
     from dpolab import sharding
 
     named = {k: sharding.full(v) for k, v in named.items()}
@@ -52,8 +57,9 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
                   str(tmp / "trainable.safetensors"))
         with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a failed write keeps
             torch.save(opt_state, f)                  # its errno (dpolab.atomic.writing)
-        state = {"step": step, "metrics_lines": metrics_lines,
-                 "sha256": {name: sha256(tmp / name) for name in FILES}}
+        (tmp / METRICS).write_text(metrics, encoding="utf-8")
+        state = {"step": step, "metrics_lines": metrics.count("\n"), "identity": identity,
+                 "sha256": {name: sha256(tmp / name) for name in (*FILES, METRICS)}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     atomic.write_text(root / "latest", final.name)
     # Folders of later steps are what a resume skipped as damaged (this run redoes those
@@ -96,7 +102,10 @@ def verify(path: Path) -> tuple[dict | None, str]:
             return None, f"{name} is missing"
     if sums is None:  # written before checkpoints recorded checksums: usable, said so
         return state, "written without checksums, so its files are not verified"
-    for name in FILES:
+    record = (METRICS,) if isinstance(sums, dict) and METRICS in sums else ()
+    for name in (*FILES, *record):
+        if not (path / name).is_file():
+            return None, f"{name} is missing"
         if not isinstance(sums, dict) or sums.get(name) != sha256(path / name):
             return None, f"{name} does not match its recorded sha256 (damaged or changed)"
     return state, ""
@@ -139,16 +148,37 @@ def find_intact(run_dir: Path, *, say=None) -> tuple[Path, dict] | None:
     return None
 
 
-def restore(run_dir: Path, named: dict[str, torch.Tensor],
-            optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """Load the newest intact checkpoint into `named` tensors (in place) and the optimizer;
-    returns (its step, metrics lines it had written), or (0, 0) when the run has none yet
-    (it then starts from the beginning)."""
+def resume_point(run_dir: Path) -> tuple[Path, dict] | None:
+    """(folder, state) of the checkpoint a resume continues from (see `find_intact`), or
+    None, said, when the run stopped before its first checkpoint (it then starts again)."""
     found = find_intact(run_dir)
     if found is None:
         _say(f"{run_dir}: no checkpoint was saved before the run stopped; training it again "
              f"from step 0")
-        return 0, 0
+    return found
+
+
+def check_identity(found: tuple[Path, dict], identity) -> None:
+    """Refuse, in one line, to resume from checkpoint `found` a run that is not the one it
+    saved (a dpolab.identity.RunIdentity: other starting weights, data or global batch)."""
+    path, state = found
+    recorded = state.get("identity")
+    if not isinstance(recorded, dict):  # written before checkpoints recorded it
+        _say(f"{path}: records no run identity (an older checkpoint): the model, data and "
+             f"batch are not checked against it")
+        return
+    changes = identity.changes(recorded)
+    if changes:
+        raise UserError(f"{path.parent.parent}: cannot resume: this is not the run that was "
+                        f"checkpointed: {'; '.join(changes)}. Resume with the run's own model, "
+                        f"data and processes, or start a new run with --out")
+
+
+def restore(found: tuple[Path, dict], named: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer, metrics_path: Path) -> tuple[int, str]:
+    """Load checkpoint `found` (from `resume_point`) into `named` tensors (in place) and the
+    optimizer; returns (its step, the text of metrics.jsonl up to it: the checkpoint's own
+    copy, or for an older checkpoint without one the first lines of `metrics_path`)."""
     path, state = found
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
@@ -173,7 +203,19 @@ def restore(run_dir: Path, named: dict[str, torch.Tensor],
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise UserError(f"{path}: the optimizer state does not fit this run "
                         f"({type(err).__name__}: {err})") from None
-    return int(state["step"]), int(state["metrics_lines"])
+    return int(state["step"]), _metrics_record(path, int(state["metrics_lines"]), metrics_path)
+
+
+def _metrics_record(path: Path, lines: int, metrics_path: Path) -> str:
+    """The first `lines` lines of metrics.jsonl as checkpoint `path` saw them."""
+    if (path / METRICS).is_file():  # verified with the checkpoint's other files
+        return (path / METRICS).read_text(encoding="utf-8")
+    old = (metrics_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+           if metrics_path.is_file() else [])
+    if len(old) < lines:
+        _say(f"{metrics_path}: has {len(old)} of the {lines} lines {path} recorded, and that "
+             f"older checkpoint keeps no copy: the lines missing stay missing")
+    return "".join(old[:lines])
 
 
 def describe_latest(run_dir: Path) -> str:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from dpolab.errors import UserError
+from dpolab.errors import Stopped, UserError
 
 # reproduce NAME -> module whose cli_main(argv) -> int runs the experiment
 REPRODUCE = {
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"dpolab {command}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as err:
+        if str(err):  # said once: by the main process of a torchrun job
+            print(f"dpolab {command}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"dpolab {command}: interrupted", file=sys.stderr)
         return 130

@@ -63,6 +63,8 @@ class LossConfig:
     aux_null_weight: float = 1.0  # AuxDPO: lambda_null of the batchwise null-space penalty
     aux_amp_weight: float = 0.01  # AuxDPO: lambda_amp of the amplitude penalty
     aux_mode: str = "soft"  # AuxDPO: soft (batchwise penalty) | exact (delta in N(A) by construction)
+    aux_form: str = "seed"  # AuxDPO: seed (free delta, +lambda_amp ||delta||^2) | authors (delta = aux_cap tanh(raw), -lambda_amp/2 (mean dc^2 + mean dr^2)); dpolab.losses.core
+    aux_cap: float = 1.0  # AuxDPO authors' form: the bound on |delta|
     aux_max_gib: float = 2.0  # AuxDPO: memory allowed for the per-response gradients of A
 
     def __post_init__(self):
@@ -81,7 +83,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    scope: str = "last_layer"  # full | lora | last_layer (head only; body states cached once)
+    scope: str = "last_layer"  # full | lora | last_layer (head only; body states cached once) | token_rows (only the head rows of tokens in the training completions)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names
@@ -263,7 +265,14 @@ def validate(cfg: RunConfig) -> None:
         if name not in LOSSES:
             raise UserError(f"config loss: unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
     checks = [
-        (cfg.train.scope in ("full", "lora", "last_layer"), "train.scope must be full, lora or last_layer"),
+        (cfg.train.scope in ("full", "lora", "last_layer", "token_rows"),
+         "train.scope must be full, lora, last_layer or token_rows"),
+        # AdamW's decay shrinks every row, trained or not: it would move the frozen ones.
+        (cfg.train.scope != "token_rows" or cfg.train.weight_decay == 0,
+         "train.scope=token_rows needs train.weight_decay=0 (decay would move the frozen rows)"),
+        (cfg.loss.aux_form in ("seed", "authors"), "loss.aux_form must be seed or authors"),
+        (cfg.loss.aux_form != "authors" or cfg.loss.aux_mode == "soft",
+         "loss.aux_form=authors is the authors' soft penalty; it needs loss.aux_mode=soft"),
         (cfg.train.schedule in ("cosine", "constant"), "train.schedule must be cosine or constant"),
         (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
@@ -305,6 +314,7 @@ _BOUNDS = [
     ("loss", "aux_null_weight", 0, True, "a penalty weight"),
     ("loss", "aux_amp_weight", 0, True, "a penalty weight"),
     ("loss", "aux_max_gib", 0, False, "a memory size"),
+    ("loss", "aux_cap", 0, False, "the bound on |delta| (delta = cap tanh(raw))"),
     ("train", "lr", 0, False, "the peak learning rate"),
     ("train", "lora_alpha", 0, False, "the LoRA scale numerator"),
     ("train", "max_grad_norm", 0, True, "a norm (0 = no clipping)"),

@@ -10,8 +10,9 @@ Accepted formats (those of TRL's preference data sets, unchanged):
                              chosen and rejected share at their start join the prompt, so a
                              completion may be several turns: its assistant turns are scored,
                              its user and tool turns are context (see dpolab.chat).
-    implicit                 {"chosen": str, "rejected": str}: the prompt is empty; a shared
-                             leading text is *not* split out (it stays part of both completions).
+    implicit                 {"chosen": str, "rejected": str}: the prompt is their longest
+                             common leading text, by TRL's rule (:func:`split_shared_text`);
+                             it is "" when they differ from their first character.
     implicit_conversational  {"chosen": [msg, ...], "rejected": [msg, ...]}: full conversations;
                              the prompt is their common leading messages, the completion the
                              messages after it (ending with the final assistant turn).
@@ -23,8 +24,10 @@ column (a list of JSON function schemas, or that list as a JSON string) and a
 {"enable_thinking": false}) are passed to the chat template.
 
 An optional "group" column (a string: the value label) is kept on each row; every other column
-is kept untouched in ``PreferenceRow.meta``.  Sources: a JSONL file, a JSON file (a list of
-objects or {"data": [...]}), a Parquet file, or a ``datasets.Dataset``.
+is kept untouched in ``PreferenceRow.meta``.  Sources (:mod:`dpolab.sources`): a JSONL file,
+a JSON file (a list of objects or {"data": [...]}), a Parquet file, a ``datasets.Dataset`` or a
+list of dicts; image or video columns and several splits at once are refused whole (a
+DatasetDict in memory by dpolab.api, which names the arguments).
 
 Errors name the place and the field, ``FILE:ROW: field 'chosen' is empty``; ROW is the 1-based
 line of a JSONL file or the 1-based position in a list/table.  Tokenization and collation live in
@@ -36,22 +39,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dpolab import chat_data
-from dpolab.errors import UserError
+from dpolab.errors import DataError
+from dpolab.sources import BadRecord, read_source
 
 FORMATS = ("standard", "conversational", "implicit", "implicit_conversational")
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 
 
-class DataError(UserError):
-    """A preference data problem the user can fix; the message starts with FILE or FILE:ROW."""
-
-
 @dataclass(frozen=True)
 class PreferenceRow:
-    """One validated preference pair.  ``prompt`` is "" for implicit string rows."""
+    """One validated preference pair.  ``prompt`` may be "" for implicit string rows."""
     prompt: str | list[dict]      # text, or the prompt messages
     chosen: str | list[dict]      # the preferred completion (text, or its messages)
     rejected: str | list[dict]    # the dispreferred completion
@@ -61,6 +61,10 @@ class PreferenceRow:
     meta: dict = field(default_factory=dict)  # every other column, untouched
     tools: list[dict] | None = None       # "tools" column: function schemas for the template
     chat_template_kwargs: dict | None = None  # "chat_template_kwargs" column: template variables
+    # The row had no prompt column: the prompt is the start chosen and rejected share (the
+    # implicit formats). A found prompt's end is not a boundary the data set chose, so string
+    # rows are then tokenized whole and cut where their tokens diverge (dpolab.common_prefix).
+    implicit_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,13 +82,13 @@ def load_rows(source: Any, *, skip_invalid: bool = False, name: str | None = Non
     ``skip_invalid`` a bad row is dropped and its message kept in ``skipped``; a file that cannot
     be read, and a data set with no valid row, raise :class:`DataError` either way.
     """
-    name, records = _read_source(source, name)
+    name, records = read_source(source, name)
     rows: list[PreferenceRow] = []
     skipped: list[str] = []
     fmt: str | None = None
     for row_no, record in records:
         try:
-            if isinstance(record, _BadRecord):
+            if isinstance(record, BadRecord):
                 raise DataError(f"{name}:{row_no}: {record.message}")
             row, row_fmt = parse_row(record, source=name, row=row_no, expected=fmt)
         except DataError as err:
@@ -103,15 +107,17 @@ def load_rows(source: Any, *, skip_invalid: bool = False, name: str | None = Non
 def write_jsonl(rows: list[PreferenceRow], path: str | Path) -> Path:
     """Write rows as JSONL that :func:`load_rows` reads back to the same rows.
 
-    One object per line: prompt (omitted when it is "", the implicit format), chosen, rejected,
-    group (when set), then the ``meta`` columns; ``source`` and ``row`` are not written, since
-    reading the file gives them anew.
+    One object per line: prompt, chosen, rejected (an implicit prompt is written back into both
+    completions, with no prompt column), group (when set), then the ``meta`` columns;
+    ``source`` and ``row`` are not written, since reading the file gives them anew.
     """
     path = Path(path)
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
-            record = {"prompt": row.prompt} if row.prompt != "" else {}
-            record.update(chosen=row.chosen, rejected=row.rejected)
+            if row.implicit_prompt:
+                record = {"chosen": row.prompt + row.chosen, "rejected": row.prompt + row.rejected}
+            else:
+                record = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected}
             if row.group is not None:
                 record["group"] = row.group
             if row.tools is not None:
@@ -121,83 +127,6 @@ def write_jsonl(rows: list[PreferenceRow], path: str | Path) -> Path:
             record.update(row.meta)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-# ---------------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class _BadRecord:
-    message: str                  # why this record could not be read (e.g. invalid JSON)
-
-
-def _read_source(source: Any, name: str | None = None) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """(name, iterator of (1-based row, record dict or _BadRecord)) for any accepted source."""
-    if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
-        return name or "<dataset>", ((i + 1, rec) for i, rec in enumerate(source))
-    if isinstance(source, (list, tuple)):
-        return name or "<list>", ((i + 1, rec) for i, rec in enumerate(source))
-    if not isinstance(source, (str, Path)):
-        raise DataError(f"{name or repr(source)}: expected a file path, a datasets.Dataset "
-                        f"or a list of dicts, "
-                        f"got {type(source).__name__}")
-    path = Path(source)
-    name = str(source)
-    if not path.is_file():
-        raise DataError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return name, _jsonl_records(path, name)
-    if suffix == ".json":
-        return name, _json_records(path, name)
-    if suffix == ".parquet":
-        return name, _parquet_records(path, name)
-    raise DataError(f"{name}: unknown extension {path.suffix or '(none)'!r}; "
-                    "valid: .jsonl, .json, .parquet")
-
-
-def _read_text(path: Path, name: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{name}: cannot be read: {err}") from None
-
-
-def _jsonl_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    # Read the whole file first so an unreadable file raises before any row is handled.
-    lines = _read_text(path, name).splitlines()
-    return _jsonl_lines(lines)
-
-
-def _jsonl_lines(lines: list[str]) -> Iterator[tuple[int, Any]]:
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue            # blank lines (often a trailing one) are not rows
-        try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield i, _BadRecord(f"not valid JSON: {err.msg} (column {err.colno})")
-
-
-def _json_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    try:
-        data = json.loads(_read_text(path, name))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{name}: not valid JSON: {err.msg} (line {err.lineno}, "
-                        f"column {err.colno})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{name}: expected a JSON list of rows or {{\"data\": [...]}}, "
-                        f"got {type(data).__name__}")
-    return ((i + 1, rec) for i, rec in enumerate(data))
-
-
-def _parquet_records(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq     # imported here: only Parquet users pay for it
-    try:
-        records = pq.read_table(path).to_pylist()
-    except Exception as err:         # pyarrow raises several unrelated types for bad files
-        raise DataError(f"{name}: cannot be read as Parquet: {err}") from None
-    return ((i + 1, rec) for i, rec in enumerate(records))
 
 
 # ------------------------------------------------------------------------------- validation
@@ -219,7 +148,8 @@ def parse_row(record: Any, *, source: str, row: int,
     if values["chosen"] == values["rejected"]:
         raise DataError(f"{where}: chosen and rejected are identical")
     if fmt == "implicit":
-        values["prompt"] = ""
+        values["prompt"], values["chosen"], values["rejected"] = split_shared_text(
+            values["chosen"], values["rejected"])
     elif fmt == "implicit_conversational":
         values["prompt"] = []
         if values["chosen"][0] != values["rejected"][0]:
@@ -239,7 +169,24 @@ def parse_row(record: Any, *, source: str, row: int,
     meta = {k: v for k, v in record.items() if k not in (*_TEXT_FIELDS, "group", *_CHAT_COLUMNS)}
     return PreferenceRow(prompt=values["prompt"], chosen=values["chosen"],
                          rejected=values["rejected"], group=group, source=source, row=row,
-                         meta=meta, **extras), fmt
+                         meta=meta, implicit_prompt=fmt.startswith("implicit"), **extras), fmt
+
+
+def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of an implicit string row, by TRL's rule
+    (`trl.data_utils.extract_prompt`): the prompt is the text before the first character where
+    chosen and rejected differ, less a space it would end with (that space then starts both
+    completions, where word-level tokenizers attach it to the next word). When one is the
+    start of the other, the loop finds no difference and the cut falls before their last
+    shared character, so neither completion is empty.  (TRL, differing at character 0 of a
+    chosen that ends with a space, would cut at -1; here the prompt is then "".)"""
+    n = min(len(chosen), len(rejected))     # >= 1: both are non-empty
+    cut = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if cut is None:
+        cut = n - 1
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 _CHAT_COLUMNS = ("tools", "chat_template_kwargs")

@@ -1,10 +1,11 @@
 """Exact duplicate pairs between and within the training and held-out splits.
 
-Two rows are exact duplicates when prompt, chosen and rejected are equal as loaded (messages
-compared as ``role: content`` lines; :func:`dpolab.audit.row_key`, the key `dpolab inspect`
-lists duplicates by; the group and other columns do not count). Training keeps its own duplicates (they weigh a pair
-more, which a data set may intend) but says how many there are; a held-out pair equal to a
-training pair measures memory, not generalization, so it is removed from the held-out split.
+Two rows are exact duplicates when prompt, chosen and rejected are equal as loaded, with the
+tools and template variables rendered with them (messages compared whole: a tool call's
+arguments count; :func:`dpolab.audit.row_key`, the key `dpolab inspect` lists duplicates by;
+the group and other columns do not count). Training keeps its own duplicates (they weigh a
+pair more, which a data set may intend) but says how many there are; a held-out pair equal to
+a training pair measures memory, not generalization, so it is removed from the held-out split.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class SplitDuplicates:
 def split_duplicates(train: Sequence[PreferenceRow],
                      held_out: Sequence[PreferenceRow]) -> SplitDuplicates:
     """Count duplicates and drop the held-out rows that equal a training row."""
-    first: dict[tuple[str, str, str], PreferenceRow] = {}
+    first: dict[tuple[str, ...], PreferenceRow] = {}
     for r in train:
         first.setdefault(row_key(r), r)
     kept, removed = [], []

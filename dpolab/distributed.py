@@ -67,6 +67,42 @@ class Distributed:
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return t.tolist()
 
+    def all_max(self, value: int) -> int:
+        """The largest of every rank's `value` (e.g. a signal number, 0 for none)."""
+        if not self.grouped:
+            return value
+        import torch.distributed as td
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return int(t.item())
+
+    def agree(self, facts: dict[str, str], warm: dict[str, bool]) -> dict[str, bool]:
+        """Before the first collective of a run: every rank must hold the same `facts` (name
+        -> hash: config, model weights, data), else every rank stops with the same one-line
+        UserError naming the first rank that differs from rank 0 and in what, instead of
+        collectives that wait for each other until the timeout. `warm` (cache name -> this
+        rank holds it) comes back as whether EVERY rank holds it: a cache that one rank
+        lacks is computed by all of them together, the others ignoring their copy."""
+        if not self.grouped or self.world == 1:
+            return dict(warm)
+        import torch.distributed as td
+
+        from dpolab.errors import UserError
+
+        everyone: list = [None] * self.world
+        td.all_gather_object(everyone, {"facts": facts, "warm": warm})
+        first = everyone[0]["facts"]
+        for rank, theirs in enumerate(everyone):
+            differ = [k for k in sorted(set(first) | set(theirs["facts"]))
+                      if theirs["facts"].get(k) != first.get(k)]
+            if differ:
+                raise UserError(
+                    f"rank {rank} differs from rank 0 in its {', '.join(differ)} (hash "
+                    f"{theirs['facts'].get(differ[0])}, rank 0: {first.get(differ[0])}); every "
+                    f"rank must start with the same config, model and data files")
+        return {k: all(bool(e["warm"].get(k)) for e in everyone) for k in warm}
+
     def sum_grad(self, t: Tensor) -> None:
         """Sum `t.grad` over ranks in place (zeros where this rank gave it none): for a
         trained tensor outside the engine's module (AuxDPO's per-pair offsets)."""

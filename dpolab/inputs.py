@@ -24,6 +24,21 @@ class Inputs:
     tokenizer: Any = None  # the model's tokenizer; None: loaded from cfg.model.name
     rows: tuple[list, list] | None = None  # (train, held-out) validated PreferenceRows; None: cfg.data
 
+    def checked(self, cfg) -> "Inputs":
+        """These inputs, checked to make a run before its run directory exists: the model a
+        name points to by its config.json (dpolab.models.check_folder), with the tokenizer it
+        will train with, loaded now when none was given. A model object was checked when
+        given (`check_model`, `check_fit`)."""
+        from dpolab.models import check_folder, load_tokenizer
+
+        if self.model is not None:  # checked when given (dpolab.api.Trainer)
+            return self
+        tokenizer = self.tokenizer or load_tokenizer(
+            cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+        check_tokenizer(tokenizer)
+        check_folder(cfg.model, tokenizer)
+        return Inputs(model=None, tokenizer=tokenizer, rows=self.rows)
+
     def tokenizer_for(self, cfg):
         """The tokenizer given, with eos as pad when it has none (as `models.load_tokenizer`
         does); else the one of the model `cfg` names."""
@@ -82,6 +97,77 @@ class Theta0:
         ref.load_state_dict(self.weights)
         return ref.to(device).eval().requires_grad_(False)
 
+    def exchange(self, model: torch.nn.Module) -> None:
+        """Swap `model`'s parameters with the kept ones, one tensor at a time: the model
+        holds theta0 and the kept copy what the model held. Its own inverse: the full scope
+        calls it to score against theta0 after training and again after, so the model the
+        caller gave ends trained, and memory holds no more than before. On the kept copy's
+        device (the CPU) the swap moves no bytes; on another the kept buffer takes the
+        trained tensor (one tensor extra at a time). FSDP2's sharded parameters are gathered
+        into the kept buffer and re-sharded from it (collective: every rank calls it)."""
+        from dpolab import sharding
+
+        seen = set()
+        with torch.no_grad():
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if id(p) in seen:  # a tied weight: exchanged under its first name
+                    continue
+                seen.add(id(p))
+                kept = self.weights[name]
+                if sharding.is_sharded(p):
+                    now = sharding.full(p).to("cpu", copy=True)
+                    p.copy_(sharding.like(kept, p))
+                    kept.copy_(now)
+                elif p.device == kept.device:
+                    self.weights[name], p.data = p.data, kept
+                else:
+                    now, p.data = p.data, kept.to(p.device)
+                    kept.copy_(now)
+
 
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
+
+
+def check_model(model) -> None:
+    """A model given as an object: a causal LM with an output head and weights (not on the
+    meta device). UserError naming what is wrong otherwise."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if is_peft(model) else model
+    if not isinstance(base, PreTrainedModel):
+        raise UserError(f"model: expected a model name or folder, or a loaded causal LM (a "
+                        f"transformers PreTrainedModel or a peft model of one), got "
+                        f"{type(model).__name__}")
+    if base.get_output_embeddings() is None or not base.can_generate():
+        raise UserError(f"model: {type(base).__name__} is not a causal language model (no "
+                        f"output head that generates text); load it with AutoModelForCausalLM")
+    meta = next((n for n, p in base.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise UserError(f"model: its weights are not loaded ({meta} is on the meta device); "
+                        f"load them, e.g. with from_pretrained, before training")
+
+
+def check_fit(model, tokenizer) -> None:
+    """A tokenizer that works with `model` (checked by `check_model`): `check_tokenizer`,
+    and every token id inside the model's input and output embeddings."""
+    from dpolab.models import check_vocab
+
+    base = model.get_base_model() if is_peft(model) else model
+    check_tokenizer(tokenizer)
+    rows = min(base.get_input_embeddings().weight.shape[0],
+               base.get_output_embeddings().weight.shape[0])
+    check_vocab(tokenizer, rows, f"{type(base).__name__}'s input and output embeddings")
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Every completion ends with the eos token, and padding falls back to it."""
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise UserError(f"tokenizer: expected a transformers tokenizer (or its folder), got "
+                        f"{type(tokenizer).__name__}")
+    if tokenizer.eos_token_id is None:
+        raise UserError("tokenizer: it has no eos token, which ends every completion (and "
+                        "pads when there is no pad token); set tokenizer.eos_token to the "
+                        "token that ends the model's replies")

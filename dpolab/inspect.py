@@ -1,9 +1,10 @@
 """`dpolab inspect DATA [--model M]`: audit a preference data set before training on it.
 
 Reports rows, groups, skipped rows, token lengths, what truncation cuts or makes identical,
-duplicates, rows training would refuse (no chat template, a template whose prompt is not a
-prefix, text the tokenizer cannot encode), and with a model the reference margins and the pairs
-the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; this module
+duplicates, rows training would refuse (no chat template, a template that renders the prompt's
+messages differently once an answer follows, text the tokenizer cannot encode), rows whose
+prompt is cut at the longest common token prefix (dpolab.common_prefix), and with a model the
+reference margins and the pairs the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; this module
 loads things, runs the reference pass and prints.
 
 The reference pass goes through the trainer's own path (:func:`dpolab.session.load_split_rows`
@@ -148,7 +149,7 @@ def inspect(cfg: RunConfig, *, data: str, tokenizer_name: str | None = None,
         "duplicates": _duplicates(rows, similarity=similarity)}
     tokenizer, name, note = _tokenizer(tokenizer_name, model, cfg)
     report["tokenizer"] = {"name": name, "note": note}
-    report.update(token_lengths=None, truncation=None, prefix_problems=None)
+    report.update(token_lengths=None, truncation=None, prefix_problems=None, common_prefix=None)
     if tokenizer is not None:
         report.update(_token_checks(rows, tokenizer, cfg))
     report["reference"] = reference_pass(cfg) if model else None
@@ -201,7 +202,8 @@ def _token_checks(rows: list, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
         "truncation": {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                        "truncation": d.truncation,
                        **{k: {"count": len(v), "rows": v} for k, v in cut.items()}},
-        "prefix_problems": {"count": len(lengths.problems), "rows": lengths.problems}}
+        "prefix_problems": {"count": len(lengths.problems), "rows": lengths.problems},
+        "common_prefix": {"count": len(lengths.common_prefix), "rows": lengths.common_prefix}}
 
 
 # ----------------------------------------------------------------------- the reference pass
@@ -293,6 +295,9 @@ def _token_section(report: dict, show: int) -> list[str]:
         lines += _finding(label, t[key]["count"], t[key]["rows"], show)
     p = report["prefix_problems"]
     lines += _finding("rows training refuses (chat template, encoding)", p["count"], p["rows"], show)
+    c = report["common_prefix"]
+    lines += _finding("prompts cut at the longest common token prefix (the prompt alone "
+                      "tokenizes differently)", c["count"], c["rows"], show)
     return lines
 
 

@@ -59,11 +59,9 @@ def _default_gguf() -> Path:
 
 
 def _is_converted(folder: Path) -> bool:
-    """Whether `folder` holds a conversion whose files still match the sha256 recorded when
-    it was converted (dpolab.cachedir.folder_intact). The logit check at conversion tells
-    nothing of later damage: a changed weight would load without error, hash to another
-    reference key and train silently as if it were the model named. A folder without the
-    record (an earlier dpolab) or with a changed file is converted again."""
+    """Whether `folder` holds a conversion whose files still have the sha256 recorded then
+    (dpolab.cachedir.folder_intact): a changed weight would load, hash to a new reference
+    key and train silently as the model named. Else it is converted again."""
     from dpolab import cachedir
 
     return ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
@@ -103,8 +101,7 @@ def save_converted(gguf_model, tokenizer, dest: Path) -> Path:
     sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
              for t in plain.state_dict().values()}  # a tied weight counts once
     cachedir.require(dest / "model.safetensors", sum(sizes.values()), "the converted model")
-    # Another process may finish first: its folder is kept, unless this one replaces a
-    # damaged folder.
+    # another process may finish first (kept), unless this replaces a damaged folder
     with atomic.write_dir(dest, keep_existing=not dest.exists()) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -293,6 +290,37 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocab(tokenizer, rows: int, where: str) -> None:
+    """Every token id of `tokenizer` (added tokens included) must index one of the `rows`
+    rows of the model's embedding (`where` names them), or the first forward fails deep."""
+    top = max([len(tokenizer) - 1, *tokenizer.get_vocab().values()])
+    if top >= rows:
+        raise UserError(f"tokenizer: token id {top} ({tokenizer.convert_ids_to_tokens(top)!r}) "
+                        f"does not fit the model's {rows} embedding rows ({where}); use the "
+                        f"model's own tokenizer, or model.resize_token_embeddings(len(tokenizer))")
+
+
+def check_folder(model_cfg, tokenizer) -> None:
+    """Before a run directory exists: the model `model_cfg` names is a causal LM (by its
+    config.json, weights not loaded) whose embedding fits `tokenizer`."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    name = resolve_model_path(model_cfg.name)
+    _check_loadable(name)
+    check_model_folder(name)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as err:  # OSError, ValueError (unknown model type), a damaged JSON
+        raise UserError(f"model {name!r}: its config cannot be read: {type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0]}") from None
+    if not (type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+            or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})):
+        raise UserError(f"model {name!r}: a {config.model_type!r} model is not a causal "
+                        f"language model (AutoModelForCausalLM cannot load it)")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_vocab(tokenizer, text.vocab_size, f"vocab_size in {name}/config.json")
 
 
 def decoder_layers(model):

@@ -170,14 +170,10 @@ class CachedHeadForward:
                             kind=STATES)
 
     def _load(self, path: Path, examples: Sequence, split: str) -> bool:
-        """Fill the cache from `path` when it holds these examples' states (checksum, kind,
-        layout, labels and width all checked; else a miss said in one line)."""
-        t = atomic.read_tensors(path, kind=STATES)
+        """Fill the cache from `path` when it holds these examples' states for this head
+        (`stored_states`); else a miss said in one line."""
+        t = stored_states(path, examples, width=self.head_fn().weight.shape[-1])
         if t is None:
-            return False
-        problem = self._problem(t, examples)
-        if problem:
-            atomic.miss(path, problem)
             return False
         n, off = len(examples), t["offsets"].tolist()
         h, y = t["hidden"].to(self.device), t["labels"].to(self.device)
@@ -185,22 +181,6 @@ class CachedHeadForward:
             c, r = slice(off[i], off[i + 1]), slice(off[n + i], off[n + i + 1])
             self.cache[(split, ex.index)] = (h[c], y[c], h[r], y[r])
         return True
-
-    def _problem(self, t: dict, examples: Sequence) -> str | None:
-        """What makes stored tensors `t` not the states of `examples` for this head, or None."""
-        if set(t) != {"hidden", "labels", "offsets"}:
-            return f"holds {', '.join(sorted(t))}, not hidden, labels and offsets"
-        h, y, width = t["hidden"], t["labels"], self.head_fn().weight.shape[-1]
-        if h.dtype != torch.float32 or h.dim() != 2 or h.shape[1] != width:
-            return f"its states are {h.dtype} {tuple(h.shape)}, not float32 (tokens, {width})"
-        if y.dtype != torch.int64 or tuple(y.shape) != (h.shape[0],):
-            return f"its labels are {y.dtype} {tuple(y.shape)}, not int64 ({h.shape[0]},)"
-        problem = reference.layout_problem(t["offsets"], reference.scored_lengths(examples), h)
-        if problem:
-            return problem
-        if not torch.equal(y, scored_tokens(examples)):
-            return "its labels are not the completions' scored tokens"
-        return None
 
     def __call__(self, examples: Sequence, *, split: str | None = None,
                  head: Head | None = None) -> FlatLogps:
@@ -213,6 +193,28 @@ class CachedHeadForward:
         tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
                           chunk_size=self.chunk_size)
         return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))
+
+
+def stored_states(path: Path, examples: Sequence, width: int | None = None) -> dict | None:
+    """The tensors of the cached-state file `path` when they are the states of `examples`:
+    kind and checksum (dpolab.atomic.read_tensors), then keys, float32 (tokens, `width`)
+    states, the layout (dpolab.reference.layout_problem) and labels equal to the scored
+    tokens. None when absent, or a miss said in one line."""
+    t = atomic.read_tensors(path, kind=STATES)
+    if t is None:
+        return None
+    h, y = t.get("hidden"), t.get("labels")
+    if set(t) != {"hidden", "labels", "offsets"}:
+        problem = f"holds {', '.join(sorted(t))}, not hidden, labels and offsets"
+    elif h.dtype != torch.float32 or h.dim() != 2 or width not in (None, h.shape[1]):
+        problem = f"its states are {h.dtype} {tuple(h.shape)}, not float32 (tokens, {width})"
+    elif y.dtype != torch.int64 or tuple(y.shape) != (h.shape[0],):
+        problem = f"its labels are {y.dtype} {tuple(y.shape)}, not int64 ({h.shape[0]},)"
+    else:
+        problem = reference.layout_problem(t["offsets"], reference.scored_lengths(examples), h)
+        if problem is None and not torch.equal(y, scored_tokens(examples)):
+            problem = "its labels are not the completions' scored tokens"
+    return t if problem is None else atomic.miss(path, problem)
 
 
 def scored_tokens(examples: Sequence) -> Tensor:

@@ -208,8 +208,22 @@ def check_at_reference(split: str, examples: Sequence, policy: tuple[Tensor, Ten
         f"{'it' if len(at_fault) == 1 else 'them'} anew")
 
 
+def store_key(model_hash: str, examples_hash: str) -> str:
+    """The store's key: the weights' hash and the token ids' hash (`hash_examples`)."""
+    return f"{model_hash}-{examples_hash[:16]}"
+
+
+def stored(key: str, examples: Sequence) -> ReferenceLogps | None:
+    """The stored reference of `examples` under `key` when it reads back whole and checked
+    (`load`), else None."""
+    from dpolab.models import dpolab_cache_dir
+
+    return load(store_path(dpolab_cache_dir(), key), key, examples)
+
+
 def reference_for(model_hash: str, forward, examples: list, cfg,
-                  dist, split: str, *, collective: bool = False) -> ReferenceLogps:
+                  dist, split: str, *, collective: bool = False,
+                  reuse: bool = True) -> ReferenceLogps:
     """Load the stored reference for (weights, token ids), or compute and store it under
     $DPOLAB_CACHE/reference. `dist`: the run's dpolab.distributed.Distributed.
     `forward(examples, split=split)` -> FlatLogps of the policy at its reference point.
@@ -223,13 +237,12 @@ def reference_for(model_hash: str, forward, examples: list, cfg,
     from dpolab.models import dpolab_cache_dir
     from dpolab.progress import Progress
 
-    key = f"{model_hash}-{hash_examples(examples)[:16]}"
+    key = store_key(model_hash, hash_examples(examples))
     path = store_path(dpolab_cache_dir(), key)
-    ref = load(path, key, examples)
+    ref = stored(key, examples) if reuse else None
     if ref is not None:
         return ref
-    if dist.local_main:
-        cachedir.require(path, store_bytes(examples), "the reference log-probs")
+    cachedir.require(path, store_bytes(examples), "the reference log-probs")  # every rank alike
     bs = cfg.train.eval_batch_size
     batches = [examples[s:s + bs] for s in range(0, len(examples), bs)]
     bar = Progress(len(examples), f"reference ({split})",

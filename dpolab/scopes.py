@@ -1,4 +1,5 @@
-"""Which parameters train: `full`, `lora` (peft adapters) or `last_layer` (the output head).
+"""Which parameters train: `full`, `lora` (peft adapters), `last_layer` (the output head) or
+`token_rows` (the head rows of the tokens that occur in the training completions).
 
 `apply` decides it once and returns a frozen :class:`Scope`: everything a caller needs to know
 about the scope is a field of it, so no other module asks which scope it has.
@@ -41,6 +42,9 @@ class Scope:
     # text_reference loads the reference weights into the policy's parameters (the full
     # scope: no second model in memory), so it comes after the policy's last use.
     reference_replaces_policy: bool = False
+    # token_rows only: (U,) the sorted token ids whose head rows train (the gradient of
+    # every other row is zeroed); AuxDPO's A has only these rows. None otherwise.
+    trained_rows: Tensor | None = None
 
     def text_forwards(self, *, pad_id: int, chunk_size: int, device
                       ) -> tuple[Forward, Callable[[], Forward]]:
@@ -94,7 +98,7 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
                     else (lambda kw: _adapter_off_forward(peft_model, kw)))
         return Scope(tuple(p for p in peft_model.parameters() if p.requires_grad), fwd, fwd,
                      peft_model, None, None, text_ref)
-    # last_layer
+    # last_layer and token_rows
     untie_head(model)
     body, head = body_and_head(model)
     out = model.get_output_embeddings()
@@ -103,6 +107,7 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     if getattr(out, "bias", None) is not None:
         out.bias.requires_grad_(True)
         params.append(out.bias)
+    rows = train_rows_only(params, tok["train"].examples) if tc.scope == "token_rows" else None
     fwd = CachedHeadForward(lambda: head, chunk_size=tc.logps_chunk, device=device)
     # The reference head: the reference forward (cached body states under the original head,
     # no second body pass), AuxDPO's null-space penalty and scoring samples.
@@ -123,7 +128,34 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
         return fwd(examples, split=split, head=head0)
     return Scope(tuple(params), fwd, reference, model, fwd, head0,
-                 lambda kw: SharedPromptForward(body, lambda: head0, dtype=model.dtype, **kw))
+                 lambda kw: SharedPromptForward(body, lambda: head0, dtype=model.dtype, **kw),
+                 trained_rows=rows)
+
+
+def completion_tokens(examples: Sequence) -> Tensor:
+    """(U,) sorted ids of the tokens that occur in the examples' completions (chosen and
+    rejected, scored or not)."""
+    ids = {t for ex in examples for t in (*ex.chosen_ids, *ex.rejected_ids)}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def train_rows_only(params: Sequence[Tensor], examples: Sequence) -> Tensor:
+    """token_rows: zero the gradient of every head row (weight (V, D), bias (V,)) whose token
+    is not in a training completion, in backward and in autograd.grad alike (a hook on the
+    tensor), so an optimizer without weight decay never moves those rows. Returns the trained
+    token ids (U,).
+
+    For single-token completions this is exactly the last_layer scope under any loss of the
+    log-ratio margin: chosen and rejected share the state x, the log-partition cancels, and
+    the margin's gradient on every other row is zero anyway; longer completions score later
+    tokens from states the two completions do not share, and there the two scopes differ."""
+    rows = completion_tokens(examples)
+    keep = torch.zeros(params[0].shape[0], dtype=params[0].dtype, device=params[0].device)
+    keep[rows.to(keep.device)] = 1.0
+    for p in params:
+        mask = keep if p.dim() == 1 else keep[:, None]
+        p.register_hook(lambda g, mask=mask: g * mask.to(g.dtype))
+    return rows
 
 
 def _adapter_off_forward(peft_model, kw: dict) -> Forward:
@@ -144,27 +176,30 @@ def _reference_in_place(cfg, model, kw: dict, reload=None) -> Forward:
     put in the policy's own parameters, so memory never holds two models: this ends the
     policy (its last use, after export). Replicated weights are freed before the read, and
     the read tensors are adopted (moved to the device one at a time); sharded ones (FSDP2)
-    receive this rank's shard of each read tensor."""
+    receive this rank's shard of each read tensor. A model given in memory (`reload`: its
+    starting weights, kept on the CPU) exchanges its weights with the kept ones instead
+    (inputs.Theta0.exchange), and is exchanged back after the probe: the caller's model
+    ends trained."""
     from dpolab import sharding
     from dpolab.models import body_and_head, load_configured
 
     named = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for p in named.values():
-            if not sharding.is_sharded(p):
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        if reload is not None:  # a model given in memory: its starting weights, kept on the CPU
-            source = reload.weights
+        if reload is not None:
+            reload.exchange(model)
         else:
+            for p in named.values():
+                if not sharding.is_sharded(p):
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             source = dict(load_configured(cfg.model, device="cpu").named_parameters(
                 remove_duplicate=False))
-        for name, p in named.items():
-            r = source[name].detach()
-            if sharding.is_sharded(p):
-                p.copy_(sharding.like(r, p))
-            else:
-                p.data = r.to(p.device, copy=True)  # the kept copy stays as it was
-        del source
+            for name, p in named.items():
+                r = source[name].detach()
+                if sharding.is_sharded(p):
+                    p.copy_(sharding.like(r, p))
+                else:
+                    p.data = r.to(p.device)  # adopted: no second copy on the same device
+            del source
     body, _ = body_and_head(model)
     return SharedPromptForward(body, lambda: body_and_head(model)[1], dtype=model.dtype, **kw)
 

@@ -22,13 +22,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab import cachedir, reference, rundir
+from dpolab import cachedir, datachecks, reference, rundir
 from dpolab.config import RunConfig
+from dpolab.config import to_dict as config_dict
 from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
                                 unflippable, without_reference_metrics)
 from dpolab.distributed import Distributed, Engine
 from dpolab.errors import UserError
-from dpolab.inputs import Inputs
+from dpolab.identity import RunIdentity, warm_caches
+from dpolab.inputs import Inputs, Theta0
 from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
 from dpolab.policy import padded
@@ -62,6 +64,8 @@ class Session:
     splits: dict[str, Split]
     groups: list[str]  # sorted group names of both splits
     engine: Engine  # the scope's forward as the trained module (DDP / FSDP2 under torchrun)
+    identity: RunIdentity  # starting weights, token ids, batch geometry: in every checkpoint
+    theta0: Theta0 | None = None  # a model from memory: its starting weights, kept on the CPU
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
     @cached_property
@@ -210,6 +214,8 @@ class Session:
         ref = make_reference()  # outside gathered(): sharded weights are loaded as shards
         with self.engine.gathered(), torch.no_grad():
             logr = torch.stack([ref(b).sums()[0].double().cpu() for b in batches])
+        if self.scope.reference_replaces_policy and self.theta0 is not None:
+            self.theta0.exchange(self.model)  # the caller's model ends trained, as exported
         if not self.scope.reference_replaces_policy:
             self.export(out)
         return {f"eval/{k}": v for k, v in did_summary(logp, logr).items()}
@@ -233,9 +239,11 @@ class Session:
                          merge_lora=self.cfg.train.export_merged)
 
 
-def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | None = None
-          ) -> Session:
-    """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names."""
+def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | None = None,
+          *, resuming: tuple[Path, dict] | None = None) -> Session:
+    """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names.
+    `resuming`: the checkpoint (folder, state) a resume continues, whose run identity must be
+    this one's (checked before anything is computed or written)."""
     from dpolab import scopes
     from dpolab.tokenize import tokenize_rows
 
@@ -246,13 +254,13 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     inputs = inputs or Inputs()
     if dist.local_main:  # what killed writers left; never a live process's
         cachedir.remove_orphans(run_dir)
-    tokenizer = inputs.tokenizer_for(cfg)
-    model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
-
     from dpolab.dedup import dedupe_split  # counts duplicates; no held-out copy of a train pair
 
+    # rows first: bad data stops the run before a model is loaded
     train_rows, held_rows = inputs.rows or load_split_rows(cfg)
     train_rows, held_rows = dedupe_split(train_rows, held_rows, say=print if dist.is_main else None)
+    tokenizer = inputs.tokenizer_for(cfg)
+    model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
     rows = {"train": train_rows, "held_out": held_rows}
     tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,
                                 max_prompt_length=cfg.data.max_prompt_length,
@@ -262,19 +270,33 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     if not tok["train"].examples:
         raise UserError("no training pairs left after tokenization "
                         f"({tok['train'].dropped_identical} made identical by truncation)")
-    groups = sorted({g for t in tok.values() for g in t.groups})
-    w = cfg.data.group_weights
-    unknown = sorted(set(w) - set(groups))
-    if unknown:
-        raise UserError(f"config data.group_weights: unknown group(s) {', '.join(unknown)}; "
-                        f"groups in the data: {', '.join(groups) or '(none)'}")
     model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
+    identity = RunIdentity.of(model_hash, tok, world=dist.world, train=tc)
+    keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
+    has_reference = needs_reference(cfg)
+    # Under torchrun, before the first collective: the ranks agree on what they train, and
+    # a cache that one rank lacks is computed by every rank (a warm rank ignores its copy).
+    warm = (warm_caches(tok, {s: keys[s] if has_reference else None for s in keys},
+                        {s: _states_path(k) for s, k in keys.items()})
+            if dist.world > 1 else {})
+    everywhere = dist.agree(identity.facts(config_dict(cfg)), warm)
+    if resuming is not None:  # the same run as the checkpoint's, or a one-line refusal
+        from dpolab.checkpoint import check_identity
+
+        check_identity(resuming, identity)
+    datachecks.truncation(rows, tok, cfg.data, say=print if dist.is_main else None)
+    groups = sorted({g for t in tok.values() for g in t.groups})
+    weights = datachecks.group_weights(tok, groups, cfg.data.group_weights)
+    # A store every rank holds is read; one some rank lacks is computed by all, and stored
+    # by those that lacked it (the others keep their copy of the same numbers).
+    reuse = {k: v or not warm[k] for k, v in everywhere.items()}
+    theta0 = inputs.reloader(cfg, model)  # a model from memory: its starting weights, kept
     scope = scopes.apply(
         cfg, model, tok, pad_id=tokenizer.pad_token_id, device=device,
         autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
-        state_store=lambda split, ex: cache_dir() / "states" / (
-            f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"),
-        reload=inputs.reloader(cfg, model))
+        state_store=lambda split, ex: (_states_path(keys[split])
+                                       if reuse.get(f"states {split}", True) else None),
+        reload=theta0)
     # Under torchrun the scope's forward trains as DDP's or FSDP2's module. FSDP2 replaces
     # the parameters by sharded ones: the scope's list is read again.
     engine = dist.engine(scope.model, scope.forward, sharded=tc.distributed == "fsdp2")
@@ -286,17 +308,16 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     # which under FSDP2 (full scope only) must run as the engine's forward. A run whose terms
     # read no reference has none.
     ref_forward = engine if engine.sharded else scope.reference
-    has_reference = needs_reference(cfg)
     refs = {split: reference.reference_for(model_hash, ref_forward, t.examples, cfg, dist,
-                                           split, collective=engine.sharded)
+                                           split, collective=engine.sharded,
+                                           reuse=everywhere.get(f"reference {split}", True))
             if has_reference else None for split, t in tok.items()}
     gindex = {g: i for i, g in enumerate(groups)}
     splits = {}
     for split, t in tok.items():
         rc, rr = refs[split].sums() if refs[split] is not None else (None, None)
         splits[split] = Split(
-            t.examples, refs[split], rc, rr,
-            weights=torch.tensor([float(w.get(e.group, 1.0)) for e in t.examples]),
+            t.examples, refs[split], rc, rr, weights=weights[split],
             group_ids=np.array([gindex.get(e.group, -1) for e in t.examples]),
             no_cue=np.array([not rows[split][e.index].meta.get("surface_cue", False)
                              for e in t.examples]))
@@ -304,7 +325,12 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         rundir.write_data_report(run_dir, tok)
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
-    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine)
+    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,
+                   identity, theta0=theta0)
+
+
+def _states_path(key: str) -> Path:
+    return cache_dir() / "states" / f"{key}.safetensors"
 
 
 def needs_reference(cfg: RunConfig) -> bool:

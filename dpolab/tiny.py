@@ -21,6 +21,45 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
 
+# ChatML with tools, after Qwen2.5's template: the tools column as JSON lines in a system turn,
+# an assistant's tool calls as <tool_call> JSON blocks (arguments given as a JSON string are
+# written as they are, an object as JSON), and consecutive tool results as <tool_response>
+# blocks in one user turn, which closes only after the last of them.
+CHATML_TOOLS_TEMPLATE = (
+    r"{%- set first_system = messages and messages[0]['role'] == 'system' %}"
+    r"{%- if tools %}{{- '<|im_start|>system\n' }}"
+    r"{%- if first_system %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    r"{{- '# Tools\n<tools>' }}{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    r"{{- '\n</tools><|im_end|>\n' }}"
+    r"{%- elif first_system %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    r"{%- endif %}"
+    r"{%- for message in messages %}"
+    r"{%- if message.role == 'system' and loop.first %}"
+    r"{%- elif message.role != 'tool' and not message.tool_calls %}"
+    r"{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    r"{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
+    r"{%- if message.content %}{{- '\n' + message.content }}{%- endif %}"
+    r"{%- for call in message.tool_calls %}"
+    r"{%- if call.function is defined %}{%- set call = call.function %}{%- endif %}"
+    r"""{{- '\n<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}"""
+    r"{%- if call.arguments is string %}{{- call.arguments }}"
+    r"{%- else %}{{- call.arguments | tojson }}{%- endif %}"
+    r"{{- '}\n</tool_call>' }}"
+    r"{%- endfor %}{{- '<|im_end|>\n' }}"
+    r"{%- else %}"
+    r"{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}"
+    r"{{- '<|im_start|>user' }}{%- endif %}"
+    r"{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    r"{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}"
+    r"{{- '<|im_end|>\n' }}{%- endif %}"
+    r"{%- endif %}"
+    r"{%- endfor %}"
+    r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# Tags that Qwen-family vocabularies hold as single tokens, added to the tools variant.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+               "<think>", "</think>"]
+
 _SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "a small bird", "the old man",
              "our team", "the river", "a young girl", "the machine", "this answer", "the model"]
 _VERBS = ["sees", "likes", "helps", "follows", "writes", "reads", "explains", "prefers",
@@ -41,13 +80,14 @@ def tiny_corpus(*, lines: int = 300, seed: int = 0) -> list[str]:
             for _ in range(lines)]
 
 
-def tiny_tokenizer(*, vocab_size: int = 512, seed: int = 0):
+def tiny_tokenizer(*, vocab_size: int = 512, seed: int = 0, tools: bool = False):
     """A byte-level BPE `PreTrainedTokenizerFast` with ChatML specials, trained in well under 1 s.
 
     Specials `<|im_start|>`, `<|im_end|>` (eos), `<|pad|>` (pad) take ids 0, 1, 2; the 256 byte
     symbols follow, merges fill the rest up to `vocab_size` (fewer if the corpus runs out of
     pairs). The BPE trainer is deterministic for a fixed corpus, so the same arguments give the
-    same vocabulary on every call.
+    same vocabulary on every call.  `tools`: the template renders tools and tool calls
+    (CHATML_TOOLS_TEMPLATE) and TOOL_TOKENS are added as single tokens after the vocabulary.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -59,9 +99,12 @@ def tiny_tokenizer(*, vocab_size: int = 512, seed: int = 0):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(tiny_corpus(seed=seed), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|pad|>", bos_token=None,
-                                   chat_template=CHATML_TEMPLATE)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                 pad_token="<|pad|>", bos_token=None,
+                                 chat_template=CHATML_TOOLS_TEMPLATE if tools else CHATML_TEMPLATE)
+    if tools:
+        hf.add_tokens(TOOL_TOKENS)
+    return hf
 
 
 def _config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, heads: int):
@@ -107,13 +150,14 @@ def tiny_model(*, vocab_size: int, hidden_size: int = 64, layers: int = 2, heads
 
 
 def save_tiny(dir: str | Path, *, vocab_size: int = 512, seed: int = 0, hidden_size: int = 64,
-              layers: int = 2, heads: int = 4, arch: str = "llama") -> Path:
+              layers: int = 2, heads: int = 4, arch: str = "llama", tools: bool = False) -> Path:
     """Write a tiny model (safetensors) and its tokenizer to `dir`; returns the folder.
 
     The model's vocabulary is the tokenizer's actual size, so every id it emits is valid.
+    `tools`: the tokenizer's tools variant (see tiny_tokenizer).
     """
     dir = Path(dir)
-    tokenizer = tiny_tokenizer(vocab_size=vocab_size, seed=seed)
+    tokenizer = tiny_tokenizer(vocab_size=vocab_size, seed=seed, tools=tools)
     model = tiny_model(vocab_size=len(tokenizer), hidden_size=hidden_size, layers=layers,
                        heads=heads, seed=seed, arch=arch)
     model.config.eos_token_id = tokenizer.eos_token_id

@@ -3,15 +3,20 @@
 Rendering (TRL's convention):
     conversational rows   prompt_text = chat_template(prompt, add_generation_prompt=True)
                           full_text   = chat_template(prompt + completion)
-                          full_text must start with prompt_text (checked; the error shows where
-                          they diverge); completion_text = full_text[len(prompt_text):].
-                          Both are tokenized without extra special tokens: the template owns them.
-                          A completion of several turns is rendered turn by turn
-                          (dpolab.chat); each turn is tokenized on its own, and the tokens of
-                          its user and tool turns (and turn headers) get mask False: the model
-                          reads them but they are not scored.
+                          When full_text starts with prompt_text, completion_text =
+                          full_text[len(prompt_text):].  Both are tokenized without extra
+                          special tokens: the template owns them.  A completion of several
+                          turns is rendered turn by turn (dpolab.chat); each turn is tokenized
+                          on its own, and the tokens of its user and tool turns (and turn
+                          headers) get mask False: the model reads them but they are not scored.
+                          A template whose renderings do not extend one another (e.g. its
+                          generation prompt opens a <think> block the rendered turn lacks):
+                          full_text tokenized whole, cut at the longest common token prefix
+                          with the prompt's tokens (dpolab.common_prefix; counted).
     string rows           plain text, no chat template; the prompt gets the tokenizer's special
-                          tokens (its BOS, if it adds one), the completion none.
+                          tokens (its BOS, if it adds one), the completion none.  An implicit
+                          prompt (extracted by dpolab.data): prompt + completion tokenized
+                          whole and cut where its tokens leave the prompt's (TRL's rule).
 Completion ids end with exactly one EOS: template text after the last EOS (e.g. the "\\n" after
 "<|im_end|>") is dropped, and EOS is appended when the rendering has none.  An empty prompt gets
 one BOS (or EOS) token, because the first completion token must be predicted from something.
@@ -29,7 +34,9 @@ from typing import Any, Sequence
 
 import torch
 
-from dpolab.chat import Piece, render_pair
+from dpolab import common_prefix
+from dpolab.chat import Piece, prefix_pieces, render_pair
+from dpolab.common_prefix import Completion, encode as _encode, end_with_eos
 from dpolab.data import DataError, PreferenceRow
 
 TRUNCATIONS = ("keep_end", "keep_start")
@@ -60,6 +67,10 @@ class TokenizedPairs:
     groups: list[str]             # sorted distinct group names of the input rows
     dropped: list[str]            # "SOURCE:ROW" of every dropped pair
     dropped_unscored: int = 0     # pairs dropped: a completion kept no scored token after the cut
+    # pairs whose prompt tokens were not a prefix of the conversation's (a chat template that
+    # renders the prompt alone differently, or an implicit prompt ending inside a token): cut
+    # at their longest common prefix (dpolab.common_prefix)
+    common_prefix: int = 0
 
 
 def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: int,
@@ -81,10 +92,11 @@ def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: 
         raise DataError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
                         f"({max_length})")
     examples, dropped = [], []
-    n_prompt_cut = n_completion_cut = n_identical = 0
+    n_prompt_cut = n_completion_cut = n_identical = n_common = 0
     for index, row in enumerate(rows):
-        prompt, (chosen, c_mask), (rejected, r_mask) = tokenize_pair(
-            row, tokenizer, chat_template_kwargs=chat_template_kwargs)
+        ids = tokenize_pair(row, tokenizer, chat_template_kwargs=chat_template_kwargs)
+        prompt, (chosen, c_mask), (rejected, r_mask) = ids.prompt, ids.chosen, ids.rejected
+        n_common += ids.common_prefix
         if len(prompt) > max_prompt_length:
             n_prompt_cut += 1
             prompt = (prompt[-max_prompt_length:] if truncation == "keep_end"
@@ -109,7 +121,7 @@ def tokenize_rows(rows: Sequence[PreferenceRow], tokenizer: Any, *, max_length: 
     return TokenizedPairs(examples=examples, dropped_identical=n_identical,
                           truncated_prompt=n_prompt_cut, truncated_completion=n_completion_cut,
                           groups=groups, dropped=dropped,
-                          dropped_unscored=len(dropped) - n_identical)
+                          dropped_unscored=len(dropped) - n_identical, common_prefix=n_common)
 
 
 def _cut_mask(mask: tuple[bool, ...] | None, room: int) -> tuple[bool, ...] | None:
@@ -124,24 +136,36 @@ def tokenize_row(row: PreferenceRow, tokenizer: Any, *,
                  chat_template_kwargs: dict | None = None
                  ) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one row, untruncated."""
-    prompt, (chosen, _), (rejected, _) = tokenize_pair(
-        row, tokenizer, chat_template_kwargs=chat_template_kwargs)
-    return prompt, chosen, rejected
+    ids = tokenize_pair(row, tokenizer, chat_template_kwargs=chat_template_kwargs)
+    return ids.prompt, ids.chosen[0], ids.rejected[0]
 
 
-Completion = tuple[list[int], "tuple[bool, ...] | None"]   # (ids, scored mask or None = all)
+@dataclass(frozen=True)
+class RowIds:
+    prompt: list[int]             # (P,) prompt tokens, untruncated
+    chosen: Completion            # (chosen ids, scored mask or None = all scored)
+    rejected: Completion
+    common_prefix: bool           # the prompt was cut at the longest common token prefix
 
 
 def tokenize_pair(row: PreferenceRow, tokenizer: Any, *,
-                  chat_template_kwargs: dict | None = None
-                  ) -> tuple[list[int], Completion, Completion]:
-    """(prompt_ids, (chosen_ids, chosen_mask), (rejected_ids, rejected_mask)), untruncated;
-    a mask is None when every completion token is scored."""
+                  chat_template_kwargs: dict | None = None) -> RowIds:
+    """The token ids of one row, untruncated (see the module doc for the rules)."""
     _check_encodable(row)
+    cut = False
     if isinstance(row.prompt, list):
-        prompt_text, chosen, rejected = render_pair(row, tokenizer, chat_template_kwargs)
-        prompt = _encode(tokenizer, prompt_text, special=False)
-        chosen_c, rejected_c = _pieces_ids(tokenizer, chosen), _pieces_ids(tokenizer, rejected)
+        rendering = render_pair(row, tokenizer, chat_template_kwargs)
+        pieces = [prefix_pieces(rendering.prompt, s) for s in (rendering.chosen,
+                                                                rendering.rejected)]
+        if None in pieces:
+            prompt, chosen_c, rejected_c = common_prefix.conversation_pair(rendering, tokenizer)
+            cut = True
+        else:
+            prompt = _encode(tokenizer, rendering.prompt, special=False)
+            chosen_c, rejected_c = (_pieces_ids(tokenizer, p) for p in pieces)
+    elif row.implicit_prompt:
+        prompt, chosen, rejected, cut = common_prefix.string_pair(row, tokenizer)
+        chosen_c, rejected_c = (chosen, None), (rejected, None)
     else:
         prompt = _encode(tokenizer, row.prompt, special=True) if row.prompt else []
         # Some tokenizers also append EOS to every encoding; a prompt must not end the text.
@@ -152,7 +176,7 @@ def tokenize_pair(row: PreferenceRow, tokenizer: Any, *,
     if not prompt:
         start = tokenizer.bos_token_id
         prompt = [start if start is not None else tokenizer.eos_token_id]
-    return prompt, chosen_c, rejected_c
+    return RowIds(prompt, chosen_c, rejected_c, cut)
 
 
 def _pieces_ids(tokenizer: Any, pieces: list[Piece]) -> Completion:
@@ -177,18 +201,20 @@ def _pieces_ids(tokenizer: Any, pieces: list[Piece]) -> Completion:
     return ids, (None if all(mask) else tuple(mask))
 
 
-def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
 def _check_encodable(row: PreferenceRow) -> None:
     """Text a tokenizer cannot take is a DataError naming the row and field: a lone UTF-16
     surrogate (JSON allows "\\ud800" alone; no UTF-8 text holds it) makes tokenizers raise
-    an unhelpful TypeError."""
-    for name in ("prompt", "chosen", "rejected"):
-        value = getattr(row, name)
-        texts = ([(f"message {i + 1} content", m.get("content", "")) for i, m in enumerate(value)]
-                 if isinstance(value, list) else [("", value)])
+    an unhelpful TypeError.  Every string a template may render is checked: message contents,
+    tool calls, the tools column."""
+    fields = ([("chosen", row.prompt + row.chosen), ("rejected", row.prompt + row.rejected)]
+              if row.implicit_prompt else   # the fields as given: the prompt is in both
+              [("prompt", row.prompt), ("chosen", row.chosen), ("rejected", row.rejected)])
+    fields.append(("tools", row.tools or []))
+    for name, value in fields:
+        texts = ([(f"message {i + 1} {path}", text) for i, m in enumerate(value)
+                  for path, text in _strings(m)] if isinstance(value, list) else [("", value)])
+        if name == "tools":
+            texts = [(path, text) for path, text in _strings(value)]
         for part, text in texts:
             try:
                 text.encode("utf-8")
@@ -200,13 +226,21 @@ def _check_encodable(row: PreferenceRow) -> None:
                     f"that no tokenizer can encode; fix or remove the text") from None
 
 
+def _strings(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(key path, text) of every string in a JSON value, e.g. ("content", ...),
+    ("tool_calls[0].function.arguments.city", ...)."""
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in _strings(v, f"{path}.{k}" if path else k)]
+    if isinstance(value, list):
+        return [x for i, v in enumerate(value) for x in _strings(v, f"{path}[{i}]")]
+    return []
+
+
 def _completion_ids(tokenizer: Any, text: str) -> list[int]:
     """Completion ids ending with exactly one EOS (template text after the last EOS dropped)."""
-    ids = _encode(tokenizer, text, special=False)
-    eos = tokenizer.eos_token_id
-    if eos in ids:
-        return ids[:len(ids) - ids[::-1].index(eos)]
-    return ids + [eos]
+    return end_with_eos(_encode(tokenizer, text, special=False), tokenizer.eos_token_id)
 
 
 # --------------------------------------------------------------------------------- collation

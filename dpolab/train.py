@@ -27,12 +27,13 @@ from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
 from dpolab.diagnostics import PairStats, reference_free_stats, reward_sums
 from dpolab.distributed import Distributed
-from dpolab.errors import UserError
+from dpolab.errors import Stopped, UserError
 from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir
 from dpolab.progress import Progress
 from dpolab.report import write_run_report
+from dpolab.stopping import NAMES, StopSignals
 from dpolab.trackers import open_trackers
 
 Tensor = torch.Tensor
@@ -73,22 +74,26 @@ def eval_interval(eval_every: int, total: int) -> int:
 
 def train(cfg: RunConfig, *, resume: bool = False, inputs: Inputs | None = None) -> Path:
     """Train as `cfg` says; returns the run directory. `inputs`: a model, tokenizer or data
-    already in memory (dpolab.api.Trainer), used instead of loading what `cfg` names."""
-    with runlock.hold(cfg.out, enabled=os.environ.get("RANK", "0") == "0"):  # one run per dir
+    already in memory (dpolab.api.Trainer), used instead of loading what `cfg` names.
+    Raises errors.Stopped after saving a checkpoint when SIGTERM or SIGHUP asks it to stop."""
+    inputs = (inputs or Inputs()).checked(cfg)  # a model that cannot train: no run directory
+    with (runlock.hold(cfg.out, enabled=os.environ.get("RANK", "0") == "0"),  # one run per dir
+          StopSignals() as signals):
         try:
-            return _train(cfg, resume=resume, inputs=inputs)
+            return _train(cfg, resume=resume, inputs=inputs, signals=signals)
         except atomic.WriteError as err:  # what was written stays: say how to go on
             raise checkpoint.after_write_error(Path(cfg.out), err) from None
 
 
-def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
+def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals) -> Path:
     # ---- setup -------------------------------------------------------------------------
     dist = Distributed.from_env(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     if dist.device.type == "cpu" and cfg.train.cpu_reuse_memory:
         memory.reuse_freed_blocks()  # no page faults for the same buffers every step
     run_dir = rundir.prepare_run_dir(cfg, resume=resume, is_main=dist.is_main)
     t_start = time.monotonic()
-    s = session.build(cfg, run_dir, dist, inputs)  # data, reference, model scope, forwards
+    found = checkpoint.resume_point(run_dir) if resume else None  # the checkpoint continued
+    s = session.build(cfg, run_dir, dist, inputs, resuming=found)  # data, reference, scope
     tc, lc = cfg.train, cfg.loss
     objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
@@ -102,13 +107,14 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
     steps_per_epoch = math.ceil(len(s.train) / global_batch)
     total = tc.max_steps or tc.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
-    start = kept_lines = 0
-    if resume:
-        start, kept_lines = checkpoint.restore(run_dir, s.trainable_named(aux), optimizer)
+    start, kept = 0, ""
+    if found is not None:
+        start, kept = checkpoint.restore(found, s.trainable_named(aux), optimizer,
+                                         run_dir / "metrics.jsonl")
     tracker = open_trackers(tc.report_to, run_dir, project=tc.tracker_project,
                             config=config_dict(cfg), is_main=dist.is_main)
-    metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main,
-                                keep_lines=kept_lines, tracker=tracker)
+    metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, kept=kept,
+                                tracker=tracker)
     every = eval_interval(tc.eval_every, total)
     if start == 0:  # every pair of both splits scored at the reference point: check them
         metrics.write(s.evaluate(step=0, check=lambda split, st: check_reference(s, split, st)))
@@ -117,6 +123,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
 
     # ---- loop --------------------------------------------------------------------------
     batches = global_batches(len(s.train), seed=tc.seed, epochs=epochs, global_batch=global_batch)
+    signals.armed = True  # SIGTERM, SIGHUP: stop after the step, with a checkpoint
     for step, (epoch, positions) in enumerate(batches):
         if step >= total:
             break
@@ -178,12 +185,19 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
         done = step + 1 == total
         if not done and every and (step + 1) % every == 0:
             metrics.write(s.evaluate(step=step + 1, train_split=False))  # train pairs: start, end
-        # checkpoint
-        if done or (tc.save_every and (step + 1) % tc.save_every == 0):
-            checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
-                            metrics_lines=metrics.lines, is_main=dist.is_main,
-                            keep=tc.keep_checkpoints)  # collective
+        # checkpoint (and stop, when a signal reached any rank)
+        stop = dist.all_max(signals.received)
+        if done or stop or (tc.save_every and (step + 1) % tc.save_every == 0):
+            saved = checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
+                                    metrics=metrics.text(), identity=s.identity.record(),
+                                    is_main=dist.is_main, keep=tc.keep_checkpoints)  # collective
             dist.barrier()
+        if stop:
+            bar.close()
+            metrics.close()
+            dist.close()
+            raise stopped(stop, step + 1, total, saved, is_main=dist.is_main)
+    signals.armed = False
     bar.close()
 
     # ---- the last evaluation, export, DID probe ----------------------------------------
@@ -200,6 +214,16 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs | None) -> Path:
     dist.barrier()
     dist.close()
     return run_dir
+
+
+def stopped(signum: int, step: int, total: int, saved: Path, *, is_main: bool) -> Stopped:
+    """The end of a run stopped by a signal after `step`, checkpointed at `saved` (said by
+    the main process only)."""
+    run_dir = saved.parent.parent
+    name = NAMES.get(signum, f"signal {signum}")
+    return Stopped(f"stopped by {name} after step {step} of {total}; checkpoint {saved}; "
+                   f"continue with: dpolab train --resume {run_dir}" if is_main else "",
+                   128 + signum)
 
 
 # ---------------------------------------------------------------------------------------

@@ -95,7 +95,9 @@ def print_summary(run_dir: Path) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"wall time {summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB, "
           f"{summary['steps']} steps")
-    groups = sorted({k.split("/")[2] for k in after if k.startswith("eval/groups/")})
+    from dpolab.rundir import group_names, load_run, reference_free
+
+    groups = group_names(after)
     print(f"{'held-out':14s} {'acc before':>10s} {'acc after':>10s} {'margin':>8s} "
           f"{'model pref':>10s} {'acc no-cue':>10s}")
     for g in ["(all)"] + groups:
@@ -108,8 +110,6 @@ def print_summary(run_dir: Path) -> None:
               f"{after.get(pre + acc, float('nan')):10.3f} {after.get(pre + mar, float('nan')):8.3f} "
               f"{after.get(pre + pref, float('nan')):10.3f} "
               f"{'' if nc is None else f'{nc:.3f}':>10s}")
-    from dpolab.rundir import load_run, reference_free
-
     if reference_free(load_run(run_dir).config):
         print("no reference (reference-free loss): acc is the policy's own preference "
               "log pi(y_w) > log pi(y_l), per-token means for simpo/orpo/sft, sums for cpo; "

@@ -105,7 +105,9 @@ def test_every_format_loads_from_every_source(tmp_path, kind, fmt):
             "Capital of France?", "Paris", "Berlin")
         assert second.meta == {"source_id": 17} and loaded.rows[0].group == "math"
     elif fmt == "implicit":
-        assert second.prompt == "" and second.chosen == "Water is wet."
+        # TRL's rule: the shared text up to the first difference, less its final space
+        assert (second.prompt, second.chosen, second.rejected) == ("Water is", " wet.", " dry.")
+        assert second.implicit_prompt
     elif fmt == "conversational":
         assert len(second.prompt) == 4 and second.chosen == [_bot("Paris")]
         assert second.group == "factual"
@@ -114,12 +116,16 @@ def test_every_format_loads_from_every_source(tmp_path, kind, fmt):
         assert (second.chosen, second.rejected) == ([_bot("4")], [_bot("5")])
 
 
-def test_write_jsonl_round_trips(tmp_path):
-    """write_jsonl then load_rows gives back the same prompt/chosen/rejected/group/meta."""
-    rows = load_rows(_write(tmp_path / "a.jsonl", STANDARD + [], "jsonl")).rows
-    again = load_rows(write_jsonl(rows, tmp_path / "b.jsonl")).rows
-    strip = [(r.prompt, r.chosen, r.rejected, r.group, r.meta) for r in rows]
-    assert [(r.prompt, r.chosen, r.rejected, r.group, r.meta) for r in again] == strip
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_write_jsonl_round_trips(tmp_path, fmt):
+    """write_jsonl then load_rows gives back the same prompt/chosen/rejected/group/meta, and an
+    implicit prompt stays implicit (written back into both completions)."""
+    rows = load_rows(_write(tmp_path / "a.jsonl", CASES[fmt], "jsonl")).rows
+    again = load_rows(write_jsonl(rows, tmp_path / "b.jsonl"))
+    keys = ("prompt", "chosen", "rejected", "group", "meta", "implicit_prompt")
+    assert [[getattr(r, k) for k in keys] for r in again.rows] == [
+        [getattr(r, k) for k in keys] for r in rows]
+    assert again.format == fmt
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -261,20 +267,24 @@ def test_string_rows_are_plain_text_with_eos(tokenizer):
 
 def test_prompt_prefix_check_names_row_and_divergence(tokenizer):
     """A template that renders the last user turn differently once an answer follows it is
-    caught, with the row and the characters around the first difference."""
+    caught, with the row and the characters around the first difference: the difference lies
+    before the generation prompt, so no cut keeps the prompt's text out of the completion."""
     bad = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer,
                               eos_token="<|im_end|>", pad_token="<|pad|>")
     bad.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                         "{% if loop.last and m['role'] == 'user' %} (last){% endif %}"
                          "{% if not loop.last %} | {% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %} => assistant:{% endif %}")
+                         "{% if add_generation_prompt %} | assistant:{% endif %}")
     row = _row([_user("Hi")], [_bot("Paris")], [_bot("Berlin")], row=7)
     with pytest.raises(DataError) as err:
         tokenize_rows([row], bad, max_length=64, max_prompt_length=32)
-    # "user: Hi => assistant:" vs "user: Hi | assistant: Paris": differ at character 9.
+    # "user: Hi (last) | assistant:" vs "user: Hi | assistant: Paris": differ at character 9.
     assert str(err.value) == (
         "t.jsonl:7: the chat template's rendering of the prompt is not a prefix of its "
-        "rendering of prompt + completion; they diverge at character 9: prompt ...'user: Hi "
-        "=> assistant:' vs full ...'user: Hi | assistant: Paris'")
+        "rendering of prompt + completion before its generation prompt (the template renders "
+        "the earlier messages differently once an answer follows, so no cut keeps them out of "
+        "the completion); they diverge at character 9: prompt ...'user: Hi (last) | "
+        "assistant:' vs full ...'user: Hi | assistant: Paris'")
 
 
 def test_truncation_keeps_prompt_end_or_start_and_fits_max_length(tokenizer):
@@ -349,3 +359,15 @@ def test_collate_after_tokenize_masks_exactly_the_completions(tokenizer):
 
 def load_rows_from(records) -> list[PreferenceRow]:
     return [parse_row(r, source="mem", row=i + 1)[0] for i, r in enumerate(records)]
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    """pyarrow is an optional extra: a Parquet file without it is a one-line DataError naming
+    the file and the extra to install, not an ImportError traceback."""
+    import sys
+
+    path = _write(tmp_path / "pairs.parquet", CASES["standard"], "parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    with pytest.raises(DataError, match=r"pairs\.parquet: reading Parquet needs pyarrow.*"
+                                        r"dpolab\[parquet\]"):
+        load_rows(path)

@@ -155,14 +155,14 @@ def test_a_non_finite_gradient_norm_is_never_applied_or_saved(env, monkeypatch, 
 
 def test_the_newest_k_checkpoints_are_kept(env):
     """train.keep_checkpoints=3 with a checkpoint every step of 5: steps 3, 4, 5 remain, and
-    each records the sha256 of its two files."""
+    each records the sha256 of its three files (metrics.jsonl's lines so far among them)."""
     out = env["root"] / "keep3"
     assert main(train_args(env, out, "train.max_steps=5", "train.save_every=1",
                            "train.keep_checkpoints=3")) == 0
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert kept == ["step-000003", "step-000004", "step-000005"]
     state = json.loads((out / "checkpoints" / "step-000005" / "state.json").read_text())
-    assert set(state["sha256"]) == {"trainable.safetensors", "optimizer.pt"}
+    assert set(state["sha256"]) == {"trainable.safetensors", "optimizer.pt", "metrics.jsonl"}
     assert C.TrainConfig().keep_checkpoints == 2
 
 

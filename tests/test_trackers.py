@@ -60,8 +60,8 @@ def test_metrics_log_sends_its_rows_on_the_main_process_only(tmp_path):
     process's writes nothing and calls no tracker."""
     rows = [{"step": 0, "eval/rewards/accuracies": 0.5}, {"step": 1, "loss": 0.69}, {}]
     main, other = Recorder(), Recorder()
-    log = MetricsLog(tmp_path / "m.jsonl", enabled=True, keep_lines=0, tracker=main)
-    quiet = MetricsLog(tmp_path / "o.jsonl", enabled=False, keep_lines=0, tracker=other)
+    log = MetricsLog(tmp_path / "m.jsonl", enabled=True, tracker=main)
+    quiet = MetricsLog(tmp_path / "o.jsonl", enabled=False, tracker=other)
     for r in rows:
         log.write(r)
         quiet.write(r)
