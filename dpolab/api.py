@@ -18,7 +18,7 @@ from typing import Any
 
 from dpolab import config as C
 from dpolab.errors import UserError
-from dpolab.inputs import Inputs, is_peft
+from dpolab.inputs import Inputs, check_peft, is_peft
 from dpolab.trackers import check as check_trackers
 
 
@@ -74,6 +74,7 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
 
         tokenizer = load_tokenizer(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
     if model is not None and not isinstance(model, (str, Path)):
+        check_peft(model)  # a peft method dpolab cannot train is refused here, not at backward
         dtype = _dtype_name(model)
         if "model.dtype" in named and dtype != cfg.model.dtype:
             raise UserError(f"model.dtype={cfg.model.dtype}, but the model given is {dtype}; "
@@ -122,13 +123,13 @@ def _in_memory_name(model) -> str:
 
 
 def _dtype_name(model) -> str:
-    import torch
+    from dpolab.models import dtype_name
 
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-    if model.dtype not in names:
+    name = dtype_name(model.dtype)
+    if name is None:
         raise UserError(f"model: parameters of dtype {model.dtype} are not supported; "
-                        f"convert it with model.to(torch.float32) or torch.bfloat16")
-    return names[model.dtype]
+                        f"convert it with model.to(torch.{', torch.'.join(C.DTYPES)})")
+    return name
 
 
 def _tokenizer_of(model, cfg):

@@ -34,6 +34,29 @@ class Head:
     scale: float = 1.0
 
 
+# What a causal LM's own forward does to its output layer's result (transformers 5.24's
+# modeling files): logits times the config value to this power (Cohere multiplies by
+# logit_scale, the Granite family divides by logits_scaling, HyperCLOVA X multiplies by it,
+# Falcon-H1 multiplies by lm_head_multiplier), then a soft cap c * tanh(z / c). Anything else
+# is caught by dpolab.forward_check (the head against the model's own logits) and refused.
+_LOGIT_SCALES = {"logit_scale": 1, "logits_scaling": -1, "lm_head_multiplier": 1}
+_SCALE_POWER_OF_TYPE = {"hyperclovax": 1}  # model_type -> power where it differs
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+
+
+def head_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) of the logits of a model with this config: logits =
+    softcap(scale * lm_head(h)); (1.0, None) for a plain head."""
+    scale = 1.0
+    for name, power in _LOGIT_SCALES.items():
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            power = _SCALE_POWER_OF_TYPE.get(getattr(config, "model_type", ""), power)
+            scale *= float(value) ** power
+    caps = [getattr(config, n) for n in _SOFTCAPS if getattr(config, n, None)]
+    return scale, (float(caps[0]) if caps else None)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Log-probs in float32 at least; float64 stays float64 (tests, theory).
     return torch.float64 if dtype == torch.float64 else torch.float32

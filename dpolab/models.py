@@ -250,8 +250,11 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
     """`AutoModelForCausalLM.from_pretrained` of a resolved name, on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from dpolab.adapters import refuse_adapter_folder
+
     name = resolve_model_path(name_or_path)
     _check_loadable(name)
+    refuse_adapter_folder(name)
     check_model_folder(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
@@ -325,23 +328,26 @@ def body_and_head(model) -> tuple[Callable, "Head"]:
     LoRA layers sit inside the decoder and so are used by `body`. The head holds the live
     output weight (tied to the embedding when the model ties them), so gradients reach it.
     """
-    from dpolab.logps import Head
+    from dpolab.logps import Head, head_transform
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     out = base.get_output_embeddings()
-    if hasattr(out, "base_layer"):
-        raise ValueError("LoRA on the output layer is not supported; target decoder modules")
-    scale = getattr(base.config, "logit_scale", None)
-    if scale not in (None, 1, 1.0):
-        raise ValueError(f"{type(base).__name__} scales its logits (logit_scale={scale}); "
-                         "body_and_head does not support it")
-    head = Head(weight=out.weight, bias=getattr(out, "bias", None),
-                softcap=getattr(base.config, "final_logit_softcapping", None))
+    if hasattr(out, "base_layer") or not isinstance(getattr(out, "weight", None), torch.Tensor):
+        raise UserError(f"{type(base).__name__}: an adapter on the output layer "
+                        f"({type(out).__name__}) is not supported: dpolab's chunked head reads "
+                        "the plain output weight; put adapters on decoder modules")
+    scale, softcap = head_transform(base.config)
+    head = Head(weight=out.weight, bias=getattr(out, "bias", None), softcap=softcap, scale=scale)
 
-    def body(input_ids, attention_mask=None, position_ids=None):
+    def body(input_ids, attention_mask=None, position_ids=None, *, router_logits=False):
+        """(B, T, D) final hidden states; with `router_logits` also the MoE routers' logits,
+        one (B * T, E) tensor per routed layer (the decoder's own record of them)."""
+        extra = {"output_router_logits": True} if router_logits else {}
         out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=False)
+                      position_ids=position_ids, use_cache=False, **extra)
+        if router_logits:
+            return out.last_hidden_state, tuple(out.router_logits or ())
         return out.last_hidden_state  # (B, T, D)
 
     body.decoder = decoder  # lets a pair forward pick the attention path its config allows
@@ -352,7 +358,22 @@ def load_configured(model_cfg, *, device: str | torch.device) -> torch.nn.Module
     """The model a run's `model:` section names (name, dtype, trust_remote_code) on `device`,
     in eval mode (dropout off: determinism) with no parameter requiring grad: the one way the
     trainer, its reference reload and the data audit load weights."""
-    dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
-    model = load_model(model_cfg.name, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       device=str(device))
+    model = load_model(model_cfg.name, dtype=torch_dtype(model_cfg.dtype),
+                       trust_remote_code=model_cfg.trust_remote_code, device=str(device))
     return model.requires_grad_(False)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `model.dtype` name (config.DTYPES are torch's own names)."""
+    from dpolab.config import DTYPES
+
+    if name not in DTYPES:
+        raise UserError(f"model.dtype {name!r}: must be one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The `model.dtype` name of a torch dtype; None for one dpolab does not train in."""
+    from dpolab.config import DTYPES
+
+    return next((n for n in DTYPES if getattr(torch, n) == dtype), None)

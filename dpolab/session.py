@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dpolab import reference, rundir
+from dpolab import moe, reference, rundir
 from dpolab.config import RunConfig
 from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
                                 unflippable, without_reference_metrics)
@@ -62,6 +62,7 @@ class Session:
     splits: dict[str, Split]
     groups: list[str]  # sorted group names of both splits
     engine: Engine  # the scope's forward as the trained module (DDP / FSDP2 under torchrun)
+    router: moe.RouterLoss | None = None  # MoE load balancing trained with the scope, or None
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
     @cached_property
@@ -101,7 +102,7 @@ class Session:
             b = flat.n_pairs
             pc, pr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
         if sp.ref is None:
-            return PairLogps(pc, pr, None, None, nc, nr)
+            return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss)
         if alpha == 1.0:
             i = torch.as_tensor(list(idx), dtype=torch.long)
             rc, rr = sp.ref_chosen[i], sp.ref_rejected[i]
@@ -113,7 +114,7 @@ class Session:
             tok, mask = padded(torch.cat(seqs).double(), seg, len(seqs))
             b = len(idx)
             rc, rr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
-        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr)
+        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss)
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
         return self.splits[split].weights[torch.as_tensor(list(idx), dtype=torch.long)].to(
@@ -263,12 +264,19 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError(f"config data.group_weights: unknown group(s) {', '.join(unknown)}; "
                         f"groups in the data: {', '.join(groups) or '(none)'}")
     model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
+    choice = choose_forward(cfg, model, tok["train"].examples, pad_id=tokenizer.pad_token_id,
+                            dist=dist)
+    router = moe.router_loss(model, cfg.model.router_aux_loss_coef, scope=tc.scope)
+    if dist.is_main and tc.progress:
+        print(choice.line())
+        if router is not None:
+            print(f"router load-balancing loss: weight {router.coef:g} (logged as aux_loss)")
     scope = scopes.apply(
         cfg, model, tok, pad_id=tokenizer.pad_token_id, device=device,
         autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
         state_store=lambda split, ex: cache_dir() / "states" / (
             f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"),
-        reload=inputs.reloader(cfg, model))
+        reload=inputs.reloader(cfg, model), forward=choice.name, router=router)
     # Under torchrun the scope's forward trains as DDP's or FSDP2's module. FSDP2 replaces
     # the parameters by sharded ones: the scope's list is read again.
     engine = dist.engine(scope.model, scope.forward, sharded=tc.distributed == "fsdp2")
@@ -295,10 +303,31 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
             no_cue=np.array([not rows[split][e.index].meta.get("surface_cue", False)
                              for e in t.examples]))
     if dist.is_main:
-        rundir.write_data_report(run_dir, tok)
+        rundir.write_data_report(run_dir, tok, forward=choice.record())
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
-    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine)
+    return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine, router)
+
+
+def choose_forward(cfg: RunConfig, model, examples: list, *, pad_id: int, dist: Distributed):
+    """train.pair_forward resolved on `model` (dpolab.forward_check). Under torchrun every
+    rank checks; where kernels made ranks disagree, all take the most exact forward any
+    rank chose (FORWARDS order), so every rank runs the same layout."""
+    from dataclasses import replace as with_name
+
+    from dpolab import forward_check
+    from dpolab.policy import FORWARDS
+
+    choice = forward_check.choose(cfg.train.pair_forward, model, examples, pad_id=pad_id,
+                                  device=dist.device, chunk_size=cfg.train.logps_chunk,
+                                  where=cfg.model.name)
+    names = list(FORWARDS)
+    votes = dist.all_sum([float(n == choice.name) for n in names])
+    agreed = max(i for i, v in enumerate(votes) if v > 0)
+    if names[agreed] != choice.name:
+        choice = with_name(choice, name=names[agreed],
+                           reason=f"another rank's check chose it (this rank: {choice.name})")
+    return choice
 
 
 def needs_reference(cfg: RunConfig) -> bool:

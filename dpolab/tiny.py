@@ -64,9 +64,19 @@ def tiny_tokenizer(*, vocab_size: int = 512, seed: int = 0):
                                    chat_template=CHATML_TEMPLATE)
 
 
+ARCHS = ("llama", "qwen2", "gemma3", "gpt2")  # and every model type of dpolab.tiny_archs
+
+
 def _config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, heads: int):
-    """A transformers config of family `arch` ("llama", "qwen2", "gemma3", "gpt2")."""
+    """A transformers config of family `arch` ("llama", "qwen2", "gemma3", "gpt2", or a model
+    type of dpolab.tiny_archs.ARCHITECTURES)."""
     import transformers as tf
+
+    from dpolab import tiny_archs
+
+    if arch in tiny_archs.ARCHITECTURES:
+        return tiny_archs.config(arch, vocab_size=vocab_size, hidden_size=hidden_size,
+                                 layers=layers, heads=heads)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
                   num_attention_heads=heads, intermediate_size=2 * hidden_size,
@@ -85,7 +95,8 @@ def _config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, heads:
         return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers,
                              n_head=heads, n_positions=512, bos_token_id=None,
                              eos_token_id=1, pad_token_id=2)
-    raise ValueError(f"unknown tiny arch {arch!r}; valid: llama, qwen2, gemma3, gpt2")
+    raise ValueError(f"unknown tiny arch {arch!r}; valid: "
+                     f"{', '.join(ARCHS + tiny_archs.ARCHITECTURES)}")
 
 
 def tiny_model(*, vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4,
