@@ -215,7 +215,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     from dpolab.distributed import Distributed
     from dpolab.data import DataError
     from dpolab.models import body_and_head, load_configured, load_tokenizer
-    from dpolab.policy import make_forward
+    from dpolab.policy import body_autocast, make_forward
     from dpolab.tokenize import tokenize_rows
 
     tc, d = cfg.train, cfg.data
@@ -256,7 +256,8 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     body, head = body_and_head(model)
     forward = make_forward(choice.name, body, head, pad_id=tokenizer.pad_token_id,
                            chunk_size=tc.logps_chunk, device=dist.device,
-                           autocast=cuda and tc.bf16_autocast, dtype=model.dtype)
+                           autocast=body_autocast(model.dtype, dist.device, tc.bf16_autocast),
+                           dtype=model.dtype)
     wheres, groups, chosen, rejected = [], [], [], []
     for split, examples in tokenized.items():
         if not examples:

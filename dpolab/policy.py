@@ -92,7 +92,7 @@ class _BodyPairs:
     sorted by sequence id."""
 
     def __init__(self, body: Callable, head_fn: Callable[[], Head], *, pad_id: int,
-                 chunk_size: int, device: torch.device, autocast: bool,
+                 chunk_size: int, device: torch.device, autocast=None,
                  dtype: torch.dtype = torch.float32, router=None):
         self.body, self.head_fn, self.pad_id = body, head_fn, pad_id
         self.chunk_size, self.device, self.autocast, self.dtype = chunk_size, device, autocast, dtype
@@ -281,15 +281,31 @@ def shared_prompt_batch(examples: Sequence, *, pad_id: int, dtype: torch.dtype):
     return packing.rows(list(examples), pad_id=pad_id, dtype=dtype)
 
 
-def _autocast(device: torch.device, on: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+def body_autocast(dtype: torch.dtype, device: torch.device, bf16: bool) -> torch.dtype | None:
+    """The autocast dtype of the body, or None: float16 weights compute in float16 on any
+    device (dpolab trains float32 copies of them: see session.build), other weights in bf16
+    on CUDA when `bf16` (train.bf16_autocast), in their own dtype otherwise."""
+    if dtype == torch.float16:
+        return torch.float16
+    return torch.bfloat16 if device.type == "cuda" and bf16 else None
 
 
-def _head_input(h: Tensor, autocast: bool) -> Tensor:
-    """Under bf16 autocast the model's own head would multiply bf16 states (the final norm
+def _autocast_dtype(autocast) -> torch.dtype | None:
+    """A forward's `autocast`: a dtype, True (bfloat16) or False / None (off)."""
+    return torch.bfloat16 if autocast is True else (autocast or None)
+
+
+def _autocast(device: torch.device, autocast):
+    dtype = _autocast_dtype(autocast)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _head_input(h: Tensor, autocast) -> Tensor:
+    """Under autocast the model's own head would multiply 16-bit states (the final norm
     returns float32 only by type promotion): hand the head the same, so its matmuls run in
-    bf16 (log-sum-exp stays float32, see logps)."""
-    return h.to(torch.bfloat16) if autocast else h
+    16 bits (log-sum-exp stays float32, see logps)."""
+    dtype = _autocast_dtype(autocast)
+    return h.to(dtype) if dtype is not None else h
 
 
 def packed_states(body: Callable, examples: Sequence, *, pad_id: int, device: torch.device,
@@ -376,8 +392,9 @@ FORWARDS = {k.name: k for k in (
 
 
 def make_forward(name: str, body: Callable, head, *, pad_id: int, chunk_size: int,
-                 device: torch.device, autocast: bool, dtype: torch.dtype, router=None):
-    """The FORWARDS entry `name` over `body` and `head` (a Head, or a function reading it)."""
+                 device: torch.device, autocast, dtype: torch.dtype, router=None):
+    """The FORWARDS entry `name` over `body` and `head` (a Head, or a function reading it);
+    `autocast` the body's autocast dtype (body_autocast), or False / None."""
     head_fn = head if callable(head) else (lambda: head)
     return FORWARDS[name].make(body, head_fn, pad_id=pad_id, chunk_size=chunk_size,
                                device=device, autocast=autocast, dtype=dtype, router=router)

@@ -31,7 +31,7 @@ from dpolab.errors import UserError
 from dpolab.inputs import Inputs
 from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
-from dpolab.policy import padded
+from dpolab.policy import body_autocast, padded
 from dpolab.scopes import Scope
 
 Tensor = torch.Tensor
@@ -267,16 +267,26 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     choice = choose_forward(cfg, model, tok["train"].examples, pad_id=tokenizer.pad_token_id,
                             dist=dist)
     router = moe.router_loss(model, cfg.model.router_aux_loss_coef, scope=tc.scope)
-    if dist.is_main and tc.progress:
+    if dist.is_main:  # what the run's log-probs are made of: said whatever the progress setting
         print(choice.line())
         if router is not None:
             print(f"router load-balancing loss: weight {router.coef:g} (logged as aux_loss)")
+    compute = model.dtype
     scope = scopes.apply(
         cfg, model, tok, pad_id=tokenizer.pad_token_id, device=device,
-        autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
+        autocast=body_autocast(compute, device, tc.bf16_autocast), dist=dist,
         state_store=lambda split, ex: cache_dir() / "states" / (
             f"{model_hash}-{reference.hash_examples(ex)[:16]}.safetensors"),
         reload=inputs.reloader(cfg, model), forward=choice.name, router=router)
+    if compute == torch.float16:
+        # float16 weights train as float32 copies (AdamW's second moment underflows in
+        # float16: measured, a tiny model's third step diverged), the body computes in
+        # float16 under autocast; frozen weights stay float16. The reference is that
+        # forward's: keyed by the weights as they now are, and the autocast.
+        with torch.no_grad():
+            for p in scope.params:
+                p.data = p.data.float()
+        model_hash = f"{reference.hash_parameters(model)[:16]}-f16"
     # Under torchrun the scope's forward trains as DDP's or FSDP2's module. FSDP2 replaces
     # the parameters by sharded ones: the scope's list is read again.
     engine = dist.engine(scope.model, scope.forward, sharded=tc.distributed == "fsdp2")
