@@ -162,9 +162,11 @@ def check_pairs(examples: Sequence[PairExample], n: int) -> list[PairExample]:
         e = examples[i]
         return len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
 
-    order = sorted(range(len(examples)), key=lambda i: (length(i), i))
-    picked = order[-1:] + [i for i in order[:n - 1] if i != order[-1]]
-    return [examples[i] for i in picked]
+    if not examples:
+        return []
+    top = min(range(len(examples)), key=lambda i: (-length(i), i))
+    rest = sorted((i for i in range(len(examples)) if i != top), key=lambda i: (length(i), i))
+    return [examples[i] for i in [top] + rest[:n - 1]]
 
 
 def own_logps(model, pairs: Sequence[PairExample], device, *, head: Head | None = None):
