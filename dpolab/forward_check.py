@@ -155,6 +155,24 @@ def choose(requested: str, model, examples: Sequence[PairExample], *, pad_id: in
     return ForwardChoice(last.name, requested, reason, head_delta, tol, len(pairs), tuple(trials))
 
 
+def choose_for_run(cfg, model, examples: list, *, pad_id: int, dist) -> ForwardChoice:
+    """`cfg.train.pair_forward` resolved on `model` for a run (its config, its pairs, its
+    dpolab.distributed.Distributed). Under torchrun every rank checks; where kernels made
+    ranks disagree, all take the most exact forward any rank chose (FORWARDS order), so every
+    rank runs the same layout."""
+    from dataclasses import replace as with_name
+
+    choice = choose(cfg.train.pair_forward, model, examples, pad_id=pad_id, device=dist.device,
+                    chunk_size=cfg.train.logps_chunk, where=cfg.model.name)
+    names = list(FORWARDS)
+    votes = dist.all_sum([float(n == choice.name) for n in names])
+    agreed = max(i for i, v in enumerate(votes) if v > 0)
+    if names[agreed] != choice.name:
+        choice = with_name(choice, name=names[agreed],
+                           reason=f"another rank's check chose it (this rank: {choice.name})")
+    return choice
+
+
 def check_pairs(examples: Sequence[PairExample], n: int) -> list[PairExample]:
     """The run's longest pair (its longer sequence; sliding windows and long-range effects
     show there) and its n - 1 shortest (cheap), ties by order."""

@@ -211,7 +211,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     fails the prefix check (training refuses them; the report lists them) are left out."""
     import torch
 
-    from dpolab import reference, session
+    from dpolab import forward_check, reference, session
     from dpolab.distributed import Distributed
     from dpolab.data import DataError
     from dpolab.models import body_and_head, load_configured, load_tokenizer
@@ -251,8 +251,8 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
                 **audit.margin_report([], [], np.zeros(0), np.zeros(0), beta=cfg.loss.beta)}
     # the trainer's pair forward, checked on this model as train checks it
     # (dpolab.forward_check), so the stored reference is its own
-    choice = session.choose_forward(cfg, model, everything, pad_id=tokenizer.pad_token_id,
-                                    dist=dist)
+    choice = forward_check.choose_for_run(cfg, model, everything,
+                                          pad_id=tokenizer.pad_token_id, dist=dist)
     body, head = body_and_head(model)
     forward = make_forward(choice.name, body, head, pad_id=tokenizer.pad_token_id,
                            chunk_size=tc.logps_chunk, device=dist.device,

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dpolab import moe, reference, rundir
+from dpolab import forward_check, moe, reference, rundir
 from dpolab.config import RunConfig
 from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
                                 unflippable, without_reference_metrics)
@@ -264,8 +264,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError(f"config data.group_weights: unknown group(s) {', '.join(unknown)}; "
                         f"groups in the data: {', '.join(groups) or '(none)'}")
     model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
-    choice = choose_forward(cfg, model, tok["train"].examples, pad_id=tokenizer.pad_token_id,
-                            dist=dist)
+    choice = forward_check.choose_for_run(cfg, model, tok["train"].examples,
+                                          pad_id=tokenizer.pad_token_id, dist=dist)
     router = moe.router_loss(model, cfg.model.router_aux_loss_coef, scope=tc.scope)
     if dist.is_main:  # what the run's log-probs are made of: said whatever the progress setting
         print(choice.line())
@@ -317,27 +317,6 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine, router)
-
-
-def choose_forward(cfg: RunConfig, model, examples: list, *, pad_id: int, dist: Distributed):
-    """train.pair_forward resolved on `model` (dpolab.forward_check). Under torchrun every
-    rank checks; where kernels made ranks disagree, all take the most exact forward any
-    rank chose (FORWARDS order), so every rank runs the same layout."""
-    from dataclasses import replace as with_name
-
-    from dpolab import forward_check
-    from dpolab.policy import FORWARDS
-
-    choice = forward_check.choose(cfg.train.pair_forward, model, examples, pad_id=pad_id,
-                                  device=dist.device, chunk_size=cfg.train.logps_chunk,
-                                  where=cfg.model.name)
-    names = list(FORWARDS)
-    votes = dist.all_sum([float(n == choice.name) for n in names])
-    agreed = max(i for i, v in enumerate(votes) if v > 0)
-    if names[agreed] != choice.name:
-        choice = with_name(choice, name=names[agreed],
-                           reason=f"another rank's check chose it (this rank: {choice.name})")
-    return choice
 
 
 def needs_reference(cfg: RunConfig) -> bool:
