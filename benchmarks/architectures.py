@@ -14,6 +14,7 @@ the chosen tokens change. The chosen forward's delta is what training would see.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -46,7 +47,7 @@ def row(arch: str) -> list[str]:
     check_s = time.perf_counter() - t0
     body, head = body_and_head(model)
     ref = forward_check.own_logps(model, ex, torch.device("cpu"))
-    cells = []
+    cells, deltas = [], {}
     kw = dict(pad_id=2, chunk_size=64, device=torch.device("cpu"), autocast=False,
               dtype=torch.float32)
     with torch.no_grad():
@@ -56,16 +57,24 @@ def row(arch: str) -> list[str]:
                 a = fwd(ex)
                 n_c = int(a.counts()[0].sum())
                 b = fwd(forward_check.perturbed(ex, head.weight.shape[0])).tokens
-                cells.append(f"{(a.tokens - ref).abs().max():.1e}/{(a.tokens[n_c:] - b[n_c:]).abs().max():.0e}")
+                deltas[name] = float((a.tokens - ref).abs().max())
+                cells.append(f"{deltas[name]:.1e}/{(a.tokens[n_c:] - b[n_c:]).abs().max():.0e}")
             except Exception as err:  # noqa: BLE001
                 cells.append(f"error ({type(err).__name__})")
     router = moe.router_loss(model, None, scope="full")
     transform = (f"scale {head.scale:g}" if head.scale != 1 else "") + (
         f" softcap {head.softcap:g}" if head.softcap else "")
-    delta = next(t.max_delta for t in choice.trials if t.name == choice.name)
-    return [arch, type(model).__name__, choice.name, f"{delta:.1e}", *cells,
+    return [arch, type(model).__name__, choice.name, f"{deltas[choice.name]:.1e}", *cells,
             transform.strip() or "-", f"{router.coef:g}" if router else "-",
             f"{check_s:.2f}"]
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return f"{platform.machine()} CPU"
 
 
 def main(argv: list[str]) -> None:
@@ -80,16 +89,24 @@ def main(argv: list[str]) -> None:
               "head", "router coef", "check s"]
     rows = [row(a) for a in archs]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    print(f"# dpolab architecture table: {platform.machine()} {platform.processor() or ''} "
-          f"CPU, 1 thread; python {platform.python_version()}, torch {torch.__version__}, "
+    print(f"# dpolab architecture table: {_cpu()}, {os.cpu_count()} cores, 1 torch thread; "
+          f"python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print("# forward: what dpolab.forward_check picks (auto); max|d|: its max |log-prob - "
-          "model's own per-sequence log-prob| (float32, 6 pairs)")
+    print("# forward: what dpolab.forward_check picks (auto) on the 6 pairs; max|d|: that "
+          "forward's max |log-prob - the model's own log-prob of each sequence alone| (float32)")
     print("# X d/moved: that forward's max |d|, and the max move of rejected log-probs when "
           "only the chosen tokens change")
+    print("# head: the logit transform dpolab's head reproduces; router coef: the MoE "
+          "load-balancing weight trained (dpolab.moe); check s: the check's wall time")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)), flush=True)
+    import importlib.util
+
+    kernels = {k: importlib.util.find_spec(k) is not None
+               for k in ("mamba_ssm", "causal_conv1d", "fla")}
+    print(f"# fused kernels installed: {kernels}; state-space, convolution and linear-attention "
+          "layers ran transformers' PyTorch fallbacks where False")
 
 
 if __name__ == "__main__":

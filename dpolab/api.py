@@ -128,7 +128,7 @@ def _dtype_name(model) -> str:
     name = dtype_name(model.dtype)
     if name is None:
         raise UserError(f"model: parameters of dtype {model.dtype} are not supported; "
-                        f"convert it with model.to(torch.{', torch.'.join(C.DTYPES)})")
+                        f"convert it with model.to(torch.X), X one of {', '.join(C.DTYPES)}")
     return name
 
 

@@ -89,7 +89,7 @@ class ForwardChoice:
     name: str  # a FORWARDS entry
     requested: str  # train.pair_forward: auto or a FORWARDS entry
     reason: str
-    head_delta: float  # max |per_sequence - model's own| log-prob: the head reproduces it
+    head_delta: float  # max |dpolab's head - the model's own| log-prob on the same states
     tolerance: float
     pairs: int
     trials: tuple[Trial, ...] = field(default_factory=tuple)
@@ -130,8 +130,9 @@ def choose(requested: str, model, examples: Sequence[PairExample], *, pad_id: in
             raise UserError(
                 f"{where}: dpolab's output head does not reproduce the model's own logits "
                 f"(log-probs differ by up to {head_delta:.3g} nats on the same sequences, "
-                f"> {tol:g}): its forward does something to its logits that dpolab does not "
-                "(see dpolab.logps.head_transform); not trained")
+                f"> {tol:g}): its forward does something to its logits beyond the scales "
+                "(logit_scale, logits_scaling, lm_head_multiplier) and soft caps dpolab "
+                "reproduces; not trained")
         names = list(FORWARDS) if requested == "auto" else [requested]
         trials = []
         for name in names:

@@ -264,8 +264,9 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError(f"config data.group_weights: unknown group(s) {', '.join(unknown)}; "
                         f"groups in the data: {', '.join(groups) or '(none)'}")
     model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
-    choice = forward_check.choose_for_run(cfg, model, tok["train"].examples,
-                                          pad_id=tokenizer.pad_token_id, dist=dist)
+    every_pair = [e for t in tok.values() for e in t.examples]  # the longest may be held out
+    choice = forward_check.choose_for_run(cfg, model, every_pair, pad_id=tokenizer.pad_token_id,
+                                          dist=dist)
     router = moe.router_loss(model, cfg.model.router_aux_loss_coef, scope=tc.scope)
     if dist.is_main:  # what the run's log-probs are made of: said whatever the progress setting
         print(choice.line())
