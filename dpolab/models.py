@@ -196,8 +196,11 @@ def check_folder(model_cfg, tokenizer) -> None:
     config.json, weights not loaded) whose embedding fits `tokenizer`."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
+    from dpolab.adapters import refuse_adapter_folder
+
     name = resolve_model_path(model_cfg.name)
     _check_loadable(name)
+    refuse_adapter_folder(name)
     check_model_folder(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
