@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from dpolab.losses.core import amplitude_penalty, authors_amplitude_term, capped_aux_reward
+from dpolab.logps import head_logits
 
 Tensor = torch.Tensor
 
@@ -60,9 +61,10 @@ def head_gradient_penalty(hidden: Tensor, labels: Tensor, token_delta: Tensor, h
                           rows: Tensor | None = None) -> Tensor:
     """||A_B delta_B||^2 for a trained output head, exactly, without forming A.
 
-    For the head W (V, D) (bias b, softcap c) at its reference value W0, the gradient of a
-    response's log-prob is d/dW log pi(y) = sum_t g_t h_t^T with g_t = (e_{y_t} - p_t) * s_t,
-    p_t = softmax(z_t), z_t the capped logits and s_t = 1 - tanh^2(z_t / c) (1 without a cap).
+    For the head W (V, D) (bias b, softcap c, scale a) at its reference value W0, the gradient
+    of a response's log-prob is d/dW log pi(y) = sum_t g_t h_t^T with g_t = (e_{y_t} - p_t) * s_t,
+    p_t = softmax(z_t), z_t the scaled, capped logits and s_t = a (1 - tanh^2(a u_t / c)) the
+    slope of z_t in u_t = W h_t + b (a without a cap; dpolab.logps.head_logits).
     So A delta = sum_t delta_{seq(t)} g_t h_t^T (plus sum_t delta_{seq(t)} g_t for the bias)
     and the penalty is its squared Frobenius norm. hidden (N, D), labels (N,), token_delta (N,)
     the delta of each token's sequence (differentiable). g_t are constants (at W0), so the
@@ -103,16 +105,10 @@ def _head_token_grads(hidden: Tensor, labels: Tensor, head0) -> Tensor:
     out = torch.empty(hidden.shape[0], head0.weight.shape[0], dtype=torch.float32,
                       device=hidden.device)
     for s in range(0, hidden.shape[0], 512):
-        h = hidden[s:s + 512].float()
-        z = torch.nn.functional.linear(h, head0.weight.float(),
-                                       None if head0.bias is None else head0.bias.float())
-        scale = None
-        if head0.softcap is not None:
-            t = torch.tanh(z / head0.softcap)
-            z, scale = head0.softcap * t, 1.0 - t * t
+        z, slope = head_logits(hidden[s:s + 512].float(), head0)
         g = -torch.softmax(z, dim=1)
         g[torch.arange(g.shape[0]), labels[s:s + 512]] += 1.0
-        out[s:s + 512] = g if scale is None else g * scale
+        out[s:s + 512] = g * slope
     return out
 
 

@@ -19,11 +19,16 @@ from dpolab import atomic
 from dpolab.errors import UserError
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype names (torch's own)
+PAIR_FORWARDS = ("auto", "shared_prompt", "two_rows", "per_sequence")  # dpolab.policy.FORWARDS + auto
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # the embedded default, a local folder, a .gguf file or a hub name
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16 (log-probs float32 either way)
     trust_remote_code: bool = False  # run code shipped with a model folder only when asked
+    router_aux_loss_coef: float | None = None  # MoE: weight of the routers' load-balancing loss; null = the model config's (0 if it has none); 0 = off
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class TrainConfig:
     logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
     activation_checkpointing: bool = False  # full/lora: recompute each block in backward
     cpu_reuse_memory: bool = True  # CPU/glibc: keep freed tensor memory mapped (dpolab.memory)
-    pair_forward: str = "shared_prompt"  # shared_prompt (one row per pair, 4D mask) | two_rows
+    pair_forward: str = "auto"  # auto (the fastest that passes dpolab.forward_check on the model) | shared_prompt (one row per pair, 4D mask) | two_rows | per_sequence
     distributed: str = "ddp"  # under torchrun: ddp (DistributedDataParallel) | fsdp2 (all weights sharded)
     dist_timeout_s: float = 1800.0  # under torchrun: seconds any collective may wait for the other ranks
     eval_batch_size: int = 16  # pairs per forward at evaluation and reference time
@@ -161,6 +166,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             _, vt = typing.get_args(tp)
             return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     elif origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # an optional field: its one type, checked as such
+            return _coerce(value, others[0], where)
         return value
     type_name = getattr(tp, "__name__", str(tp))
     raise UserError(f"{where}: expected {type_name}, got {value!r}")
@@ -275,7 +286,7 @@ def validate(cfg: RunConfig) -> None:
          "loss.aux_form=authors is the authors' soft penalty; it needs loss.aux_mode=soft"),
         (cfg.train.schedule in ("cosine", "constant"), "train.schedule must be cosine or constant"),
         (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
-        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
+        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}"),
         (cfg.loss.aux_mode in ("soft", "exact"), "loss.aux_mode must be soft or exact"),
         # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
         # log_sum_sq_probs); the chunked head returns log pi(label) only.
@@ -285,8 +296,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.distributed in ("ddp", "fsdp2"), "train.distributed must be ddp or fsdp2"),
         (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
          "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),
-        (cfg.train.pair_forward in ("shared_prompt", "two_rows"),
-         "train.pair_forward must be shared_prompt or two_rows"),
+        (cfg.train.pair_forward in PAIR_FORWARDS,
+         f"train.pair_forward must be one of {', '.join(PAIR_FORWARDS)}"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
         (0 < cfg.data.eval_fraction < 1, "data.eval_fraction must lie in (0, 1)"),
@@ -347,6 +358,10 @@ def _check_numbers(cfg: RunConfig) -> None:
         if not ok:
             raise UserError(f"config: {section}.{name} = {value} is out of range: it must be a "
                             f"finite number {'>=' if inclusive else '>'} {low} ({why})")
+    coef = cfg.model.router_aux_loss_coef
+    if coef is not None and not (math.isfinite(coef) and coef >= 0):
+        raise UserError(f"config: model.router_aux_loss_coef = {coef} must be a finite number "
+                        ">= 0 (a loss weight), or null for the model config's own")
     upper = 0.5 if "robust" in cfg.loss.term_weights() else 1.0  # robust DPO divides by 1 - 2 eps
     if cfg.loss.label_smoothing >= upper:
         raise UserError(f"config: loss.label_smoothing = {cfg.loss.label_smoothing} must be < "

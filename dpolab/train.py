@@ -155,6 +155,9 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
             per_example, terms = objective(pairs)
             weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
             loss = (weights * per_example).sum() / len(positions)
+            if pairs.router_loss is not None:  # MoE load balancing: TRL's coef * aux_loss per batch
+                loss = loss + s.router.coef * pairs.router_loss * (
+                    0.0 if stand_in else len(idx) / len(positions))
             if aux is not None and not stand_in:
                 loss = loss + aux.penalty(idx, n_global=len(positions))
             if step == 0 and start == 0 and micro == 0:
@@ -251,6 +254,8 @@ class StepStats:
                           for t in (pairs.ref_chosen, pairs.ref_rejected))
                 add = reward_sums(PairStats(pc, pr, rc, rr, nc, nr, beta=beta))
             add["loss"] = float((weights * per_example.detach().double()).sum())
+            if pairs.router_loss is not None:  # logged per batch, as TRL does: a pair-weighted mean
+                add["aux_loss"] = float(pairs.router_loss) * len(pc)
             for name, t in terms.items():
                 add[f"loss/{name}"] = float(t.double().sum())
         for k, v in add.items():
@@ -322,7 +327,8 @@ def check_reference(s: session.Session, split: str, stats: PairStats) -> None:
     states = cached.stores.get(split) if cached is not None else None
 
     def rescore(examples: list) -> tuple[Tensor, Tensor]:
-        fwd = s.scope.text_reference(dict(pad_id=s.tokenizer.pad_token_id, device=dev,
+        fwd = s.scope.text_reference(dict(forward=s.scope.forward_name,
+                                          pad_id=s.tokenizer.pad_token_id, device=dev,
                                           chunk_size=tc.logps_chunk,
                                           autocast=dev.type == "cuda" and tc.bf16_autocast))
         with torch.no_grad():

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from dpolab import atomic, cachedir, checkpoint
 from dpolab.cli import main
 from dpolab.distributed import Distributed
+from dpolab.policy import FORWARDS
 from tests.test_reliability import TINY_ARGS, pair_rows, strip, write_jsonl
 
 ARGS = [*TINY_ARGS, "data.eval_fraction=0.25", "train.max_steps=4", "train.save_every=2"]
@@ -408,18 +409,18 @@ def test_a_changed_file_of_a_converted_model_folder_is_converted_again(env, tmp_
     """A converted folder records the sha256 of its files; one byte changed in its weights,
     or a folder without the record (an earlier dpolab), is not taken as converted (said
     naming the file), so the caller converts it again."""
-    from dpolab import models
+    from dpolab import gguf_models
 
     dest = shutil.copytree(env["tiny"], tmp_path / "models" / "tiny")
-    assert not models._is_converted(dest)  # no record: an earlier dpolab's
+    assert not gguf_models._is_converted(dest)  # no record: an earlier dpolab's
     assert f"dpolab: {dest}: has no {cachedir.RECORD}" in capsys.readouterr().err
     cachedir.record_folder(dest)  # what save_converted writes before the rename
-    assert models._is_converted(dest)
+    assert gguf_models._is_converted(dest)
     weights = dest / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 1
     weights.write_bytes(bytes(data))
-    assert not models._is_converted(dest)
+    assert not gguf_models._is_converted(dest)
     assert f"dpolab: {weights}: is missing or does not match its sha256" in capsys.readouterr().err
 
 
@@ -441,25 +442,22 @@ def test_write_problem_reads_the_errno_wherever_the_writer_put_it(tmp_path):
     assert atomic.write_problem(OSError(errno.ENOENT, "gone"), tmp_path) is None
 
 
-@pytest.mark.parametrize("pair_forward", ["shared_prompt", "two_rows"])
-def test_the_states_a_run_stores_are_read_back_by_the_next(tiny_dir, tmp_path, pair_forward, capsys):
+@pytest.mark.parametrize("pair_forward", sorted(FORWARDS))
+def test_the_states_a_run_stores_are_read_back_by_the_next(tiny_dir, tmp_path, pair_forward,
+                                                           capsys):
     """The labels and lengths a state file is checked against (the scored tokens of the
     token ids) are those the forward stored, masked multi-turn completions included, under
     either pair forward: a second fill reads the file (no miss) and holds the same states."""
-    from types import SimpleNamespace
-
     from transformers import AutoModelForCausalLM
 
     from dpolab.models import body_and_head
-    from dpolab.policy import CachedHeadForward
-    from dpolab.scopes import pair_forward as make_forward
+    from dpolab.policy import CachedHeadForward, make_forward
     from dpolab.tokenize import PairExample
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     body, head = body_and_head(model)
-    tc = SimpleNamespace(pair_forward=pair_forward, logps_chunk=64)
-    states = make_forward(tc, body, head, pad_id=0, device=torch.device("cpu"), autocast=False,
-                          dtype=model.dtype).hidden
+    states = make_forward(pair_forward, body, head, pad_id=0, chunk_size=64,
+                          device=torch.device("cpu"), autocast=False, dtype=model.dtype).hidden
     examples = [PairExample([5, 6], [7, 8, 9, 10], [11], None, 0, 1, "s",
                             chosen_mask=(True, False, False, True)),
                 PairExample([5, 9, 12], [13, 14], [15, 16, 17], None, 1, 2, "s",

@@ -5,7 +5,6 @@ dimension 2n - rank(A) with rank(A) <= rows x hidden size."""
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from dpolab import config as C

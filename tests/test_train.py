@@ -116,8 +116,8 @@ def _mean_pair_logps(model, tokenizer_dir, cfg) -> tuple[float, float]:
     """Mean summed log-probs (chosen, rejected) of `cfg`'s training pairs under `model`,
     through dpolab's pair forward, the way evaluation scores them."""
     from dpolab.models import body_and_head, load_tokenizer
-    from dpolab.scopes import pair_forward
-    from dpolab.session import load_split_rows
+    from dpolab.policy import make_forward
+    from dpolab.splits import load_split_rows
     from dpolab.tokenize import tokenize_rows
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -126,8 +126,9 @@ def _mean_pair_logps(model, tokenizer_dir, cfg) -> tuple[float, float]:
                              max_prompt_length=cfg.data.max_prompt_length,
                              truncation=cfg.data.truncation).examples
     body, head = body_and_head(model)
-    forward = pair_forward(cfg.train, body, head, pad_id=tokenizer.pad_token_id,
-                           device=torch.device("cpu"), autocast=False, dtype=model.dtype)
+    forward = make_forward("shared_prompt", body, head, pad_id=tokenizer.pad_token_id,
+                           chunk_size=cfg.train.logps_chunk, device=torch.device("cpu"),
+                           autocast=False, dtype=model.dtype)
     with torch.no_grad():
         pc, pr = forward(examples).sums()
     return pc.mean().item(), pr.mean().item()
