@@ -8,7 +8,7 @@ training then needs no second model in memory.
 Layout: the per-token log-probs of all chosen completions, concatenated in example order,
 then of all rejected ones; `offsets` (2N+1,) delimits them (example i's chosen tokens are
 tokens[offsets[i]:offsets[i+1]], its rejected ones tokens[offsets[N+i]:offsets[N+i+1]]).
-The last_layer scope's cached body states (dpolab.policy.CachedHeadForward) use the same
+The last_layer scope's cached body states (dpolab.head_states.CachedHeadForward) use the same
 layout. Each entry's length is known from the token ids the key names (`scored_lengths`), so
 a file is read back only when its checksum (dpolab.atomic.read_tensors), its offsets and its
 values all check out (`layout_problem`); otherwise it is computed again.

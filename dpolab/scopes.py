@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 
 from dpolab.logps import Head
-from dpolab.policy import CachedHeadForward, FlatLogps, make_forward
+from dpolab.head_states import CachedHeadForward
+from dpolab.policy import FlatLogps, make_forward
 from dpolab.progress import Progress
 
 Tensor = torch.Tensor

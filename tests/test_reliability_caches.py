@@ -451,7 +451,8 @@ def test_the_states_a_run_stores_are_read_back_by_the_next(tiny_dir, tmp_path, p
     from transformers import AutoModelForCausalLM
 
     from dpolab.models import body_and_head
-    from dpolab.policy import CachedHeadForward, make_forward
+    from dpolab.head_states import CachedHeadForward
+    from dpolab.policy import make_forward
     from dpolab.tokenize import PairExample
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
