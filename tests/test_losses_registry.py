@@ -155,9 +155,9 @@ def test_config_selects_trl_names_and_combinations():
      "f_divergence=forward_kl applies to dpo, sigmoid only, not to ipo"),
     (["loss.f_divergence=kl"], "loss.f_divergence must be one of reverse_kl, forward_kl"),
     (["loss.name=gpo", "loss.gpo_f=cubic"], "loss.gpo_f must be one of logistic, squared, hinge"),
-    (["loss.ld_alpha=2"], r"loss.ld_alpha must lie in \[0, 1\]"),
+    (["loss.ld_alpha=2"], "loss.ld_alpha = 2.0 is out of range: it must be a finite number >= 0 and <= 1"),
     (["loss.name=aot", "loss.use_weighting=true"], "cannot weight aot/aot_unpaired"),
-    (["loss.name=discopop", "loss.discopop_tau=0"], "loss.discopop_tau must be > 0"),
+    (["loss.name=discopop", "loss.discopop_tau=0"], "loss.discopop_tau = 0.0 is out of range: it must be a finite number > 0"),
 ])
 def test_bad_loss_settings_are_clear_errors(overrides, msg):
     """A loss setting the named terms cannot use is a UserError naming the field."""

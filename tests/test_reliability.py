@@ -311,11 +311,11 @@ def test_text_the_tokenizer_cannot_encode(env, capsys):
 # --------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("overrides, message", [
     (["loss.beta=0"], "loss.beta = 0.0 is out of range: it must be a finite number > 0"),
-    (["loss.name=ipo", "loss.beta=0"], "loss ipo, ipo_norm and sppo_hard need loss.beta > 0"),
+    (["loss.name=ipo", "loss.beta=0"], "loss.beta = 0.0 is out of range: it must be a finite number > 0"),
     (["loss.beta=.inf"], "loss.beta = inf is out of range"),
     (["train.lr=inf"], "train.lr = inf is out of range"),
     (["train.max_grad_norm=.nan"], "train.max_grad_norm = nan is out of range"),
-    (["loss.weights.dpo=.inf"], "loss.weights.dpo = inf must be a finite number >= 0"),
+    (["loss.weights.dpo=.inf"], "loss.weights.dpo = inf is out of range: it must be a finite number >= 0"),
     (["train.keep_checkpoints=0"], "train.keep_checkpoints = 0 is out of range"),
 ])
 def test_config_numbers_the_math_cannot_use(overrides, message):
