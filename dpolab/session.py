@@ -225,8 +225,7 @@ class Session:
             for m in self.engine.wrapped.modules():  # the sharded layout: state_dict gathers it
                 if hasattr(m, "reshard"):
                     m.reshard()
-            state = {k: sharding.full(v).detach().clone()
-                     for k, v in self.model.state_dict().items()}
+            state = sharding.full_model_state(self.model)  # whole on rank 0 only
             if self.dist.is_main:
                 sharding.save_full_state(state, self.model.config, self.tokenizer, out)
             return
