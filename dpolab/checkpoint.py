@@ -40,11 +40,8 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],

@@ -133,10 +133,8 @@ def default_model_path(*, cache_dir: Path | None = None, progress: bool = True) 
 
 def _gguf_path(gguf: Path, *, progress: bool = True) -> Path:
     """Converted folder for a user's GGUF file, keyed by the file's SHA-256 (first 16 hex)."""
-    digest = hashlib.sha256()
     with open(gguf, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+        digest = hashlib.file_digest(f, "sha256")
     dest = dpolab_cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
     if not _is_converted(dest):
         convert_gguf(gguf, dest, progress=progress)
@@ -218,31 +216,31 @@ def check_model_folder(folder: str | Path, *, weights: bool = True) -> None:
             raise UserError(f"{path}: {problem}")
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file's layout ("" -> None when it is whole): the
-    8-byte header length, the JSON header, and the file size the header's offsets imply."""
-    import json
+# safetensors' reasons for refusing a file, in words that say what happened to it
+_SAFETENSORS_WORDS = {
+    "header too small": "not a safetensors file (empty or cut short)",
+    "header too large": "damaged safetensors file: its header length exceeds the file "
+                        "(truncated or not safetensors)",
+    "incomplete metadata": "truncated safetensors file: its size is not what its header's "
+                           "tensors need",
+    "invalid json": "damaged safetensors file: its header is not valid JSON",
+    "invalid utf-8": "damaged safetensors file: its header is not valid JSON (not UTF-8)",
+}
 
-    size = path.stat().st_size
-    if size < 8:
-        return f"not a safetensors file: {size} bytes (empty or cut short)"
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            return (f"damaged safetensors file: its header claims {n} bytes but the file has "
-                    f"{size} (truncated or not safetensors)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            return "damaged safetensors file: its header is not valid JSON"
-    if not isinstance(header, dict):
-        return "damaged safetensors file: its header is not a JSON object"
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict)]
-    need = 8 + n + max(ends, default=0)
-    if size < need:
-        return f"truncated safetensors file: {size} bytes, its header needs {need}"
-    return None
+
+def safetensors_problem(path: Path) -> str | None:
+    """What safetensors finds wrong opening the file (its header length, JSON header and
+    the size its offsets imply), in words; None when it opens."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+    words = next((w for key, w in _SAFETENSORS_WORDS.items() if key in reason.lower()),
+                 "damaged safetensors file")
+    return f"{words} ({path.stat().st_size} bytes; safetensors: {reason})"
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,

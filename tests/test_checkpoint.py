@@ -129,3 +129,23 @@ def test_a_checkpoint_numbered_by_position_resumes_or_is_refused(env, capsys):
     assert (f"{bad / 'checkpoints' / 'step-000002'}: optimizer.pt numbers parameters by "
             f"position (an older checkpoint) and its exp_avg at position 0 has shape") in lines[0]
     assert (bad / "metrics.jsonl").read_text() == before
+
+
+def test_file_hashes_are_sha256_of_the_whole_file(tmp_path, monkeypatch):
+    """Checkpoint checksums and the cache key of a user's GGUF file are sha256 over every
+    byte of the file (10 MiB + 3 bytes: more than one read block of any reader), as
+    hashlib.sha256 computes it from the bytes in memory."""
+    import hashlib
+
+    from dpolab import models
+
+    data = bytes(range(256)) * (10 * 4096) + b"end"
+    path = tmp_path / "weights.gguf"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert checkpoint.sha256(path) == expected
+    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
+    made = []
+    monkeypatch.setattr(models, "convert_gguf", lambda src, dest, **kw: made.append(dest))
+    dest = models._gguf_path(path, progress=False)
+    assert dest.name == f"weights-{expected[:16]}" and made == [dest]

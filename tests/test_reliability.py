@@ -250,8 +250,9 @@ def _model_folder(env, kind: str) -> Path:
         shutil.copytree(env["tiny"], folder)
         weights = folder / "model.safetensors"
         data = weights.read_bytes()
-        weights.write_bytes(data[:len(data) // 2] if kind == "truncated"
-                            else b"\xff" * 8 + data[8:])
+        weights.write_bytes({"truncated": data[:len(data) // 2],
+                             "header-not-json": data[:8] + b"x" + data[9:]}.get(
+                                 kind, b"\xff" * 8 + data[8:]))
     return folder
 
 
@@ -260,6 +261,7 @@ def _model_folder(env, kind: str) -> Path:
     ("config-only", "no tokenizer files"),
     ("truncated", "model.safetensors: truncated safetensors file"),
     ("corrupt", "model.safetensors: damaged safetensors file"),
+    ("header-not-json", "model.safetensors: damaged safetensors file: its header is not valid JSON"),
 ])
 def test_a_bad_model_folder_is_a_clear_error(env, kind, what, capsys):
     """Exit 2 naming the folder (or its weights file) and what is wrong, no traceback."""
