@@ -51,12 +51,14 @@ class ReferenceLogps:
 
 
 def hash_parameters(model: torch.nn.Module) -> str:
-    """blake2b over parameter and buffer names, dtypes, shapes and bytes (order-stable)."""
+    """blake2b over parameter and buffer names, dtypes, shapes and bytes (order-stable). The
+    bytes are read in place through a memoryview (a copy only of a tensor that is not
+    contiguous or not on the CPU), so a 7B model's key needs no second 7B in memory."""
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        if t.numel():
+            h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
