@@ -297,10 +297,9 @@ def test_legends_sit_outside_the_axes():
     import inspect
 
     from dpolab import report_figures
-    from dpolab.htmlpage import pyplot
+    from dpolab.htmlpage import subplots
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     for i in range(15):  # as many entries as seven groups' held-out and train curves
         ax.plot([0, 1, 2], [i, i + 1, i], label=f"curve {i}")
     report_figures._finish(ax)
@@ -308,7 +307,6 @@ def test_legends_sit_outside_the_axes():
     fig.canvas.draw()
     legend = ax.get_legend().get_window_extent()
     axes = ax.get_window_extent()
-    plt.close(fig)
     assert legend.x0 >= axes.x1 and not legend.overlaps(axes)
     source = inspect.getsource(report_figures)
     assert source.count(".legend(") == 1
@@ -318,14 +316,36 @@ def test_start_and_end_only_are_points_not_a_line():
     """A series measured only before and after training (two points) is drawn as markers with
     no line between them; three points or more are a line."""
     from dpolab import report_figures
-    from dpolab.htmlpage import pyplot
+    from dpolab.htmlpage import subplots
 
-    plt = pyplot()
-    fig, ax = plt.subplots()
+    fig, ax = subplots()
     rows = [{"step": 0, "a": 0.5, "b": 0.5}, {"step": 5, "b": 0.7}, {"step": 10, "a": 0.9, "b": 0.9}]
     report_figures._plot(ax, rows, "a", ls=":")
     report_figures._plot(ax, rows, "b")
     two, three = ax.get_lines()
-    plt.close(fig)
     assert two.get_linestyle() == "None" and two.get_marker() == "o"
     assert three.get_linestyle() == "-" and len(three.get_xdata()) == 3
+
+
+def test_a_report_leaves_the_users_matplotlib_as_it_was(tmp_path):
+    """Figures are drawn on matplotlib's Figure API, not pyplot: in a process whose user chose
+    a pyplot backend (svg) and holds one figure, writing a run report and a comparison leaves
+    that backend and that one open figure; and no module of dpolab imports pyplot or sets a
+    backend."""
+    import sys
+
+    code = ("import sys\nfrom pathlib import Path\nimport matplotlib\nmatplotlib.use('svg')\n"
+            "import matplotlib.pyplot as plt\nplt.figure()\n"
+            "from dpolab import report\nfrom tests.test_report import make_run\n"
+            "a, b = make_run(Path(sys.argv[1]) / 'a'), make_run(Path(sys.argv[1]) / 'b')\n"
+            "report.write_run_report(a)\nreport.write_compare_report([a, b], Path(sys.argv[1]) / 'c')\n"
+            "print(matplotlib.get_backend(), plt.get_fignums())\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, check=False, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == "svg [1]"
+    assert (tmp_path / "a" / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    for path in (Path(__file__).parent.parent / "dpolab").rglob("*.py"):
+        source = path.read_text()
+        assert "matplotlib.pyplot" not in source and "import pyplot" not in source, path
+        assert "matplotlib.use(" not in source, path
