@@ -87,7 +87,7 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
     evaluation line is written (reference already stored) and closes after the last step."""
     import torch
 
-    from dpolab import rundir, session
+    from dpolab import rundir, splits
     from dpolab.config import apply_overrides, build_config
     from dpolab.tokenize import tokenize_rows
     from dpolab.train import train
@@ -135,7 +135,7 @@ def run_dpolab(spec: dict, sampler: RssSampler) -> dict:
     out["step_seconds"] = [b - a for a, b in zip(elapsed, elapsed[1:])]  # steps 2..N
     out["losses"] = [r["loss"] for r in steps]
     out["logps_chosen"] = [r["logps/chosen"] for r in steps]
-    train_rows, _ = session.load_split_rows(cfg)
+    train_rows, _ = splits.load_split_rows(cfg)
     from dpolab.models import load_tokenizer
 
     tok = tokenize_rows(train_rows, load_tokenizer(spec["model"]),

@@ -26,9 +26,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dpolab.models import default_model_path, load_model, load_tokenizer
+    from dpolab.gguf_models import default_model_path
+    from dpolab.models import dpolab_cache_dir, load_model, load_tokenizer
 
-    folder = default_model_path(progress=True)  # converts once if the cache is empty
+    folder = default_model_path(cache_dir=dpolab_cache_dir(), progress=True)  # converts once if the cache is empty
     times = []
     for _ in range(a.repeats + 1):  # the first load is warm-up (file cache, imports)
         t0 = time.perf_counter()

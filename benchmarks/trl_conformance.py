@@ -124,7 +124,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------- systems
 def run_dpolab(case: Case, model: str, train: Path, held: Path, work: Path, steps: int) -> dict:
-    from dpolab import rundir, session
+    from dpolab import rundir, splits
     from dpolab.config import apply_overrides, build_config
     from dpolab.models import load_tokenizer
     from dpolab.tokenize import tokenize_rows
@@ -142,7 +142,7 @@ def run_dpolab(case: Case, model: str, train: Path, held: Path, work: Path, step
     cfg = build_config(apply_overrides({}, overrides))
     run_dir = dpolab_train(cfg)
     losses = [r["loss"] for r in rundir.read_metrics(run_dir / "metrics.jsonl") if "lr" in r]
-    rows, _ = session.load_split_rows(cfg)
+    rows, _ = splits.load_split_rows(cfg)
     tok = tokenize_rows(rows, load_tokenizer(model), max_length=cfg.data.max_length,
                         max_prompt_length=cfg.data.max_prompt_length,
                         truncation=cfg.data.truncation)

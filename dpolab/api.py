@@ -18,7 +18,7 @@ from typing import Any
 
 from dpolab import config as C
 from dpolab.errors import UserError
-from dpolab.inputs import Inputs, check_fit, check_model, check_tokenizer, is_peft
+from dpolab.inputs import Inputs, check_fit, check_model, check_peft, check_tokenizer, is_peft
 from dpolab.trackers import check as check_trackers
 
 
@@ -77,6 +77,7 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
         tokenizer = load_tokenizer(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
     if model is not None and not isinstance(model, (str, Path)):
         check_model(model)
+        check_peft(model)  # a peft method dpolab cannot train is refused here, not at backward
         dtype = _dtype_name(model)
         if "model.dtype" in named and dtype != cfg.model.dtype:
             raise UserError(f"model.dtype={cfg.model.dtype}, but the model given is {dtype}; "
@@ -141,13 +142,13 @@ def _in_memory_name(model) -> str:
 
 
 def _dtype_name(model) -> str:
-    import torch
+    from dpolab.models import dtype_name
 
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-    if model.dtype not in names:
+    name = dtype_name(model.dtype)
+    if name is None:
         raise UserError(f"model: parameters of dtype {model.dtype} are not supported; "
-                        f"convert it with model.to(torch.float32) or torch.bfloat16")
-    return names[model.dtype]
+                        f"convert it with model.to(torch.X), X one of {', '.join(C.DTYPES)}")
+    return name
 
 
 def _tokenizer_of(model, cfg):
@@ -165,7 +166,7 @@ def _rows(dataset, name: str, cfg) -> list:
     """Validated PreferenceRows of an in-memory data set; errors read `NAME:ROW: field ...`."""
     from dpolab.data import load_rows
 
-    from dpolab.session import report_skipped
+    from dpolab.splits import report_skipped
 
     loaded = load_rows(dataset, skip_invalid=cfg.data.skip_invalid, name=name)
     report_skipped(loaded, name)
@@ -173,6 +174,6 @@ def _rows(dataset, name: str, cfg) -> list:
 
 
 def _split(cfg, train: list, held_out: list | None) -> tuple[list, list]:
-    from dpolab.session import split_held_out
+    from dpolab.splits import split_held_out
 
     return (train, held_out) if held_out is not None else split_held_out(train, cfg)

@@ -18,6 +18,9 @@ import dataclasses
 
 import torch
 
+from dpolab.losses.core import amplitude_penalty, authors_amplitude_term, capped_aux_reward
+from dpolab.logps import head_logits
+
 Tensor = torch.Tensor
 
 
@@ -54,24 +57,30 @@ def project_to_null_space(delta: Tensor, basis: Tensor) -> Tensor:
 # The trainer side: per-pair auxiliary rewards and the batchwise soft null-space penalty
 
 
-def head_gradient_penalty(hidden: Tensor, labels: Tensor, token_delta: Tensor, head0) -> Tensor:
+def head_gradient_penalty(hidden: Tensor, labels: Tensor, token_delta: Tensor, head0,
+                          rows: Tensor | None = None) -> Tensor:
     """||A_B delta_B||^2 for a trained output head, exactly, without forming A.
 
-    For the head W (V, D) (bias b, softcap c) at its reference value W0, the gradient of a
-    response's log-prob is d/dW log pi(y) = sum_t g_t h_t^T with g_t = (e_{y_t} - p_t) * s_t,
-    p_t = softmax(z_t), z_t the capped logits and s_t = 1 - tanh^2(z_t / c) (1 without a cap).
+    For the head W (V, D) (bias b, softcap c, scale a) at its reference value W0, the gradient
+    of a response's log-prob is d/dW log pi(y) = sum_t g_t h_t^T with g_t = (e_{y_t} - p_t) * s_t,
+    p_t = softmax(z_t), z_t the scaled, capped logits and s_t = a (1 - tanh^2(a u_t / c)) the
+    slope of z_t in u_t = W h_t + b (a without a cap; dpolab.logps.head_logits).
     So A delta = sum_t delta_{seq(t)} g_t h_t^T (plus sum_t delta_{seq(t)} g_t for the bias)
     and the penalty is its squared Frobenius norm. hidden (N, D), labels (N,), token_delta (N,)
     the delta of each token's sequence (differentiable). g_t are constants (at W0), so the
     penalty is an exact quadratic form in delta. Chunked over tokens: memory O(chunk x V).
+    rows (U,) long: only these rows of the head train (the token_rows scope), so A has only
+    their entries (g restricted to those U columns); None: every row.
     """
     V, D = head0.weight.shape
-    v = hidden.new_zeros(V, D, dtype=torch.float32)
-    vb = hidden.new_zeros(V, dtype=torch.float32)
+    U = V if rows is None else rows.numel()
+    v = hidden.new_zeros(U, D, dtype=torch.float32)
+    vb = hidden.new_zeros(U, dtype=torch.float32)
     for s in range(0, hidden.shape[0], 512):
         h = hidden[s:s + 512].float()
         with torch.no_grad():
             g = _head_token_grads(h, labels[s:s + 512], head0)  # (n, V)
+            g = g if rows is None else g[:, rows]  # (n, U)
         gd = g * token_delta[s:s + 512, None].float()  # (n, V), linear in delta
         v = v + gd.transpose(0, 1) @ h
         if head0.bias is not None:
@@ -96,21 +105,16 @@ def _head_token_grads(hidden: Tensor, labels: Tensor, head0) -> Tensor:
     out = torch.empty(hidden.shape[0], head0.weight.shape[0], dtype=torch.float32,
                       device=hidden.device)
     for s in range(0, hidden.shape[0], 512):
-        h = hidden[s:s + 512].float()
-        z = torch.nn.functional.linear(h, head0.weight.float(),
-                                       None if head0.bias is None else head0.bias.float())
-        scale = None
-        if head0.softcap is not None:
-            t = torch.tanh(z / head0.softcap)
-            z, scale = head0.softcap * t, 1.0 - t * t
+        z, slope = head_logits(hidden[s:s + 512].float(), head0)
         g = -torch.softmax(z, dim=1)
         g[torch.arange(g.shape[0]), labels[s:s + 512]] += 1.0
-        out[s:s + 512] = g if scale is None else g * scale
+        out[s:s + 512] = g * slope
     return out
 
 
 @torch.no_grad()
-def head_gradient_gram(responses, head0, *, max_bytes: float) -> Tensor:
+def head_gradient_gram(responses, head0, *, max_bytes: float, rows: Tensor | None = None
+                       ) -> Tensor:
     """G = A^T A (m, m) float64 for a trained output head, without forming A (P = V x D).
 
     responses: m pairs (hidden (T_a, D), labels (T_a,)), the completion tokens of response a.
@@ -119,7 +123,8 @@ def head_gradient_gram(responses, head0, *, max_bytes: float) -> Tensor:
         G_ab = sum_{t in a, s in b} (g_t . g_s) (h_t . h_s + [bias]),
     a sum of the token kernel (g g^T) * (h h^T + [bias]) over response blocks. Holds g (N, V)
     float32 and the (N, N) kernel for all N completion tokens; raises ValueError with the
-    sizes when that exceeds max_bytes.
+    sizes when that exceeds max_bytes. rows: only these head rows train (g restricted to
+    them), as in :func:`head_gradient_penalty`.
     """
     m = len(responses)
     hidden = torch.cat([h for h, _ in responses])
@@ -131,6 +136,7 @@ def head_gradient_gram(responses, head0, *, max_bytes: float) -> Tensor:
                          f"vocabulary of {V:,} need {_size(need)}, above the "
                          f"{_size(max_bytes)} allowed (loss.aux_max_gib)")
     g = _head_token_grads(hidden, labels, head0)
+    g = g if rows is None else g[:, rows]
     h = hidden.float()
     kernel = (g @ g.T).double() * ((h @ h.T).double() + (1.0 if head0.bias is not None else 0.0))
     del g
@@ -218,7 +224,9 @@ class AuxRewards:
     Loss added to the preference terms (seed: arXiv 2510.20413, Sec. 4.2), per step on the
     batch B:  lambda_null * ||A_{theta0,B} delta_B||^2 + lambda_amp * ||delta_B||^2, scaled like
     the preference loss by |B| / n_global so accumulation and data parallelism see the same
-    objective. A's columns are the gradients of the reference log-probs of the batch's
+    objective. loss.aux_form=authors (their AuxDPOTrainer): delta = aux_cap * tanh(raw) with
+    raw the trained parameter, and the amplitude term -lambda_amp / 2 (mean_B delta_c^2 +
+    mean_B delta_r^2) (both side by side in :mod:`dpolab.losses.core`). A's columns are the gradients of the reference log-probs of the batch's
     responses w.r.t. the trained parameters, at the start of training.
 
     Modes (loss.aux_mode):
@@ -232,7 +240,8 @@ class AuxRewards:
 
     def __init__(self, n: int, *, device, null_weight: float, amp_weight: float,
                  gram: Tensor | None = None, basis: Tensor | None = None, states=None,
-                 examples=None, head0=None):
+                 examples=None, head0=None, form: str = "seed", cap: float = 1.0,
+                 rows: Tensor | None = None):
         """One of: gram (soft, G of all responses), basis (exact), or states with examples and
         head0 (soft, closed form: the last_layer scope's cached body states of the `examples`
         trained on and its head at theta0)."""
@@ -240,8 +249,9 @@ class AuxRewards:
         self.null_weight, self.amp_weight = null_weight, amp_weight
         self.gram, self.basis = gram, basis
         self.states, self.examples, self.head0 = states, examples, head0
+        self.form, self.cap, self.rows = form, cap, rows
         k = basis.shape[1] if basis is not None else 2 * n
-        # soft: delta itself, (2n,) = [chosen..., rejected...]; exact: c, (k,)
+        # soft: delta itself (authors' form: raw), (2n,) = [chosen..., rejected...]; exact: c
         self.delta = torch.nn.Parameter(torch.zeros(k, device=device))
 
     @classmethod
@@ -255,8 +265,9 @@ class AuxRewards:
         if not objective.needs_delta:
             return None
         n, tc, scope = len(session.train), session.cfg.train, session.scope
+        rows = scope.trained_rows  # token_rows: A has only these rows of the head
         kw = dict(device=session.dist.device, null_weight=lc.aux_null_weight,
-                  amp_weight=lc.aux_amp_weight)
+                  amp_weight=lc.aux_amp_weight, form=lc.aux_form, cap=lc.aux_cap, rows=rows)
         max_bytes = lc.aux_max_gib * 2**30
         gram, err = None, None
         bar = Progress(n, "auxdpo: per-response gradients", enabled=tc.progress and session.dist.is_main)
@@ -273,7 +284,7 @@ class AuxRewards:
             hs, ys = scope.head_states.responses(session.train, split="train")
             try:
                 gram = head_gradient_gram(list(zip(hs, ys)), scope.reference_head,
-                                          max_bytes=max_bytes)
+                                          max_bytes=max_bytes, rows=rows)
                 source = "head closed form"
             except ValueError as too_big:
                 err = too_big
@@ -289,8 +300,11 @@ class AuxRewards:
         evals, evecs, null = _eig_null(gram)
         if session.dist.is_main:  # how much room N(A) leaves delta, for whoever reads the run
             spectrum = _spectrum(evals, null, null_weight=lc.aux_null_weight)
-            rundir.write_auxdpo_record(session.run_dir,
-                                       {"mode": lc.aux_mode, "gram": source, **spectrum})
+            rundir.write_auxdpo_record(session.run_dir, {
+                "mode": lc.aux_mode, "form": lc.aux_form, "scope": tc.scope, "gram": source,
+                "trained_parameters": (sum(p.numel() for p in session.params) if rows is None
+                                       else rows.numel() * scope.params[0].shape[1]),
+                **spectrum})
         if lc.aux_mode == "exact":
             basis = evecs[:, null].float().to(session.dist.device)
             if session.dist.is_main:
@@ -302,7 +316,8 @@ class AuxRewards:
 
     def full_delta(self) -> Tensor:
         """(2n,) auxiliary rewards [chosen..., rejected...]."""
-        return self.basis @ self.delta if self.basis is not None else self.delta
+        d = self.basis @ self.delta if self.basis is not None else self.delta
+        return capped_aux_reward(d, cap=self.cap) if self.form == "authors" else d
 
     def batch(self, idx) -> tuple[Tensor, Tensor]:
         i = torch.as_tensor(list(idx), dtype=torch.long, device=self.delta.device)
@@ -316,12 +331,15 @@ class AuxRewards:
         return dataclasses.replace(pairs, delta_chosen=dc, delta_rejected=dr)
 
     def penalty(self, idx, *, n_global: int) -> Tensor:
-        """lambda_null ||A_B delta_B||^2 + lambda_amp ||delta_B||^2 on the training pairs at
-        positions idx, scaled by |B| / n_global."""
+        """lambda_null ||A_B delta_B||^2 + the amplitude term (seed: lambda_amp ||delta_B||^2;
+        authors: -lambda_amp / 2 (mean delta_c^2 + mean delta_r^2)) on the training pairs at
+        positions idx, scaled by |B| / n_global (1 when a step is one micro-batch, as in the
+        authors' trainer)."""
         dc, dr = self.batch(idx)
         per_seq = torch.cat([dc, dr])  # (2B,)
         scale = len(idx) / n_global
-        amp = self.amp_weight * per_seq.pow(2).sum() * scale
+        amp = self.amp_weight * scale * (authors_amplitude_term(dc, dr) if self.form == "authors"
+                                         else amplitude_penalty(per_seq))
         if self.basis is not None:  # exact mode: A delta = 0 by construction
             return amp
         if self.gram is not None:
@@ -330,5 +348,6 @@ class AuxRewards:
         else:
             hs, ys = self.states.responses([self.examples[j] for j in idx], split="train")
             token_delta = torch.cat([per_seq[j].expand(h.shape[0]) for j, h in enumerate(hs)])
-            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, self.head0)
+            null = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, self.head0,
+                                         rows=self.rows)
         return self.null_weight * null * scale + amp

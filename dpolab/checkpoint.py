@@ -20,7 +20,6 @@ metrics.jsonl is repaired, not continued short.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,16 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpolab import atomic
+from dpolab.atomic import sha256
 from dpolab.errors import UserError
 
 FILES = ("trainable.safetensors", "optimizer.pt")  # checksummed in state.json
 METRICS = "metrics.jsonl"  # the run's metrics lines up to the checkpoint, checksummed too
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
@@ -60,7 +55,8 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     with atomic.write_dir(final) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   str(tmp / "trainable.safetensors"))
-        torch.save(opt_state, tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a failed write keeps
+            torch.save(opt_state, f)                  # its errno (dpolab.atomic.writing)
         (tmp / METRICS).write_text(metrics, encoding="utf-8")
         state = {"step": step, "metrics_lines": metrics.count("\n"), "identity": identity,
                  "sha256": {name: sha256(tmp / name) for name in (*FILES, METRICS)}}
@@ -279,6 +275,14 @@ def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Pat
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def after_write_error(run_dir: Path, err: atomic.WriteError) -> atomic.WriteError:
+    """A write that failed during a run (a checkpoint, the export, metrics, a cache file),
+    with what the run can go on from: every checkpoint written before it is intact."""
+    return atomic.WriteError(err.path, f"{err.what}. {_capital(describe_latest(run_dir))}; "
+                                       f"once it can be written, continue with: dpolab train "
+                                       f"--resume {run_dir}")
 
 
 def nonfinite_error(run_dir: Path, step: int, what: str, value: float) -> UserError:

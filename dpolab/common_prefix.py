@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from dpolab.chat import Rendering, Step, divergence
-from dpolab.data import DataError, PreferenceRow
+from dpolab.data import PreferenceRow
 
 Completion = tuple[list[int], "tuple[bool, ...] | None"]   # (ids, scored mask or None = all)
 

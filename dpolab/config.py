@@ -34,11 +34,16 @@ def setting(default: Any, help: str, *, choices: tuple = (), ge: float | None = 
     return field(default=default, metadata=meta)
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype names (torch's own)
+PAIR_FORWARDS = ("auto", "shared_prompt", "two_rows", "per_sequence")  # dpolab.policy.FORWARDS + auto
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = setting("smollm2-135m-instruct", "the embedded default, a local folder, a .gguf file or a hub name")
-    dtype: str = setting("float32", "parameter dtype", choices=("float32", "bfloat16"))
+    dtype: str = setting("float32", "parameter dtype (log-probs float32 either way)", choices=DTYPES)
     trust_remote_code: bool = setting(False, "run code shipped with a model folder only when asked")
+    router_aux_loss_coef: float | None = setting(None, "MoE: weight of the routers' load-balancing loss; null = the model config's (0 if it has none); 0 = off", ge=0)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class LossConfig:
     aux_null_weight: float = setting(1.0, "AuxDPO: lambda_null of the batchwise null-space penalty", ge=0)
     aux_amp_weight: float = setting(0.01, "AuxDPO: lambda_amp of the amplitude penalty", ge=0)
     aux_mode: str = setting("soft", "AuxDPO: soft (a batchwise penalty) or exact (delta in N(A) by construction)", choices=("soft", "exact"))
+    aux_form: str = setting("seed", "AuxDPO: seed (free delta, +lambda_amp ||delta||^2) or authors (delta = aux_cap tanh(raw), -lambda_amp/2 (mean dc^2 + mean dr^2)); dpolab.losses.core", choices=("seed", "authors"))
+    aux_cap: float = setting(1.0, "AuxDPO authors' form: the bound on |delta| (delta = cap tanh(raw))", gt=0)
     aux_max_gib: float = setting(2.0, "AuxDPO: memory allowed for the per-response gradients of A (GiB)", gt=0)
 
     def __post_init__(self):
@@ -96,7 +103,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    scope: str = setting("last_layer", "what trains (last_layer: the head only, body states cached once)", choices=("full", "lora", "last_layer"))
+    scope: str = setting("last_layer", "what trains (last_layer: the head only, body states cached once; token_rows: only the head rows of tokens in the training completions)", choices=("full", "lora", "last_layer", "token_rows"))
     lora_r: int = setting(8, "LoRA rank", ge=1)
     lora_alpha: float = setting(16.0, "LoRA scale numerator (scale = alpha / r)", gt=0)
     lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "LoRA: module names")
@@ -116,7 +123,7 @@ class TrainConfig:
     logps_chunk: int = setting(1024, "completion positions per head chunk (memory O(chunk x V))", ge=1)
     activation_checkpointing: bool = setting(False, "full/lora: recompute each block in backward")
     cpu_reuse_memory: bool = setting(True, "CPU/glibc: keep freed tensor memory mapped (dpolab.memory)")
-    pair_forward: str = setting("shared_prompt", "shared_prompt: one row per pair under a 4D mask; two_rows: chosen and rejected rows apart", choices=("shared_prompt", "two_rows"))
+    pair_forward: str = setting("auto", "auto: the fastest layout that passes dpolab.forward_check on the model; shared_prompt: one row per pair under a 4D mask; two_rows: chosen and rejected rows apart; per_sequence: each sequence alone", choices=PAIR_FORWARDS)
     distributed: str = setting("ddp", "under torchrun: ddp (DistributedDataParallel) or fsdp2 (every weight sharded; needs scope full)", choices=("ddp", "fsdp2"))
     dist_timeout_s: float = setting(1800.0, "under torchrun: seconds any collective may wait for the other ranks", gt=0)
     eval_batch_size: int = setting(16, "pairs per forward at evaluation and reference time", ge=1)
@@ -214,6 +221,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             _, vt = typing.get_args(tp)
             return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     elif origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # an optional field: its one type, checked as such
+            return _coerce(value, others[0], where)
         return value
     type_name = getattr(tp, "__name__", str(tp))
     raise UserError(f"{where}: expected {type_name}, got {value!r}")
@@ -331,11 +344,20 @@ def validate(cfg: RunConfig) -> None:
          "loss.use_weighting=false"),
         (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
          "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),
+        # AdamW's decay shrinks every row, trained or not: it would move the frozen ones.
+        (cfg.train.scope != "token_rows" or cfg.train.weight_decay == 0,
+         "train.scope=token_rows needs train.weight_decay=0 (decay would move the frozen rows)"),
+        (cfg.loss.aux_form != "authors" or cfg.loss.aux_mode == "soft",
+         "loss.aux_form=authors is the authors' soft penalty; it needs loss.aux_mode=soft"),
         (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(f"config: {msg}")
+    upper = 0.5 if "robust" in cfg.loss.term_weights() else 1.0  # robust DPO divides by 1 - 2 eps
+    if cfg.loss.label_smoothing >= upper:
+        raise UserError(f"config: loss.label_smoothing = {cfg.loss.label_smoothing} must be < "
+                        f"{upper} for loss {', '.join(cfg.loss.term_weights())}")
     from dpolab.chat_data import RowProblem, check_template_kwargs
     try:
         check_template_kwargs(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")

@@ -8,7 +8,13 @@ the policy and the reference. With log w = log pi - log pi_ref per sample:
                      (:func:`did_entropy_estimate`, proposal = the policy);
     did/kl           E_pi[log pi - log pi_ref] = KL(pi || pi_ref), how far training moved;
     did/logratio_std the spread of log w within a prompt (a low-entropy DID concentrates
-                     w on few sequences: large spread).
+                     w on few sequences: large spread);
+    did/policy_entropy  E_pi[-log pi], the policy's sequence entropy (plain Monte Carlo);
+    did/ref_entropy     E_ref[-log pi_ref] from the same samples, self-normalised with
+                     weights pi_ref / pi (biased O(1/K), exact as K -> inf; close to plain
+                     Monte Carlo while the policy stays near its reference);
+    did/entropy_change  policy_entropy - ref_entropy (the DID view: learning high-entropy
+                     differential information smooths the policy, low-entropy sharpens it).
 """
 
 from __future__ import annotations
@@ -107,10 +113,15 @@ def did_summary(logp: Tensor, logr: Tensor) -> dict[str, float]:
     log-probs under the policy and the reference."""
     log_w = logp - logr
     p, k = logp.shape
+    policy_h = float((-logp).mean())
+    ref_h = float(-(torch.softmax(-log_w, dim=1) * logr).sum(1).mean())
     return {
         "did/entropy": float(did_entropy_estimate(logp, logr, sampled_from="policy").mean()),
         "did/kl": float(log_w.mean()),
         "did/logratio_std": float(log_w.std(dim=1).mean()) if k > 1 else 0.0,
+        "did/policy_entropy": policy_h,
+        "did/ref_entropy": ref_h,
+        "did/entropy_change": policy_h - ref_h,
         "did/prompts": float(p),
         "did/samples_per_prompt": float(k),
     }

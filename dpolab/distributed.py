@@ -200,10 +200,11 @@ class PairModule(torch.nn.Module):
         self.pair_forward = forward  # a plain callable, not a submodule
 
     def forward(self, examples: Sequence, split: str | None = None):
-        """-> (tokens (N,) per-token log-probs, seg (N,), tokens processed): FlatLogps's
-        fields, as a tuple so that the engines find the output tensor."""
+        """-> (tokens (N,) per-token log-probs, seg (N,), tokens processed, the MoE router
+        loss or None): FlatLogps's fields, as a tuple so that the engines find the output
+        tensors."""
         flat = self.pair_forward(examples, split=split)
-        return flat.tokens, flat.seg, flat.n_processed
+        return flat.tokens, flat.seg, flat.n_processed, flat.aux_loss
 
 
 class Engine:
@@ -217,8 +218,8 @@ class Engine:
     def __call__(self, examples: Sequence, *, split: str | None = None):
         from dpolab.policy import FlatLogps
 
-        tokens, seg, n = self.wrapped(list(examples), split)
-        return FlatLogps(tokens, seg, len(examples), n)
+        tokens, seg, n, aux = self.wrapped(list(examples), split)
+        return FlatLogps(tokens, seg, len(examples), n, aux)
 
     def sync_gradients(self, sync: bool) -> None:
         """Whether the next forward and backward reduce gradients across ranks: off for all

@@ -39,9 +39,10 @@ def subplots(*args, figsize: tuple[float, float] | None = None, **kwargs):
 
 def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
     """Lay out `fig` and write it as a PNG to `path` (creating the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with atomic.writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
     return path
 
 

@@ -76,16 +76,14 @@ def warm_caches(tok: dict, reference_keys: dict[str, str | None],
     """Which stores this process could read whole, per split: the reference log-probs under
     `reference_keys[split]` (None: the run has no reference) and the last_layer scope's
     cached body states at `states[split]` (read only if present)."""
-    from dpolab.atomic import read_tensors
+    from dpolab.policy import stored_states
     from dpolab.reference import stored
 
     warm = {}
     for split, t in tok.items():
-        n = len(t.examples)
-        if reference_keys[split] is not None:
-            warm[f"reference {split}"] = stored(reference_keys[split], n) is not None
-        found = read_tensors(states[split]) if states[split].is_file() else None
-        warm[f"states {split}"] = found is not None and found["offsets"].numel() == 2 * n + 1
+        if reference_keys[split] is not None:  # the checks the run's own reads make
+            warm[f"reference {split}"] = stored(reference_keys[split], t.examples) is not None
+        warm[f"states {split}"] = stored_states(states[split], t.examples) is not None
     return warm
 
 

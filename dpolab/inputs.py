@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dpolab.adapters import check_peft
 from dpolab.errors import UserError
 
 
@@ -60,14 +61,19 @@ class Inputs:
 
         if self.model is None:
             return load_configured(cfg.model, device=device)
+        check_peft(self.model)
+        # What peft made trainable: its adapters (get_peft_model; none after loading for
+        # inference, then an adapter's parameters are found by its name, one component of
+        # theirs: `lora_A.default.weight`, but also `ia3_l.default`, `hada_w1_a.default`).
+        marked = {n for n, p in self.model.named_parameters() if p.requires_grad}
         model = self.model.to(device).eval().requires_grad_(False)
         if is_peft(model):
             if cfg.train.scope != "lora":
                 raise UserError(f"a peft model trains its adapters: train.scope must be lora, "
                                 f"not {cfg.train.scope} (or pass model.merge_and_unload())")
-            adapter = f".{model.active_adapter}."
+            adapter = model.active_adapter
             for name, p in model.named_parameters():
-                p.requires_grad_(adapter in name)
+                p.requires_grad_(name in marked if marked else adapter in name.split("."))
         return model
 
     def reloader(self, cfg, model) -> "Theta0 | None":

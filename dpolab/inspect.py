@@ -7,7 +7,7 @@ prompt is cut at the longest common token prefix (dpolab.common_prefix), and wit
 reference margins and the pairs the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; this module
 loads things, runs the reference pass and prints.
 
-The reference pass goes through the trainer's own path (:func:`dpolab.session.load_split_rows`
+The reference pass goes through the trainer's own path (:func:`dpolab.splits.load_split_rows`
 and :func:`dpolab.reference.reference_for`) with the same seed, split and truncation, so the
 reference log-probs it stores are the ones a later ``dpolab train`` with those settings loads
 instead of computing them again.
@@ -28,7 +28,7 @@ import numpy as np
 from dpolab import audit
 from dpolab.errors import UserError
 from dpolab.models import stay_offline
-from dpolab.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
+from dpolab.config import DTYPES, DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
 
 USAGE = """dpolab inspect DATA [--model M] [--tokenizer T|none] [--max-length N]
                       [--max-prompt-length N] [--beta B] [--skip-invalid] [--json]
@@ -72,7 +72,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=t.eval_batch_size,
                    help=f"pairs per reference forward (default {t.eval_batch_size})")
     p.add_argument("--device", default=t.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default=ModelConfig().dtype, choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default=ModelConfig().dtype, choices=DTYPES)
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.add_argument("--online", action="store_true", help="allow fetching a model from a hub")
     return p.parse_args(argv)
@@ -213,11 +213,12 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     fails the prefix check (training refuses them; the report lists them) are left out."""
     import torch
 
-    from dpolab import reference, session
+    from dpolab import forward_check, reference
+    from dpolab.splits import load_split_rows
     from dpolab.distributed import Distributed
     from dpolab.data import DataError
     from dpolab.models import body_and_head, load_configured, load_tokenizer
-    from dpolab.scopes import pair_forward
+    from dpolab.policy import body_autocast, make_forward
     from dpolab.tokenize import tokenize_rows
 
     tc, d = cfg.train, cfg.data
@@ -228,29 +229,40 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     model = load_configured(cfg.model, device=dist.device)
     model_hash = reference.hash_parameters(model)[:16]   # the store's key, as train makes it
-    body, head = body_and_head(model)
-    # the trainer's pair forward (train.pair_forward), so the stored reference is its own
-    forward = pair_forward(tc, body, head, pad_id=tokenizer.pad_token_id, device=dist.device,
-                           autocast=cuda and tc.bf16_autocast, dtype=model.dtype)
     with redirect_stdout(sys.stderr):     # load_split_rows reports skipped rows on stdout
-        splits = session.load_split_rows(cfg)
+        splits = load_split_rows(cfg)
     from dpolab.dedup import dedupe_split  # as train does, so the stored reference is shared
 
     try:
         splits = dedupe_split(*splits, say=None)
     except UserError:  # nothing held out after it: the audit still scores what there is
         pass
-    wheres, groups, chosen, rejected = [], [], [], []
+    tokenized = {}
     for split, rows in zip(("train", "held_out"), splits):
         rows = [rows[i] for i in audit.token_lengths(rows, tokenizer).index]
         try:
-            examples = tokenize_rows(rows, tokenizer, max_length=d.max_length,
-                                     max_prompt_length=d.max_prompt_length,
-                                     truncation=d.truncation,
-                                     chat_template_kwargs=d.chat_template_kwargs
-                                     ).examples if rows else []
+            tokenized[split] = tokenize_rows(rows, tokenizer, max_length=d.max_length,
+                                             max_prompt_length=d.max_prompt_length,
+                                             truncation=d.truncation,
+                                             chat_template_kwargs=d.chat_template_kwargs
+                                             ).examples if rows else []
         except DataError:    # every pair made identical by truncation: nothing to score
-            examples = []
+            tokenized[split] = []
+    everything = tokenized["train"] + tokenized["held_out"]
+    if not everything:
+        return {"model": cfg.model.name, "pairs": 0, "pair_forward": None,
+                **audit.margin_report([], [], np.zeros(0), np.zeros(0), beta=cfg.loss.beta)}
+    # the trainer's pair forward, checked on this model as train checks it
+    # (dpolab.forward_check), so the stored reference is its own
+    choice = forward_check.choose_for_run(cfg, model, everything,
+                                          pad_id=tokenizer.pad_token_id, dist=dist)
+    body, head = body_and_head(model)
+    forward = make_forward(choice.name, body, head, pad_id=tokenizer.pad_token_id,
+                           chunk_size=tc.logps_chunk, device=dist.device,
+                           autocast=body_autocast(model.dtype, dist.device, tc.bf16_autocast),
+                           dtype=model.dtype)
+    wheres, groups, chosen, rejected = [], [], [], []
+    for split, examples in tokenized.items():
         if not examples:
             continue
         ref = reference.reference_for(model_hash, forward, examples, cfg, dist, split)
@@ -261,7 +273,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
         rejected.append(r.numpy())
     rc = np.concatenate(chosen) if chosen else np.zeros(0)
     rr = np.concatenate(rejected) if rejected else np.zeros(0)
-    return {"model": cfg.model.name, "pairs": len(wheres),
+    return {"model": cfg.model.name, "pairs": len(wheres), "pair_forward": choice.record(),
             **audit.margin_report(wheres, groups, rc, rr, beta=cfg.loss.beta)}
 
 
@@ -320,9 +332,14 @@ def _reference_section(ref: dict, show: int) -> list[str]:
     stats = ["n", "min", "median", "p90", "max", "mean", "negative_fraction", "unflippable"]
     rows = [["(all)", *(ref["margin"].get(s, "") for s in stats[:-1]), len(ref["unflippable"])]]
     rows += [[g, *(v.get(s, "") for s in stats)] for g, v in ref["groups"].items()]
-    lines = [f"reference margins, model {ref['model']}: log pi_ref(chosen) - log pi_ref(rejected)"
-             f" (summed log-probs, nats) over {ref['pairs']} pairs",
-             _table(["group", *stats], rows), ""]
+    lines = []
+    if ref.get("pair_forward"):
+        fwd = ref["pair_forward"]
+        lines += [f"pair forward: {fwd['forward']} ({fwd['reason']}; checked on "
+                  f"{fwd['pairs_checked']} pairs)", ""]
+    lines += [f"reference margins, model {ref['model']}: log pi_ref(chosen) - log pi_ref(rejected)"
+              f" (summed log-probs, nats) over {ref['pairs']} pairs",
+              _table(["group", *stats], rows), ""]
     stuck = ref["unflippable"]
     lines += _finding(f"unflippable at beta={ref['beta']:g} (reference prefers rejected by "
                       f"> log(3)/beta = {ref['threshold']:.2f} nats)", len(stuck),

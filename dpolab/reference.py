@@ -8,6 +8,10 @@ training then needs no second model in memory.
 Layout: the per-token log-probs of all chosen completions, concatenated in example order,
 then of all rejected ones; `offsets` (2N+1,) delimits them (example i's chosen tokens are
 tokens[offsets[i]:offsets[i+1]], its rejected ones tokens[offsets[N+i]:offsets[N+i+1]]).
+The last_layer scope's cached body states (dpolab.policy.CachedHeadForward) use the same
+layout. Each entry's length is known from the token ids the key names (`scored_lengths`), so
+a file is read back only when its checksum (dpolab.atomic.read_tensors), its offsets and its
+values all check out (`layout_problem`); otherwise it is computed again.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from dpolab import atomic
+from dpolab.errors import UserError
 
 Tensor = torch.Tensor
+KIND = "reference"  # the kind of file a store is (dpolab.atomic.save_tensors)
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,8 @@ class ReferenceLogps:
 
 
 def hash_parameters(model: torch.nn.Module) -> str:
-    """blake2b over parameter and buffer names, dtypes, shapes and bytes (order-stable). The
-    bytes are read in place through a memoryview (a copy only of a tensor that is not
-    contiguous or not on the CPU), so a 7B model's key needs no second 7B in memory."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
+    """blake2b over parameter and buffer names, dtypes, shapes and bytes (order-stable)."""
+    return atomic.digest(model.state_dict())
 
 
 def hash_examples(examples: Iterable) -> str:
@@ -78,6 +77,38 @@ def hash_examples(examples: Iterable) -> str:
 
 def store_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / "reference" / f"{key}.safetensors"
+
+
+def scored_lengths(examples: Sequence) -> Tensor:
+    """(2N,) int64: the scored-token count of every chosen completion, then of every rejected
+    one: the length of each entry of a store of `examples`."""
+    def n(ids, mask) -> int:
+        return len(ids) if mask is None else sum(mask)
+    return torch.tensor([n(e.chosen_ids, getattr(e, "chosen_mask", None)) for e in examples]
+                        + [n(e.rejected_ids, getattr(e, "rejected_mask", None)) for e in examples],
+                        dtype=torch.int64)
+
+
+def layout_problem(offsets: Tensor, lengths: Tensor, values: Tensor) -> str | None:
+    """What is wrong with a file of this layout, or None: `offsets` must be (2N+1,) int64
+    from 0 with entry j holding lengths[j] (2N,) tokens, ending at the first dimension of
+    `values`, and every value finite."""
+    n = lengths.numel() // 2
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (2 * n + 1,):
+        return (f"its offsets are {offsets.dtype} {tuple(offsets.shape)}, not int64 "
+                f"({2 * n + 1},) for {n} pairs")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != values.shape[0]:
+        return (f"its offsets run from {int(offsets[0])} to {int(offsets[-1])}, its values "
+                f"number {values.shape[0]}")
+    wrong = (offsets.diff() != lengths).nonzero()
+    if wrong.numel():
+        j = int(wrong[0])
+        which = f"pair {j}'s chosen" if j < n else f"pair {j - n}'s rejected"
+        return (f"{which} entry has {int(offsets[j + 1] - offsets[j])} tokens, its completion "
+                f"{int(lengths[j])} scored ones")
+    if not torch.isfinite(values).all():
+        return "it holds values that are not finite"
+    return None
 
 
 def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
@@ -106,15 +137,75 @@ def assemble(chosen: Sequence[Tensor], rejected: Sequence[Tensor], key: str) -> 
 
 
 def save(ref: ReferenceLogps, path: Path) -> None:
-    """Atomic: write a temp file in the same folder, then rename."""
+    """Atomic: write a temp file in the same folder, then rename; checksummed."""
     atomic.save_tensors({"tokens": ref.tokens.contiguous(), "offsets": ref.offsets.contiguous()},
-                        path, metadata={"key": ref.key})
+                        path, kind=KIND, metadata={"key": ref.key})
 
 
-def load(path: Path, key: str) -> ReferenceLogps | None:
-    """The stored reference for `key`, or None when absent or unreadable (then recompute)."""
-    t = atomic.read_tensors(path)
-    return None if t is None else ReferenceLogps(t["tokens"], t["offsets"], key)
+def load(path: Path, key: str, examples: Sequence) -> ReferenceLogps | None:
+    """The stored reference of `examples` under `key`, or None when absent, or damaged,
+    foreign or not of their layout (said in one line; then recompute)."""
+    t = atomic.read_tensors(path, kind=KIND)
+    if t is None:
+        return None
+    if set(t) != {"tokens", "offsets"} or t["tokens"].dtype != torch.float32:
+        return atomic.miss(path, f"holds {', '.join(sorted(t))}, not float32 tokens and offsets")
+    problem = layout_problem(t["offsets"], scored_lengths(examples), t["tokens"])
+    if problem:
+        return atomic.miss(path, problem)
+    return ReferenceLogps(t["tokens"], t["offsets"], key)
+
+
+def store_bytes(examples: Sequence, per_token: int = 4) -> int:
+    """About the size of a file of this layout for `examples` holding `per_token` bytes per
+    scored token (4: a float32 log-prob), its offsets and a header."""
+    tokens = int(scored_lengths(examples).sum())
+    return tokens * per_token + 8 * (2 * len(examples) + 1) + 4096
+
+
+def disagree(policy: Tensor, ref: Tensor) -> Tensor:
+    """Which summed log-probs of the policy at its reference point differ from the stored
+    reference's (bool, same shape). Usually they are bitwise equal, but the batches need not
+    be: the reference pass and the evaluation run train.eval_batch_size pairs at once, the
+    training step its micro-batches, and padding to another length changes float32 sums of
+    ~100 terms in their last bits (~1e-5 nats). 1e-3 + 1e-5 |ref| nats leaves that room: a
+    difference beyond it is no rounding."""
+    policy, ref = policy.double(), ref.double()
+    return (policy - ref).abs() > 1e-3 + 1e-5 * ref.abs()
+
+
+def check_at_reference(split: str, examples: Sequence, policy: tuple[Tensor, Tensor],
+                       ref: ReferenceLogps, *, store: Path, states: Path | None = None,
+                       rescore: Callable[[list], tuple[Tensor, Tensor]] | None = None) -> None:
+    """Before any update the policy is its reference: the summed log-probs `policy` (chosen
+    (N,), rejected (N,)) of every pair of `split` must equal the stored reference's. Where
+    some do not, a UserError names the file at fault: the store, or, for a policy that reads
+    cached body states (`states`), those states when the first disagreeing pairs scored
+    through the body again (`rescore`: examples -> (chosen, rejected) sums) disagree with
+    them (and the store too when they disagree with it)."""
+    rc, rr = ref.sums()
+    pc, pr = policy[0].double(), policy[1].double()
+    bad = (disagree(pc, rc) | disagree(pr, rr)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    gap = float(torch.maximum((pc - rc).abs(), (pr - rr).abs())[bad].max())
+    at_fault = {"the stored reference log-probs": store}
+    if states is not None and rescore is not None:
+        few = bad[:8]
+        fc, fr = rescore([examples[i] for i in few])
+        states_bad = bool((disagree(fc, pc[few]) | disagree(fr, pr[few])).any())
+        if states_bad:
+            at_fault = {"the cached body states": states,
+                        **(at_fault if (disagree(fc, rc[few]) | disagree(fr, rr[few])).any()
+                           else {})}
+    first = examples[bad[0]]
+    raise UserError(
+        f"step-0 check failed: {len(bad)} of {len(examples)} {split} pairs score differently "
+        f"with the policy at its reference than the stored reference says (first "
+        f"{first.source}:{first.row}, by {gap:.3g} nats): {' and '.join(at_fault)} "
+        f"({', '.join(map(str, at_fault.values()))}) are not what this model computes; delete "
+        f"{'that file' if len(at_fault) == 1 else 'those files'} and run again to compute "
+        f"{'it' if len(at_fault) == 1 else 'them'} anew")
 
 
 def store_key(model_hash: str, examples_hash: str) -> str:
@@ -122,12 +213,12 @@ def store_key(model_hash: str, examples_hash: str) -> str:
     return f"{model_hash}-{examples_hash[:16]}"
 
 
-def stored(key: str, n: int) -> ReferenceLogps | None:
-    """The stored reference under `key` when it is there whole (n pairs), else None."""
+def stored(key: str, examples: Sequence) -> ReferenceLogps | None:
+    """The stored reference of `examples` under `key` when it reads back whole and checked
+    (`load`), else None."""
     from dpolab.models import dpolab_cache_dir
 
-    ref = load(store_path(dpolab_cache_dir(), key), key)
-    return ref if ref is not None and ref.n == n else None
+    return load(store_path(dpolab_cache_dir(), key), key, examples)
 
 
 def reference_for(model_hash: str, forward, examples: list, cfg,
@@ -142,14 +233,16 @@ def reference_for(model_hash: str, forward, examples: list, cfg,
     filesystem need be shared. The batches and the key do not depend on the world size: a
     run on any number of processes reuses the store. `collective`: every rank runs as many
     forwards (sharded layers gather their weights in each)."""
+    from dpolab import cachedir
     from dpolab.models import dpolab_cache_dir
     from dpolab.progress import Progress
 
     key = store_key(model_hash, hash_examples(examples))
     path = store_path(dpolab_cache_dir(), key)
-    ref = stored(key, len(examples)) if reuse else None
+    ref = stored(key, examples) if reuse else None
     if ref is not None:
         return ref
+    cachedir.require(path, store_bytes(examples), "the reference log-probs")  # every rank alike
     bs = cfg.train.eval_batch_size
     batches = [examples[s:s + bs] for s in range(0, len(examples), bs)]
     bar = Progress(len(examples), f"reference ({split})",

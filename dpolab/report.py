@@ -233,7 +233,7 @@ def _summary_rows(run: Run) -> list[dict[str, Any]]:
 
 def _data_rows(run: Run) -> list[dict[str, Any]]:
     return [{"split": split, **{k: v for k, v in info.items() if not isinstance(v, (list, dict))}}
-            for split, info in (run.data or {}).items() if isinstance(info, dict)]
+            for split, info in (run.data or {}).items() if isinstance(info, dict) and "pairs" in info]
 
 
 def write_run_report(run_dir: Path) -> Path:
@@ -255,6 +255,10 @@ def write_run_report(run_dir: Path) -> Path:
         blocks += [htmlpage.heading("Run summary", 3), htmlpage.table(_summary_rows(run))]
     if _data_rows(run):
         blocks += [htmlpage.heading("Data", 3), htmlpage.table(_data_rows(run))]
+    forward = (run.data or {}).get("pair_forward")
+    if isinstance(forward, dict):
+        blocks += [htmlpage.para(f"Pair forward: {forward.get('forward')} "
+                                 f"({forward.get('reason')}).")]
     for section, path, caption in figures:
         blocks += [htmlpage.heading(section), htmlpage.image(path, caption)]
     blocks += [htmlpage.heading("Configuration"),

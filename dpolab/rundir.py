@@ -3,7 +3,8 @@
     config.yaml       the resolved config (prepare_run_dir)
     metrics.jsonl     one JSON object per line: training steps and evaluations (MetricsLog,
                       read_metrics)
-    data.json         pairs per split, truncation and drop counts (write_data_report)
+    data.json         pairs per split, truncation and drop counts, the pair forward used and
+                      why (write_data_report)
     unflippable.json  pairs the reference makes unflippable, before training (write_unflippable)
     auxdpo.json       AuxDPO's Gram spectrum, when that loss trains (write_auxdpo_record)
     summary.json      the finished run in numbers (write_summary)
@@ -78,8 +79,8 @@ class MetricsLog:
         if not self.enabled:
             return
         line = json.dumps(row, sort_keys=True) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
+        with atomic.writing(self.path), self.path.open("a", encoding="utf-8") as f:
+            f.write(line)  # a full disk: one line naming the file
         self._text.append(line)
         self.tracker.log(row)
 
@@ -113,15 +114,20 @@ def write_summary(run_dir: Path, metrics_path: Path, *, wall_s: float) -> dict[s
     return summary
 
 
-def write_data_report(run_dir: Path, tok: dict) -> None:
+def write_data_report(run_dir: Path, tok: dict, *, forward: dict | None = None) -> None:
     """data.json: per split, the pairs kept, what tokenization dropped or cut, and how many rows
-    had their prompt cut at the longest common token prefix (`TokenizedPairs.common_prefix`)."""
-    info = {split: {"pairs": len(t.examples), "dropped_identical": t.dropped_identical,
-                    "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
-                    "truncated_completion": t.truncated_completion,
-                    "common_prefix": t.common_prefix, "groups": t.groups}
-            for split, t in tok.items()}
-    (run_dir / "data.json").write_text(json.dumps(info, indent=1))
+    had their prompt cut at the longest common token prefix (`TokenizedPairs.common_prefix`);
+    and under "pair_forward" the layout the pairs went through the model in, and why
+    (dpolab.forward_check.ForwardChoice.record)."""
+    info: dict[str, Any] = {
+        split: {"pairs": len(t.examples), "dropped_identical": t.dropped_identical,
+                "dropped_unscored": t.dropped_unscored, "truncated_prompt": t.truncated_prompt,
+                "truncated_completion": t.truncated_completion,
+                "common_prefix": t.common_prefix, "groups": t.groups}
+        for split, t in tok.items()}
+    if forward is not None:
+        info["pair_forward"] = forward
+    atomic.write_text(run_dir / "data.json", json.dumps(info, indent=1))
 
 
 def write_unflippable(run_dir: Path, splits: dict, groups: list[str], *, beta: float) -> dict:

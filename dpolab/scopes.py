@@ -1,4 +1,5 @@
-"""Which parameters train: `full`, `lora` (peft adapters) or `last_layer` (the output head).
+"""Which parameters train: `full`, `lora` (peft adapters), `last_layer` (the output head) or
+`token_rows` (the head rows of the tokens that occur in the training completions).
 
 `apply` decides it once and returns a frozen :class:`Scope`: everything a caller needs to know
 about the scope is a field of it, so no other module asks which scope it has.
@@ -14,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from dpolab.logps import Head
-from dpolab.policy import BodyForward, CachedHeadForward, FlatLogps, SharedPromptForward
+from dpolab.policy import CachedHeadForward, FlatLogps, make_forward
 from dpolab.progress import Progress
 
 Tensor = torch.Tensor
@@ -35,37 +36,46 @@ class Scope:
     head_states: CachedHeadForward | None
     reference_head: Head | None
     # kw -> the reference's forward over any pairs (e.g. sampled completions), where kw are
-    # SharedPromptForward's keywords: the reference weights as this scope still has them
-    # (the full scope has not: it loads them into the policy's parameters, ending the policy).
+    # make_forward's keywords and `forward`, its name: the reference weights as this scope
+    # still has them (the full scope has not: it loads them into the policy's parameters,
+    # ending the policy).
     text_reference: Callable[[dict], Forward]
     # text_reference loads the reference weights into the policy's parameters (the full
     # scope: no second model in memory), so it comes after the policy's last use.
     reference_replaces_policy: bool = False
+    # token_rows only: (U,) the sorted token ids whose head rows train (the gradient of
+    # every other row is zeroed); AuxDPO's A has only these rows. None otherwise.
+    trained_rows: Tensor | None = None
+    forward_name: str = "shared_prompt"  # the FORWARDS layout of every forward of the body
 
     def text_forwards(self, *, pad_id: int, chunk_size: int, device
                       ) -> tuple[Forward, Callable[[], Forward]]:
-        """(policy forward, a function making the reference forward) over any pairs, one row
-        per pair with the prompt shared, no autocast: the training forward's log-probs
-        without its caches. Make the reference's only after the policy's last use: for the
-        full scope it takes the policy's place in memory."""
+        """(policy forward, a function making the reference forward) over any pairs, in the
+        run's layout (`forward_name`), no autocast: the training forward's log-probs without
+        its caches. Make the reference's only after the policy's last use: for the full scope
+        it takes the policy's place in memory."""
         from dpolab.models import body_and_head
 
-        kw = dict(pad_id=pad_id, chunk_size=chunk_size, device=device, autocast=False)
+        kw = dict(forward=self.forward_name, pad_id=pad_id, chunk_size=chunk_size,
+                  device=device, autocast=False)
         body, _ = body_and_head(self.model)
-        policy = SharedPromptForward(body, lambda: body_and_head(self.model)[1],
-                                     dtype=self.model.dtype, **kw)
+        policy = _text_forward(kw, body, lambda: body_and_head(self.model)[1], self.model.dtype)
         return policy, lambda: self.text_reference(kw)
 
 
 def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist,
-          state_store=None, reload=None) -> Scope:
+          state_store=None, reload=None, forward: str = "shared_prompt", router=None) -> Scope:
     """Make `model` train as `cfg.train.scope` says. state_store(split, examples) -> Path |
     None: where the last_layer scope keeps its cached body states between runs.
     reload(device) -> the model at theta0 again, for scoring new text after training (full
-    scope; lora on a model that already has adapters); None: load what `cfg.model` names."""
+    scope; lora on a model that already has adapters); None: load what `cfg.model` names.
+    forward: the FORWARDS layout of the body (dpolab.forward_check chose it); router: the
+    MoE routers' load-balancing loss trained with it (dpolab.moe), or None."""
     from dpolab.models import body_and_head
 
     tc = cfg.train
+    kw = dict(pad_id=pad_id, chunk_size=tc.logps_chunk, device=device, autocast=autocast,
+              router=router)
     if tc.activation_checkpointing and tc.scope in ("full", "lora"):
         from dpolab.models import checkpoint_activations
 
@@ -75,26 +85,25 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
         body, _ = body_and_head(model)
         # The head read at each call: under FSDP2 the head's parameter is swapped between
         # its sharded and its gathered form (dpolab.sharding).
-        fwd = pair_forward(tc, body, lambda: body_and_head(model)[1], pad_id=pad_id,
-                           device=device, autocast=autocast, dtype=model.dtype)
+        fwd = make_forward(forward, body, lambda: body_and_head(model)[1], dtype=model.dtype,
+                           **kw)
         # The reference weights are gone from memory once training starts: at the end they
         # are loaded again, into the policy's place.
         return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
                      model, None, None, lambda kw: _reference_in_place(cfg, model, kw, reload),
-                     reference_replaces_policy=True)
+                     reference_replaces_policy=True, forward_name=forward)
     if tc.scope == "lora":
         # A peft model given as it is (dpolab.api.Trainer) trains its own adapters.
         peft_model = model if hasattr(model, "peft_config") else _add_lora(model, tc)
         body, head = body_and_head(peft_model)
-        fwd = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
-                           dtype=model.dtype)
+        fwd = make_forward(forward, body, head, dtype=model.dtype, **kw)
         # LoRA starts with B = 0: the scope's own forward is the reference's exactly.
         # Adapters that start nonzero are part of theta0: switching them off is no reference.
         text_ref = ((lambda kw: _reloaded_forward(cfg, kw, reload)) if reload is not None
                     else (lambda kw: _adapter_off_forward(peft_model, kw)))
         return Scope(tuple(p for p in peft_model.parameters() if p.requires_grad), fwd, fwd,
-                     peft_model, None, None, text_ref)
-    # last_layer
+                     peft_model, None, None, text_ref, forward_name=forward)
+    # last_layer and token_rows
     untie_head(model)
     body, head = body_and_head(model)
     out = model.get_output_embeddings()
@@ -103,16 +112,17 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     if getattr(out, "bias", None) is not None:
         out.bias.requires_grad_(True)
         params.append(out.bias)
+    rows = train_rows_only(params, tok["train"].examples) if tc.scope == "token_rows" else None
     fwd = CachedHeadForward(lambda: head, chunk_size=tc.logps_chunk, device=device)
     # The reference head: the reference forward (cached body states under the original head,
     # no second body pass), AuxDPO's null-space penalty and scoring samples.
     head0 = Head(head.weight.detach().clone(),
-                 None if head.bias is None else head.bias.detach().clone(), head.softcap)
+                 None if head.bias is None else head.bias.detach().clone(), head.softcap,
+                 head.scale)
     for split, t in tok.items():
         bar = Progress(len(t.examples), f"cache body states ({split})",
                        enabled=tc.progress and dist.is_main)
-        states = pair_forward(tc, body, head, pad_id=pad_id, device=device, autocast=autocast,
-                              dtype=model.dtype).hidden
+        states = make_forward(forward, body, head, dtype=model.dtype, **kw).hidden
         # Data-parallel under torchrun: each rank runs the body on its share of the batches,
         # every rank keeps (and stores) all states.
         fwd.fill(states, t.examples, split=split, batch_size=tc.eval_batch_size,
@@ -123,7 +133,34 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
         return fwd(examples, split=split, head=head0)
     return Scope(tuple(params), fwd, reference, model, fwd, head0,
-                 lambda kw: SharedPromptForward(body, lambda: head0, dtype=model.dtype, **kw))
+                 lambda kw: _text_forward(kw, body, lambda: head0, model.dtype),
+                 trained_rows=rows, forward_name=forward)
+
+
+def completion_tokens(examples: Sequence) -> Tensor:
+    """(U,) sorted ids of the tokens that occur in the examples' completions (chosen and
+    rejected, scored or not)."""
+    ids = {t for ex in examples for t in (*ex.chosen_ids, *ex.rejected_ids)}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def train_rows_only(params: Sequence[Tensor], examples: Sequence) -> Tensor:
+    """token_rows: zero the gradient of every head row (weight (V, D), bias (V,)) whose token
+    is not in a training completion, in backward and in autograd.grad alike (a hook on the
+    tensor), so an optimizer without weight decay never moves those rows. Returns the trained
+    token ids (U,).
+
+    For single-token completions this is exactly the last_layer scope under any loss of the
+    log-ratio margin: chosen and rejected share the state x, the log-partition cancels, and
+    the margin's gradient on every other row is zero anyway; longer completions score later
+    tokens from states the two completions do not share, and there the two scopes differ."""
+    rows = completion_tokens(examples)
+    keep = torch.zeros(params[0].shape[0], dtype=params[0].dtype, device=params[0].device)
+    keep[rows.to(keep.device)] = 1.0
+    for p in params:
+        mask = keep if p.dim() == 1 else keep[:, None]
+        p.register_hook(lambda g, mask=mask: g * mask.to(g.dtype))
+    return rows
 
 
 def _adapter_off_forward(peft_model, kw: dict) -> Forward:
@@ -131,7 +168,7 @@ def _adapter_off_forward(peft_model, kw: dict) -> Forward:
     from dpolab.models import body_and_head
 
     body, head = body_and_head(peft_model)
-    fwd = SharedPromptForward(body, lambda: head, dtype=peft_model.dtype, **kw)
+    fwd = _text_forward(kw, body, lambda: head, peft_model.dtype)
 
     def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
         with peft_model.disable_adapter():
@@ -169,7 +206,7 @@ def _reference_in_place(cfg, model, kw: dict, reload=None) -> Forward:
                     p.data = r.to(p.device)  # adopted: no second copy on the same device
             del source
     body, _ = body_and_head(model)
-    return SharedPromptForward(body, lambda: body_and_head(model)[1], dtype=model.dtype, **kw)
+    return _text_forward(kw, body, lambda: body_and_head(model)[1], model.dtype)
 
 
 def _reloaded_forward(cfg, kw: dict, reload=None) -> Forward:
@@ -180,16 +217,13 @@ def _reloaded_forward(cfg, kw: dict, reload=None) -> Forward:
     ref_model = (reload(kw["device"]) if reload is not None
                  else load_configured(cfg.model, device=kw["device"]))
     body, head = body_and_head(ref_model)
-    return SharedPromptForward(body, lambda: head, dtype=ref_model.dtype, **kw)
+    return _text_forward(kw, body, lambda: head, ref_model.dtype)
 
 
-def pair_forward(tc, body, head, *, pad_id: int, device, autocast: bool, dtype):
-    """The forward over pairs that train.pair_forward names."""
-    kw = dict(pad_id=pad_id, chunk_size=tc.logps_chunk, device=device, autocast=autocast)
-    head_fn = head if callable(head) else (lambda: head)  # a Head, or a function reading it
-    if tc.pair_forward == "two_rows":
-        return BodyForward(body, head_fn, **kw)
-    return SharedPromptForward(body, head_fn, dtype=dtype, **kw)
+def _text_forward(kw: dict, body, head_fn, dtype) -> Forward:
+    """The run's layout (kw["forward"]) over any pairs, with make_forward's other keywords."""
+    rest = {k: v for k, v in kw.items() if k != "forward"}
+    return make_forward(kw["forward"], body, head_fn, dtype=dtype, **rest)
 
 
 def untie_head(model) -> None:

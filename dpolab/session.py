@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from dpolab import datachecks, reference, rundir
+from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir
+from dpolab import splits as splits_mod
 from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
 from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
@@ -33,7 +34,7 @@ from dpolab.identity import RunIdentity, warm_caches
 from dpolab.inputs import Inputs, Theta0
 from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
-from dpolab.policy import padded
+from dpolab.policy import body_autocast, padded
 from dpolab.scopes import Scope
 
 Tensor = torch.Tensor
@@ -66,6 +67,7 @@ class Session:
     engine: Engine  # the scope's forward as the trained module (DDP / FSDP2 under torchrun)
     identity: RunIdentity  # starting weights, token ids, batch geometry: in every checkpoint
     theta0: Theta0 | None = None  # a model from memory: its starting weights, kept on the CPU
+    router: moe.RouterLoss | None = None  # MoE load balancing trained with the scope, or None
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
 
     @cached_property
@@ -105,7 +107,7 @@ class Session:
             b = flat.n_pairs
             pc, pr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
         if sp.ref is None:
-            return PairLogps(pc, pr, None, None, nc, nr)
+            return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss)
         if alpha == 1.0:
             i = torch.as_tensor(list(idx), dtype=torch.long)
             rc, rr = sp.ref_chosen[i], sp.ref_rejected[i]
@@ -117,7 +119,7 @@ class Session:
             tok, mask = padded(torch.cat(seqs).double(), seg, len(seqs))
             b = len(idx)
             rc, rr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
-        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr)
+        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss)
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
         return self.splits[split].weights[torch.as_tensor(list(idx), dtype=torch.long)].to(
@@ -152,9 +154,11 @@ class Session:
         return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
                          beta=self.cfg.loss.beta)
 
-    def evaluate(self, *, step: int, train_split: bool = True) -> dict[str, float]:
+    def evaluate(self, *, step: int, train_split: bool = True,
+                 check: Callable[[str, PairStats], None] | None = None) -> dict[str, float]:
         """Held-out metrics as `eval/...` (plus per-group ones), and with `train_split` the
-        same of the training pairs as `train_eval/...` (they are usually the larger split)."""
+        same of the training pairs as `train_eval/...` (they are usually the larger split).
+        `check(split, stats)` sees each split's statistics (the step-0 check of every pair)."""
         row: dict[str, float] = {"step": step}
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):
             sp = self.splits[split]
@@ -163,6 +167,8 @@ class Session:
             if not sp.examples:
                 continue
             stats = self.pair_stats(split)
+            if check is not None:
+                check(split, stats)
             if sp.ref is None:  # the policy's own preference; nothing to compare with
                 row.update({prefix + k: v for k, v in
                             without_reference_metrics(summarize(stats)).items()})
@@ -247,10 +253,12 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError("train.device=cuda but no CUDA device is available")
     device = dist.device
     inputs = inputs or Inputs()
+    if dist.local_main:  # what killed writers left; never a live process's
+        cachedir.remove_orphans(run_dir)
     from dpolab.dedup import dedupe_split  # counts duplicates; no held-out copy of a train pair
 
     # rows first: bad data stops the run before a model is loaded
-    train_rows, held_rows = inputs.rows or load_split_rows(cfg)
+    train_rows, held_rows = inputs.rows or splits_mod.load_split_rows(cfg)
     train_rows, held_rows = dedupe_split(train_rows, held_rows, say=print if dist.is_main else None)
     tokenizer = inputs.tokenizer_for(cfg)
     model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
@@ -264,6 +272,10 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError("no training pairs left after tokenization "
                         f"({tok['train'].dropped_identical} made identical by truncation)")
     model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
+    # float16 weights train as float32 copies under float16 autocast (below): the reference
+    # is that forward's, a function of these weights and the procedure, keyed as such.
+    if model.dtype == torch.float16:
+        model_hash += "-f16"
     identity = RunIdentity.of(model_hash, tok, world=dist.world, train=tc)
     keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
     has_reference = needs_reference(cfg)
@@ -280,16 +292,32 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     datachecks.truncation(rows, tok, cfg.data, say=print if dist.is_main else None)
     groups = sorted({g for t in tok.values() for g in t.groups})
     weights = datachecks.group_weights(tok, groups, cfg.data.group_weights)
+    every_pair = [e for t in tok.values() for e in t.examples]  # the longest may be held out
+    choice = forward_check.choose_for_run(cfg, model, every_pair, pad_id=tokenizer.pad_token_id,
+                                          dist=dist)
+    router = moe.router_loss(model, cfg.model.router_aux_loss_coef, scope=tc.scope)
+    if dist.is_main:  # what the run's log-probs are made of: said whatever the progress setting
+        print(choice.line())
+        if router is not None:
+            print(f"router load-balancing loss: weight {router.coef:g} (logged as aux_loss)")
     # A store every rank holds is read; one some rank lacks is computed by all, and stored
     # by those that lacked it (the others keep their copy of the same numbers).
     reuse = {k: v or not warm[k] for k, v in everywhere.items()}
     theta0 = inputs.reloader(cfg, model)  # a model from memory: its starting weights, kept
+    compute = model.dtype
     scope = scopes.apply(
         cfg, model, tok, pad_id=tokenizer.pad_token_id, device=device,
-        autocast=device.type == "cuda" and tc.bf16_autocast, dist=dist,
+        autocast=body_autocast(compute, device, tc.bf16_autocast), dist=dist,
         state_store=lambda split, ex: (_states_path(keys[split])
                                        if reuse.get(f"states {split}", True) else None),
-        reload=theta0)
+        reload=theta0, forward=choice.name, router=router)
+    if compute == torch.float16:
+        # float16 weights train as float32 copies (AdamW's second moment underflows in
+        # float16: measured, a tiny model's third step diverged), the body computes in
+        # float16 under autocast; frozen weights stay float16.
+        with torch.no_grad():
+            for p in scope.params:
+                p.data = p.data.float()
     # Under torchrun the scope's forward trains as DDP's or FSDP2's module. FSDP2 replaces
     # the parameters by sharded ones: the scope's list is read again.
     engine = dist.engine(scope.model, scope.forward, sharded=tc.distributed == "fsdp2")
@@ -315,11 +343,11 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
             no_cue=np.array([not rows[split][e.index].meta.get("surface_cue", False)
                              for e in t.examples]))
     if dist.is_main:
-        rundir.write_data_report(run_dir, tok)
+        rundir.write_data_report(run_dir, tok, forward=choice.record())
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,
-                   identity, theta0=theta0)
+                   identity, theta0=theta0, router=router)
 
 
 def _states_path(key: str) -> Path:
@@ -349,41 +377,3 @@ def _report_unflippable(cfg: RunConfig, run_dir: Path, splits: dict[str, Split],
         print(f"unflippable at beta={cfg.loss.beta}: {out['train']['count']} of "
               f"{out['train']['pairs']} training pairs, {out['held_out']['count']} of "
               f"{out['held_out']['pairs']} held-out (listed in {run_dir / 'unflippable.json'})")
-
-
-def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
-    """(train rows, held-out rows): the embedded default, a file with a seeded held-out
-    split, or a file plus an explicit held-out file."""
-    from dpolab.data import load_rows
-
-    d = cfg.data
-    if not d.path:
-        from dpolab.rho_data import default_rows
-
-        return default_rows(seed=cfg.train.seed, per_group=d.per_group or None,
-                            held_out_per_group=d.eval_per_group or None,
-                            groups=list(d.groups) or None)
-    rows = load_rows(d.path, skip_invalid=d.skip_invalid)
-    report_skipped(rows, d.path)
-    if d.eval_path:
-        held = load_rows(d.eval_path, skip_invalid=d.skip_invalid)
-        report_skipped(held, d.eval_path)
-        return list(rows.rows), list(held.rows)
-    return split_held_out(rows.rows, cfg)
-
-
-def split_held_out(rows: Sequence, cfg: RunConfig) -> tuple[list, list]:
-    """(train, held-out): a seeded `data.eval_fraction` of `rows` held out."""
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    order = torch.randperm(len(rows), generator=g).tolist()
-    n_eval = max(1, int(round(cfg.data.eval_fraction * len(order)))) if len(order) > 1 else 0
-    held_idx = set(order[:n_eval])
-    train = [r for i, r in enumerate(rows) if i not in held_idx]
-    held = [r for i, r in enumerate(rows) if i in held_idx]
-    return train, held
-
-
-def report_skipped(loaded, path: str) -> None:
-    """Say how many invalid rows `data.skip_invalid` dropped from `path`, and the first."""
-    if loaded.skipped:
-        print(f"{path}: skipped {len(loaded.skipped)} invalid row(s); first: {loaded.skipped[0]}")

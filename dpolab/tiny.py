@@ -107,9 +107,19 @@ def tiny_tokenizer(*, vocab_size: int = 512, seed: int = 0, tools: bool = False)
     return hf
 
 
+ARCHS = ("llama", "qwen2", "gemma3", "gpt2")  # and every model type of dpolab.tiny_archs
+
+
 def _config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, heads: int):
-    """A transformers config of family `arch` ("llama", "qwen2", "gemma3", "gpt2")."""
+    """A transformers config of family `arch` ("llama", "qwen2", "gemma3", "gpt2", or a model
+    type of dpolab.tiny_archs.ARCHITECTURES)."""
     import transformers as tf
+
+    from dpolab import tiny_archs
+
+    if arch in tiny_archs.ARCHITECTURES:
+        return tiny_archs.config(arch, vocab_size=vocab_size, hidden_size=hidden_size,
+                                 layers=layers, heads=heads)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
                   num_attention_heads=heads, intermediate_size=2 * hidden_size,
@@ -128,7 +138,8 @@ def _config(arch: str, *, vocab_size: int, hidden_size: int, layers: int, heads:
         return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers,
                              n_head=heads, n_positions=512, bos_token_id=None,
                              eos_token_id=1, pad_token_id=2)
-    raise ValueError(f"unknown tiny arch {arch!r}; valid: llama, qwen2, gemma3, gpt2")
+    raise ValueError(f"unknown tiny arch {arch!r}; valid: "
+                     f"{', '.join(ARCHS + tiny_archs.ARCHITECTURES)}")
 
 
 def tiny_model(*, vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4,
@@ -156,15 +167,25 @@ def save_tiny(dir: str | Path, *, vocab_size: int = 512, seed: int = 0, hidden_s
     The model's vocabulary is the tokenizer's actual size, so every id it emits is valid.
     `tools`: the tokenizer's tools variant (see tiny_tokenizer).
     """
+    from transformers import AutoTokenizer
+
     dir = Path(dir)
     tokenizer = tiny_tokenizer(vocab_size=vocab_size, seed=seed, tools=tools)
-    model = tiny_model(vocab_size=len(tokenizer), hidden_size=hidden_size, layers=layers,
-                       heads=heads, seed=seed, arch=arch)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(dir)
-    tokenizer.save_pretrained(dir)
-    return dir
+    rows = len(tokenizer)
+    for _ in range(2):
+        model = tiny_model(vocab_size=rows, hidden_size=hidden_size, layers=layers,
+                           heads=heads, seed=seed, arch=arch)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(dir)
+        tokenizer.save_pretrained(dir)
+        # Read back, the folder's tokenizer is the class its model type names, which may add
+        # tokens of its own (Qwen2's <|endoftext|>): the model gets a row for each.
+        loaded = len(AutoTokenizer.from_pretrained(dir))
+        if loaded == rows:
+            return dir
+        rows = loaded
+    raise RuntimeError(f"tiny {arch}: the saved tokenizer keeps changing size ({rows})")
 
 
 def qwen_shape_config():

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from dpolab import checkpoint, memory, rundir, runlock, session
+from dpolab import atomic, checkpoint, memory, rundir, runlock, session
 from dpolab.auxdpo import AuxRewards
 from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
@@ -79,7 +79,10 @@ def train(cfg: RunConfig, *, resume: bool = False, inputs: Inputs | None = None)
     inputs = (inputs or Inputs()).checked(cfg)  # a model that cannot train: no run directory
     with (runlock.hold(cfg.out, enabled=os.environ.get("RANK", "0") == "0"),  # one run per dir
           StopSignals() as signals):
-        return _train(cfg, resume=resume, inputs=inputs, signals=signals)
+        try:
+            return _train(cfg, resume=resume, inputs=inputs, signals=signals)
+        except atomic.WriteError as err:  # what was written stays: say how to go on
+            raise checkpoint.after_write_error(Path(cfg.out), err) from None
 
 
 def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals) -> Path:
@@ -113,8 +116,8 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, kept=kept,
                                 tracker=tracker)
     every = eval_interval(tc.eval_every, total)
-    if start == 0:
-        metrics.write(s.evaluate(step=0))
+    if start == 0:  # every pair of both splits scored at the reference point: check them
+        metrics.write(s.evaluate(step=0, check=lambda split, st: check_reference(s, split, st)))
     bar = Progress(total, "train", enabled=tc.progress and dist.is_main)
     bar.update(start)
 
@@ -152,6 +155,9 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
             per_example, terms = objective(pairs)
             weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
             loss = (weights * per_example).sum() / len(positions)
+            if pairs.router_loss is not None:  # MoE load balancing: TRL's coef * aux_loss per batch
+                loss = loss + s.router.coef * pairs.router_loss * (
+                    0.0 if stand_in else len(idx) / len(positions))
             if aux is not None and not stand_in:
                 loss = loss + aux.penalty(idx, n_global=len(positions))
             if step == 0 and start == 0 and micro == 0:
@@ -248,6 +254,8 @@ class StepStats:
                           for t in (pairs.ref_chosen, pairs.ref_rejected))
                 add = reward_sums(PairStats(pc, pr, rc, rr, nc, nr, beta=beta))
             add["loss"] = float((weights * per_example.detach().double()).sum())
+            if pairs.router_loss is not None:  # logged per batch, as TRL does: a pair-weighted mean
+                add["aux_loss"] = float(pairs.router_loss) * len(pc)
             for name, t in terms.items():
                 add[f"loss/{name}"] = float(t.double().sum())
         for k, v in add.items():
@@ -276,29 +284,60 @@ def clip(params: list[Tensor], max_norm: float) -> float:
 
 def check_step0(pairs: PairLogps, terms: dict[str, Tensor],
                 at_reference: Mapping[str, float]) -> None:
-    """Before any update the policy is its reference: log-probs agree with the stored ones
-    and every term has its value at zero log-ratios (`at_reference`, from the loss registry:
-    ln 2 for DPO). A mismatch means the store belongs to other weights or other data.
-    A reference-free run has neither: its terms' values depend on the policy itself (their
-    `at_reference` is None), so only their finiteness is checked, by the loop."""
+    """Before any update the policy is its reference: the first micro-batch's log-probs agree
+    with the stored ones and every term has its value at zero log-ratios (`at_reference`, from
+    the loss registry: ln 2 for DPO). The step-0 evaluation has compared every pair of both
+    splits with the store already (dpolab.reference.check_at_reference, naming a damaged
+    file), so a mismatch here is the training forward's own: its micro-batches score pairs
+    otherwise than the evaluation's batches. A reference-free run has neither: its terms'
+    values depend on the policy itself (their `at_reference` is None), so only their
+    finiteness is checked, by the loop."""
+    from dpolab.reference import disagree
+
     if pairs.ref_chosen is None or pairs.ref_rejected is None:
         return
     with torch.no_grad():
         for pol, ref, what in ((pairs.policy_chosen, pairs.ref_chosen, "chosen"),
                                (pairs.policy_rejected, pairs.ref_rejected, "rejected")):
-            err = (pol.double() - ref.double()).abs()
-            tol = 1e-3 + 1e-5 * ref.double().abs()
-            if (err > tol).any():
+            if disagree(pol.cpu(), ref.cpu()).any():
+                err = float((pol.double() - ref.double()).abs().max())
                 raise UserError(
-                    f"step-0 invariant failed: policy {what} log-probs differ from the stored "
-                    f"reference by up to {float(err.max()):.3g} nats; the reference store does "
-                    f"not match this model and data (delete it from {cache_dir() / 'reference'})")
+                    f"step-0 invariant failed: the training forward's {what} log-probs differ "
+                    f"from the reference by up to {err:.3g} nats, though every pair's agreed "
+                    f"in the step-0 evaluation: the policy's log-probs depend on how its pairs "
+                    f"are batched (train.batch_size against train.eval_batch_size)")
         for name, expected in at_reference.items():
             if name in terms:
                 v = float(terms[name].double().mean())
                 if abs(v - expected) > 1e-3 * max(1.0, abs(expected)):
                     raise UserError(f"step-0 invariant failed: the {name} loss is {v:.6f}, "
                                     f"expected {expected:.6f} with the policy at its reference")
+
+
+def check_reference(s: session.Session, split: str, stats: PairStats) -> None:
+    """The step-0 evaluation's log-probs of every pair of `split` (`stats`, the policy before
+    any update) against the stored reference (:func:`dpolab.reference.check_at_reference`).
+    Where the policy reads cached body states, disagreeing pairs are scored through the body
+    again to tell damaged states from a damaged store."""
+    from dpolab.reference import check_at_reference, store_path
+
+    sp, cached, tc, dev = s.splits[split], s.scope.head_states, s.cfg.train, s.dist.device
+    if sp.ref is None:
+        return
+    states = cached.stores.get(split) if cached is not None else None
+
+    def rescore(examples: list) -> tuple[Tensor, Tensor]:
+        fwd = s.scope.text_reference(dict(forward=s.scope.forward_name,
+                                          pad_id=s.tokenizer.pad_token_id, device=dev,
+                                          chunk_size=tc.logps_chunk,
+                                          autocast=dev.type == "cuda" and tc.bf16_autocast))
+        with torch.no_grad():
+            c, r = fwd(examples).sums()
+        return c.double().cpu(), r.double().cpu()
+    check_at_reference(split, sp.examples, (torch.from_numpy(stats.policy_chosen),
+                                            torch.from_numpy(stats.policy_rejected)), sp.ref,
+                       store=store_path(cache_dir(), sp.ref.key), states=states,
+                       rescore=rescore if states is not None else None)
 
 
 def make_adamw(groups: list[dict], *, lr: float) -> torch.optim.Optimizer:

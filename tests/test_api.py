@@ -169,7 +169,8 @@ def test_import_dpolab_stays_light():
 
 def test_model_dtype_comes_from_the_model():
     """A model given as an object keeps its dtype: bfloat16 is recorded as model.dtype, an
-    explicit model.dtype that disagrees is an error, and float16 (not trainable here) is refused."""
+    explicit model.dtype that disagrees is an error, and float64 (not a model.dtype) is
+    refused, naming the ones there are."""
     from dpolab.tiny import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer(vocab_size=300)
@@ -177,5 +178,6 @@ def test_model_dtype_comes_from_the_model():
     assert dpolab.Trainer(model, pairs(4), tokenizer=tok).config.model.dtype == "bfloat16"
     with pytest.raises(UserError, match="model.dtype=float32, but the model given is bfloat16"):
         dpolab.Trainer(model, pairs(4), tokenizer=tok, **{"model.dtype": "float32"})
-    with pytest.raises(UserError, match="torch.float16 are not supported"):
-        dpolab.Trainer(model.to(torch.float16), pairs(4), tokenizer=tok)
+    with pytest.raises(UserError, match="torch.float64 are not supported; convert it with "
+                       r"model.to\(torch.X\), X one of float32, bfloat16, float16"):
+        dpolab.Trainer(model.to(torch.float64), pairs(4), tokenizer=tok)

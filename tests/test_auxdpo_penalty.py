@@ -7,8 +7,9 @@ from dpolab.auxdpo import head_gradient_penalty, null_space_basis
 from dpolab.logps import Head, label_logps
 
 
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (False, 4.0)])
-def test_head_penalty_matches_autograd(bias, softcap):
+@pytest.mark.parametrize("bias,softcap,scale", [(False, None, 1.0), (True, None, 1.0),
+                                                (False, 4.0, 1.0), (True, 4.0, 0.3)])
+def test_head_penalty_matches_autograd(bias, softcap, scale):
     """For 3 responses of 2-4 tokens: sum_i delta_i d/dW log pi(y_i) computed by autograd,
     its squared norm equals the closed form, and so do its gradients w.r.t. delta."""
     g = torch.Generator().manual_seed(0)
@@ -20,13 +21,13 @@ def test_head_penalty_matches_autograd(bias, softcap):
     delta = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
     cols = []
     for h, y in zip(hs, ys):
-        lp = label_logps(h, Head(W, b, softcap), y).sum()
+        lp = label_logps(h, Head(W, b, softcap, scale), y).sum()
         grads = torch.autograd.grad(lp, [W] + ([b] if bias else []))
         cols.append(torch.cat([t.reshape(-1) for t in grads]))
     A = torch.stack(cols, dim=1)  # (P, 3)
     expected = (A @ delta).pow(2).sum()
     token_delta = torch.cat([delta[i].expand(n) for i, n in enumerate(lens)])
-    head0 = Head(W.detach(), None if b is None else b.detach(), softcap)
+    head0 = Head(W.detach(), None if b is None else b.detach(), softcap, scale)
     got = head_gradient_penalty(torch.cat(hs), torch.cat(ys), token_delta, head0)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     g_exp, = torch.autograd.grad(expected, delta)
@@ -50,10 +51,12 @@ def test_penalty_zero_in_null_space():
     assert pen.item() < 1e-10
 
 
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (True, 3.0)])
-def test_head_gradient_gram_equals_autograd(bias, softcap):
+@pytest.mark.parametrize("bias,softcap,scale", [(False, None, 1.0), (True, None, 1.0),
+                                                (True, 3.0, 1.0), (False, None, 0.0625)])
+def test_head_gradient_gram_equals_autograd(bias, softcap, scale):
     """head_gradient_gram == A^T A with A's columns the autograd gradients of each response's
-    log-prob w.r.t. the head (weight and bias), with and without a softcap; too little memory
+    log-prob w.r.t. the head (weight and bias), with and without a softcap or a logit scale;
+    too little memory
     is a ValueError naming the sizes."""
     from dpolab.auxdpo import head_gradient_gram
 
@@ -65,11 +68,11 @@ def test_head_gradient_gram_equals_autograd(bias, softcap):
     ys = [torch.randint(0, V, (n,), generator=g) for n in lens]
     cols = []
     for h, y in zip(hs, ys):
-        lp = label_logps(h, Head(W, b, softcap), y).sum()
+        lp = label_logps(h, Head(W, b, softcap, scale), y).sum()
         grads = torch.autograd.grad(lp, [W] + ([b] if bias else []))
         cols.append(torch.cat([t.reshape(-1) for t in grads]))
     A = torch.stack(cols, dim=1)
-    head0 = Head(W.detach(), None if b is None else b.detach(), softcap)
+    head0 = Head(W.detach(), None if b is None else b.detach(), softcap, scale)
     G = head_gradient_gram(list(zip(hs, ys)), head0, max_bytes=2**20)
     torch.testing.assert_close(G, A.T @ A, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="10 completion tokens over a vocabulary of 7"):

@@ -39,7 +39,7 @@ def test_overrides_parse_yaml_values():
 @pytest.mark.parametrize("overrides,msg", [
     (["loss.betta=1"], "unknown key\\(s\\) betta; valid: .*beta"),
     (["loss.beta=abc"], "loss.beta: expected float, got 'abc'"),
-    (["train.scope=half"], "train.scope must be one of full, lora, last_layer, got 'half'"),
+    (["train.scope=half"], "train.scope must be one of full, lora, last_layer, token_rows, got 'half'"),
     (["loss.name=dop"], "unknown loss 'dop'; valid: aot, aot_unpaired, apo_down"),
     (["beta=1"], "key must be one of"),
     (["loss.beta"], "expected section.key=value"),

@@ -1,12 +1,14 @@
 """Chunked completion log-probs must equal the naive full-logits path, values and gradients."""
 
+import math
+
 import pytest
 import torch
 
 from dpolab.logps import Head, completion_logps, naive_completion_logps, sequence_logps
 
 
-def make(dtype, *, B=3, T=17, D=24, V=3001, bias=False, softcap=None, seed=0):
+def make(dtype, *, B=3, T=17, D=24, V=3001, bias=False, softcap=None, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, D, generator=g, dtype=dtype).requires_grad_()
     weight = (torch.randn(V, D, generator=g, dtype=dtype) * 0.5).requires_grad_()
@@ -14,7 +16,7 @@ def make(dtype, *, B=3, T=17, D=24, V=3001, bias=False, softcap=None, seed=0):
     labels = torch.randint(0, V, (B, T), generator=g)
     mask = torch.rand(B, T, generator=g) < 0.6
     mask[0] = False  # a row with no completion token at all
-    return hidden, Head(weight, b, softcap), labels, mask
+    return hidden, Head(weight, b, softcap, scale), labels, mask
 
 
 def grads(out, tensors):
@@ -24,12 +26,15 @@ def grads(out, tensors):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("bias,softcap", [(False, None), (True, None), (False, 5.0)])
+@pytest.mark.parametrize("bias,softcap,scale", [(False, None, 1.0), (True, None, 1.0),
+                                                (False, 5.0, 1.0), (True, None, 0.0625),
+                                                (False, 5.0, 2.5)])
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
-def test_chunked_equals_naive(dtype, tol, bias, softcap, chunk):
+def test_chunked_equals_naive(dtype, tol, bias, softcap, scale, chunk):
     """Values and gradients (hidden, weight, bias) agree with log_softmax(h W^T).gather to 1e-5
-    in float32 and 1e-10 in float64, for any chunk size, with bias and Gemma-style softcap."""
-    hidden, head, labels, mask = make(dtype, bias=bias, softcap=softcap)
+    in float32 and 1e-10 in float64, for any chunk size, with bias, Gemma-style softcap and
+    Cohere-style logit scale."""
+    hidden, head, labels, mask = make(dtype, bias=bias, softcap=softcap, scale=scale)
     fast = completion_logps(hidden, head, labels, mask, chunk_size=chunk)
     slow = naive_completion_logps(hidden, head, labels, mask)
     assert fast.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -56,11 +61,25 @@ def test_tied_head_gets_both_gradients():
     torch.testing.assert_close(fast, emb.weight.grad)
 
 
-def test_gradcheck_float64():
-    """torch.autograd.gradcheck through the custom backward, with bias and softcap."""
-    hidden, head, labels, mask = make(torch.float64, B=2, T=4, D=5, V=11, bias=True, softcap=3.0)
-    fn = lambda h, w, b: completion_logps(h, Head(w, b, 3.0), labels, mask, chunk_size=3)  # noqa
+@pytest.mark.parametrize("softcap,scale", [(3.0, 1.0), (None, 0.0625), (3.0, 2.5)])
+def test_gradcheck_float64(softcap, scale):
+    """torch.autograd.gradcheck through the custom backward, with bias, softcap and a logit
+    scale (the derivative of softcap(s * u) in u is s * (1 - tanh^2(s u / c)))."""
+    hidden, head, labels, mask = make(torch.float64, B=2, T=4, D=5, V=11, bias=True)
+    fn = lambda h, w, b: completion_logps(h, Head(w, b, softcap, scale), labels, mask,  # noqa
+                                          chunk_size=3)
     assert torch.autograd.gradcheck(fn, (hidden, head.weight, head.bias))
+
+
+def test_scale_matches_hand_computed_value():
+    """Two logits u = (1, 0) (h = 1, W = [[1], [0]]) scaled by s = 0.5 give z = (0.5, 0):
+    log pi(0) = 0.5 - log(e^0.5 + 1) = 0.5 - 1.474077 = -0.474077."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    w = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    got = completion_logps(h[None], Head(w, scale=0.5), torch.zeros(1, 1, dtype=torch.long),
+                           torch.ones(1, 1, dtype=torch.bool))
+    assert got.item() == pytest.approx(0.5 - math.log(math.exp(0.5) + 1.0), abs=1e-12)
+    assert got.item() == pytest.approx(-0.474077, abs=1e-6)
 
 
 def test_large_vocabulary_float32():

@@ -6,9 +6,8 @@ import torch
 
 from dpolab.errors import UserError
 from dpolab.logps import Head
-from dpolab.models import (DEFAULT_MODEL, _default_gguf, body_and_head, default_model_path,
-                           load_model, load_tokenizer, max_logit_difference, resolve_model_path,
-                           save_converted)
+from dpolab.gguf_models import _default_gguf, default_model_path, max_logit_difference, save_converted
+from dpolab.models import DEFAULT_MODEL, body_and_head, load_model, load_tokenizer, resolve_model_path
 from dpolab.tiny import qwen_shape_config, tiny_model, tiny_tokenizer
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpolab import rundir, scopes, session
+from dpolab import rundir, scopes, session, splits
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
 from dpolab.policy import padded
@@ -134,7 +134,7 @@ def test_ld_dpo_step1_loss_by_hand(tiny_dir, tmp_path, cache):
     data = write_pairs(tmp_path / "pairs.jsonl", n=5)  # 4 train pairs, 1 held out
     cfg = cfg_for(tiny_dir, data, tmp_path / "ld", "loss.name=cpo", "loss.ld_alpha=0.5",
                   "loss.beta=0.5", "train.max_steps=1", "train.max_grad_norm=0")
-    train_rows, _ = session.load_split_rows(cfg)
+    train_rows, _ = splits.load_split_rows(cfg)
     tok = tokenize_rows(train_rows, load_tokenizer(str(tiny_dir)), max_length=48,
                         max_prompt_length=16, truncation=cfg.data.truncation)
     model = load_model(str(tiny_dir)).eval()

@@ -116,8 +116,8 @@ def _mean_pair_logps(model, tokenizer_dir, cfg) -> tuple[float, float]:
     """Mean summed log-probs (chosen, rejected) of `cfg`'s training pairs under `model`,
     through dpolab's pair forward, the way evaluation scores them."""
     from dpolab.models import body_and_head, load_tokenizer
-    from dpolab.scopes import pair_forward
-    from dpolab.session import load_split_rows
+    from dpolab.policy import make_forward
+    from dpolab.splits import load_split_rows
     from dpolab.tokenize import tokenize_rows
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -126,8 +126,9 @@ def _mean_pair_logps(model, tokenizer_dir, cfg) -> tuple[float, float]:
                              max_prompt_length=cfg.data.max_prompt_length,
                              truncation=cfg.data.truncation).examples
     body, head = body_and_head(model)
-    forward = pair_forward(cfg.train, body, head, pad_id=tokenizer.pad_token_id,
-                           device=torch.device("cpu"), autocast=False, dtype=model.dtype)
+    forward = make_forward("shared_prompt", body, head, pad_id=tokenizer.pad_token_id,
+                           chunk_size=cfg.train.logps_chunk, device=torch.device("cpu"),
+                           autocast=False, dtype=model.dtype)
     with torch.no_grad():
         pc, pr = forward(examples).sums()
     return pc.mean().item(), pr.mean().item()
@@ -148,9 +149,12 @@ def test_exported_last_layer_keeps_embeddings(tiny_dir, tmp_path, cache):
                            base.get_output_embeddings().weight)
 
 
-def test_reference_store_is_reused_and_checked(tiny_dir, tmp_path, cache):
+def test_reference_store_is_reused_and_checked(tiny_dir, tmp_path, cache, capsys):
     """A second run with the same model and data reuses the stored reference (no new file);
-    a corrupted store trips the step-0 invariant with a clear error."""
+    a store without its checksum is computed again, and one whose checksum matches values
+    the model does not give trips the step-0 check with a clear error."""
+    from dpolab import reference
+
     data = write_pairs(tmp_path / "pairs.jsonl")
     train(cfg_for(tiny_dir, data, tmp_path / "a"))
     stored = sorted((cache / "reference").glob("*.safetensors"))
@@ -159,11 +163,18 @@ def test_reference_store_is_reused_and_checked(tiny_dir, tmp_path, cache):
     assert sorted((cache / "reference").glob("*.safetensors")) == stored
     from safetensors.torch import save_file
 
+    capsys.readouterr()
     for path in stored:
         t = load_file(str(path))
         save_file({"tokens": t["tokens"] - 1.0, "offsets": t["offsets"]}, str(path))
-    with pytest.raises(UserError, match="step-0 invariant failed"):
-        train(cfg_for(tiny_dir, data, tmp_path / "c"))
+    train(cfg_for(tiny_dir, data, tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert all(f"{p}: has no checksum" in err for p in stored)
+    for path in stored:
+        t = load_file(str(path))
+        reference.save(reference.ReferenceLogps(t["tokens"] - 1.0, t["offsets"], "k"), path)
+    with pytest.raises(UserError, match="step-0 check failed"):
+        train(cfg_for(tiny_dir, data, tmp_path / "d"))
 
 
 def test_losses_and_weights_from_config(tiny_dir, tmp_path, cache):

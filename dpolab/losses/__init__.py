@@ -9,7 +9,8 @@
     registry        named terms (LOSSES), the summed-vs-averaged rule, Objective
 """
 
-from dpolab.losses.core import (GPO_FAMILY, amplitude_penalty, auxdpo_loss, dpo_loss, dpop_loss,
+from dpolab.losses.core import (GPO_FAMILY, amplitude_penalty, authors_amplitude_term,
+                                auxdpo_loss, capped_aux_reward, dpo_loss, dpop_loss,
                                 gpo_derivative, gpo_loss, ipo_loss, logratio_margin,
                                 null_space_penalty, rewards, robust_dpo_loss, sft_loss, slic_loss)
 from dpolab.losses.modifiers import (F_DIVERGENCES, f_divergence_margin, f_divergence_score,
@@ -24,7 +25,8 @@ from dpolab.losses.variants import (aot_loss, aot_unpaired_loss, apo_down_loss, 
                                     sigmoid_norm_loss, sppo_hard_loss)
 
 __all__ = [
-    "GPO_FAMILY", "amplitude_penalty", "auxdpo_loss", "dpo_loss", "dpop_loss", "gpo_derivative",
+    "GPO_FAMILY", "amplitude_penalty", "authors_amplitude_term", "auxdpo_loss",
+    "capped_aux_reward", "dpo_loss", "dpop_loss", "gpo_derivative",
     "gpo_loss", "ipo_loss", "logratio_margin", "null_space_penalty", "rewards", "robust_dpo_loss",
     "sft_loss", "slic_loss", "F_DIVERGENCES", "f_divergence_margin", "f_divergence_score",
     "ld_sequence_logps", "wpo_pair_weight", "wpo_sequence_weight", "cpo_loss", "log1mexp",

