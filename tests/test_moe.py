@@ -45,6 +45,8 @@ def test_router_loss_equals_the_models_own(arch):
     batch = collate_pairs(ex, pad_id=2)
     own = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 output_router_logits=True).aux_loss
+    if not torch.is_tensor(own):  # transformers 5.17's granitemoehybrid: no loss of its own
+        pytest.skip(f"{arch} in this transformers computes no router loss to compare with")
     body, head = body_and_head(model)
     checked = 0
     for name in FORWARDS:
