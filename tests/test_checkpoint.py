@@ -137,15 +137,14 @@ def test_file_hashes_are_sha256_of_the_whole_file(tmp_path, monkeypatch):
     hashlib.sha256 computes it from the bytes in memory."""
     import hashlib
 
-    from dpolab import models
+    from dpolab import gguf_models
 
     data = bytes(range(256)) * (10 * 4096) + b"end"
     path = tmp_path / "weights.gguf"
     path.write_bytes(data)
     expected = hashlib.sha256(data).hexdigest()
     assert checkpoint.sha256(path) == expected
-    monkeypatch.setenv("DPOLAB_CACHE", str(tmp_path / "cache"))
     made = []
-    monkeypatch.setattr(models, "convert_gguf", lambda src, dest, **kw: made.append(dest))
-    dest = models._gguf_path(path, progress=False)
+    monkeypatch.setattr(gguf_models, "convert_gguf", lambda src, dest, **kw: made.append(dest))
+    dest = gguf_models.gguf_folder(path, cache_dir=tmp_path / "cache", progress=False)
     assert dest.name == f"weights-{expected[:16]}" and made == [dest]
