@@ -268,13 +268,28 @@ def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Pat
     """A folder that `AutoModelForCausalLM.from_pretrained` loads: LoRA merged into the base
     weights (or, with merge_lora=False, the adapter alone), safetensors, the tokenizer beside.
     Written under a temporary name and renamed into place."""
-    is_peft = hasattr(model, "peft_config")
-    if is_peft and merge_lora:
+    from dpolab.scopes import is_peft
+
+    if is_peft(model) and merge_lora:
         model = model.merge_and_unload()
     with atomic.write_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def export_sharded_model(wrapped, model, tokenizer, out: Path, *, write: bool) -> None:
+    """:func:`export_model` of an FSDP2-sharded model: collective (every rank gathers its
+    shards), the rank with `write` saves the whole model. `wrapped`: the engine's sharded
+    module, `model` the causal LM inside it."""
+    from dpolab import sharding
+
+    for m in wrapped.modules():  # the sharded layout: state_dict gathers it
+        if hasattr(m, "reshard"):
+            m.reshard()
+    state = sharding.full_model_state(model)  # whole on rank 0 only
+    if write:
+        sharding.save_full_state(state, model.config, tokenizer, out)
 
 
 def after_write_error(run_dir: Path, err: atomic.WriteError) -> atomic.WriteError:

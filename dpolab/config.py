@@ -36,6 +36,7 @@ def setting(default: Any, help: str, *, choices: tuple = (), ge: float | None = 
 
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype names (torch's own)
 PAIR_FORWARDS = ("auto", "shared_prompt", "two_rows", "per_sequence")  # dpolab.policy.FORWARDS + auto
+SCOPE_NAMES = ("full", "lora", "last_layer", "token_rows")  # dpolab.scopes.SCOPES (no torch here)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,6 @@ class LossConfig:
     average_logps: bool = setting(False, "per-token means in the terms that follow it (changes beta's meaning)")
     f_divergence: str = setting("reverse_kl", "dpo, sigmoid: the f-divergence in place of the KL", choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
     f_alpha: float = setting(0.5, "alpha of f_divergence=alpha_divergence (alpha -> 1 is reverse_kl)")
-    use_weighting: bool = setting(False, "WPO: multiply each pair's loss by w(y_w) w(y_l) (refused: the chunked head lacks its weight)")
     ld_alpha: float = setting(1.0, "LD-DPO: weight of tokens past the shorter completion's length (1 = off)", ge=0, le=1)
     discopop_tau: float = setting(0.05, "discopop: temperature of the logistic/exponential blend", gt=0)
     gpo_f: str = setting("logistic", "gpo: f of the margin (logistic = DPO)", choices=("logistic", "squared", "hinge"))
@@ -103,7 +103,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    scope: str = setting("last_layer", "what trains (last_layer: the head only, body states cached once; token_rows: only the head rows of tokens in the training completions)", choices=("full", "lora", "last_layer", "token_rows"))
+    scope: str = setting("last_layer", "what trains (last_layer: the head only, body states cached once; token_rows: only the head rows of tokens in the training completions)", choices=SCOPE_NAMES)
     lora_r: int = setting(8, "LoRA rank", ge=1)
     lora_alpha: float = setting(16.0, "LoRA scale numerator (scale = alpha / r)", gt=0)
     lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "LoRA: module names")
@@ -172,25 +172,6 @@ def _row(key: str, f: dataclasses.Field) -> dict[str, Any]:
         default, tuple) else default, "help": f.metadata.get("help", ""), "allowed": allowed(f)}
 
 
-def describe_text(rows: list[dict[str, Any]], *, width: int = 100) -> str:
-    """`section.key = default`, then its meaning and allowed values, one field per entry."""
-    import textwrap
-
-    lines = []
-    for r in rows:
-        default = yaml.safe_dump(r["default"], default_flow_style=True, width=1 << 20).strip()
-        default = default.removesuffix("\n...").strip()  # a bare scalar's YAML end marker
-        head = f"  {r['key']} = {default}"
-        text = r["help"] + (f" [{r['allowed']}]" if r["allowed"] else "")
-        pad = 46
-        if len(head) >= pad:  # a long default: the meaning starts on the next line
-            lines.append(head)
-            head = ""
-        lines.append(textwrap.fill(text, width, initial_indent=f"{head:<{pad}}",
-                                   subsequent_indent=" " * pad))
-    return "\n".join(lines)
-
-
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert a YAML value to the field's annotated type; a clear error otherwise."""
     origin = typing.get_origin(tp)
@@ -232,9 +213,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise UserError(f"{where}: expected {type_name}, got {value!r}")
 
 
+# Keys that runs once had, with the only value they could take: an old run's config.yaml
+# still loads; any other value is refused with what to do instead.
+_RETIRED = {
+    # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
+    # log_sum_sq_probs); the chunked head returns log pi(label) only.
+    (LossConfig, "use_weighting"): (False, "WPO's weight needs the policy's per-token "
+                                    "log sum_v pi(v)^2, which dpolab's forward does not "
+                                    "compute; remove loss.use_weighting"),
+}
+
+
 def _section(cls: type, values: dict[str, Any], where: str):
     if not isinstance(values, dict):
         raise UserError(f"{where}: expected a mapping, got {values!r}")
+    for (owner, key), (old, why) in _RETIRED.items():
+        if owner is cls and key in values:
+            if values[key] != old:
+                raise UserError(f"{where}.{key}: {why}")
+            values = {k: v for k, v in values.items() if k != key}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -337,11 +334,6 @@ def validate(cfg: RunConfig) -> None:
         if name not in LOSSES:
             raise UserError(f"config loss: unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
     checks = [
-        # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
-        # log_sum_sq_probs); the chunked head returns log pi(label) only.
-        (not cfg.loss.use_weighting, "loss.use_weighting needs the per-token log sum_v pi(v)^2 "
-         "of the policy (WPO's weight), which dpolab's forward does not compute; set "
-         "loss.use_weighting=false"),
         (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
          "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),
         # AdamW's decay shrinks every row, trained or not: it would move the frozen ones.
@@ -354,10 +346,6 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(f"config: {msg}")
-    upper = 0.5 if "robust" in cfg.loss.term_weights() else 1.0  # robust DPO divides by 1 - 2 eps
-    if cfg.loss.label_smoothing >= upper:
-        raise UserError(f"config: loss.label_smoothing = {cfg.loss.label_smoothing} must be < "
-                        f"{upper} for loss {', '.join(cfg.loss.term_weights())}")
     from dpolab.chat_data import RowProblem, check_template_kwargs
     try:
         check_template_kwargs(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
+from typing import Any
+
+import yaml
 
 from dpolab import config as C
 
@@ -18,5 +22,22 @@ def cli_main(argv: list[str]) -> int:
                    "help, allowed}")
     a = p.parse_args(argv)
     rows = C.describe(a.section)
-    print(json.dumps(rows, indent=1) if a.json else C.describe_text(rows))
+    print(json.dumps(rows, indent=1) if a.json else describe_text(rows))
     return 0
+
+
+def describe_text(rows: list[dict[str, Any]], *, width: int = 100) -> str:
+    """`section.key = default`, then its meaning and allowed values, one field per entry."""
+    lines = []
+    for r in rows:
+        default = yaml.safe_dump(r["default"], default_flow_style=True, width=1 << 20).strip()
+        default = default.removesuffix("\n...").strip()  # a bare scalar's YAML end marker
+        head = f"  {r['key']} = {default}"
+        text = r["help"] + (f" [{r['allowed']}]" if r["allowed"] else "")
+        pad = 46
+        if len(head) >= pad:  # a long default: the meaning starts on the next line
+            lines.append(head)
+            head = ""
+        lines.append(textwrap.fill(text, width, initial_indent=f"{head:<{pad}}",
+                                   subsequent_indent=" " * pad))
+    return "\n".join(lines)

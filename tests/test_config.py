@@ -138,3 +138,14 @@ def test_help_lists_every_field_without_torch(argv):
         assert f"  {key} = " in out, key
     assert "  loss.beta = 0.5" in out and "inverse temperature" in out
     assert "one of full | lora | last_layer" in " ".join(out.split())  # wrapped at any space
+
+
+def test_scope_names_are_the_registry():
+    """The config's scope choices (torch-free, for `dpolab config`) are dpolab.scopes.SCOPES'
+    names in the same order, so a scope added to the registry is offered and one removed is
+    refused; the facts other modules ask (body trains, weights overwritten) come from there."""
+    from dpolab.scopes import SCOPES
+
+    assert C.SCOPE_NAMES == tuple(SCOPES)
+    assert [k for k, s in SCOPES.items() if s.trains_body] == ["full", "lora"]
+    assert [k for k, s in SCOPES.items() if s.overwrites_weights] == ["full"]

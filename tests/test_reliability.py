@@ -343,7 +343,7 @@ def test_a_section_given_as_a_list_with_an_override(tmp_path, capsys):
 def test_damaged_metrics_files_name_the_line(tmp_path):
     """A binary metrics.jsonl and a non-object JSON line mid-file: UserError FILE:LINE; a cut
     last line (a run killed mid-write) is still left out."""
-    from dpolab.report import read_metrics
+    from dpolab.rundir import read_metrics
 
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b'{"step": 1}\n\x89PNG\r\n\x1a\n\xff\xfe\n')

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 
 import dpolab.losses.core as core
 import dpolab.losses.reference_free as rf
 import dpolab.losses.variants as v
+
+if TYPE_CHECKING:  # the config imports this registry at run time; annotations only here
+    from dpolab.config import LossConfig
 
 Tensor = torch.Tensor
 LN2 = math.log(2.0)
@@ -60,7 +63,6 @@ class PairLogps:
     n_rejected: Tensor  # completion tokens of y_l
     delta_chosen: Tensor | None = None  # AuxDPO auxiliary rewards, when trained
     delta_rejected: Tensor | None = None
-    pair_weight: Tensor | None = None  # WPO's w(y_w) w(y_l), when loss.use_weighting
     router_loss: Tensor | None = None  # () MoE routers' load-balancing loss (dpolab.moe), when trained
 
     def view(self, reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -203,9 +205,6 @@ def check_hyper(names: Iterable[str], h: LossConfig) -> None:
         raise ValueError("loss exo_pair needs 0 < loss.label_smoothing < 1 (EXO uses 1e-3)")
     if "robust" in names and not 0.0 <= h.label_smoothing < 0.5:
         raise ValueError("loss robust needs 0 <= loss.label_smoothing < 0.5")
-    if h.use_weighting and any(n in names for n in ("aot", "aot_unpaired")):
-        raise ValueError("loss.use_weighting cannot weight aot/aot_unpaired: they sort the batch, "
-                         "so entry i is no longer pair i")
 
 
 class Objective:
@@ -214,7 +213,7 @@ class Objective:
     This is the preference + SFT objective of NeMo RL's DPO, L_pref + beta * L_SFT, which is
     the special case {"dpo": 1.0, "sft": beta}; here the SFT weight is its own number, and
     TRL's loss_type=[...] with loss_weights=[...] is the same data. Names are looked up once,
-    here. With loss.use_weighting every term is multiplied by the batch's WPO pair weight.
+    here.
     """
 
     def __init__(self, weights: Mapping[str, float], hyper: LossConfig):
@@ -228,11 +227,6 @@ class Objective:
         """Returns (total per-example loss (B,), {name: unweighted per-example term (B,)})."""
         parts = {name: term(p, self.hyper) for name, (term, _) in self.terms.items()}
         total = sum(w * parts[name] for name, (_, w) in self.terms.items())
-        if self.hyper.use_weighting:
-            if p.pair_weight is None:
-                raise ValueError("loss.use_weighting needs the batch's WPO pair weights "
-                                 "(PairLogps.pair_weight, see dpolab.losses.wpo_pair_weight)")
-            total = total * p.pair_weight
         return total, parts
 
     def at_reference(self) -> dict[str, float]:
