@@ -13,10 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpolab.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: dpolab.logps imports torch's autograd machinery
+    from dpolab.logps import Head
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -157,7 +161,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:  # missing repo, no network, no config.json
-        raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}")
+        raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
     except Exception as err:  # a damaged file the checks above cannot see
         raise UserError(f"model {name!r} could not be loaded: {type(err).__name__}: "
                         f"{(str(err).splitlines() or [''])[0]}") from None
@@ -174,7 +178,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise UserError(f"tokenizer {name!r} could not be loaded: {str(err).splitlines()[0]}")
+        raise UserError(f"tokenizer {name!r} could not be loaded: "
+                        f"{str(err).splitlines()[0]}") from None
     except Exception as err:  # a damaged tokenizer file
         raise UserError(f"tokenizer {name!r} could not be loaded: {type(err).__name__}: "
                         f"{(str(err).splitlines() or [''])[0]}") from None
@@ -250,7 +255,7 @@ def checkpoint_activations(model) -> int:
     return len(layers)
 
 
-def body_and_head(model) -> tuple[Callable, "Head"]:
+def body_and_head(model) -> tuple[Callable, Head]:
     """Split a causal LM into `body(input_ids, attention_mask, position_ids) -> (B, T, D)`
     final hidden states (after the final norm) and the output `Head`, so that
     logits = softcap(body(x) @ W.T + b) equals `model(x).logits` without the (B, T, V) tensor.
