@@ -18,7 +18,8 @@ from typing import Any
 
 from dpolab import config as C
 from dpolab.errors import UserError
-from dpolab.inputs import Inputs, check_fit, check_model, check_peft, check_tokenizer, is_peft
+from dpolab.inputs import Inputs, check_fit, check_model, check_peft, check_tokenizer
+from dpolab.scopes import is_peft
 from dpolab.trackers import check as check_trackers
 
 

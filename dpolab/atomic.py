@@ -177,11 +177,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def sha256(path: Path) -> str:
     """The sha256 of a file's bytes (checkpoint files, converted model folders)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def digest(tensors: dict) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpolab.data import DataError, PreferenceRow
-from dpolab.diagnostics import unflippable
+from dpolab.diagnostics import unflippable, unflippable_threshold
 
 FIELDS = ("prompt", "chosen", "rejected")
 NO_GROUP = "(none)"  # the group name shown for rows without a "group" column
@@ -303,7 +303,7 @@ def margin_report(wheres: Sequence[str], groups: Sequence[str | None],
                         "unflippable": int(stuck[sel].sum())}
     order = np.flatnonzero(stuck)
     order = order[np.argsort(m[order], kind="stable")]  # most strongly reversed first
-    return {"beta": beta, "threshold": float(np.log(3.0) / beta) if beta > 0 else None,
+    return {"beta": beta, "threshold": unflippable_threshold(beta),
             "margin": {**quantiles(m), "negative_fraction": float(np.mean(m < 0)) if m.size
                        else 0.0},
             "groups": per_group,

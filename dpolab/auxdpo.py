@@ -44,15 +44,6 @@ def null_space_basis(A: Tensor, *, rtol: float | None = None) -> Tensor:
     return vh[rank:].transpose(0, 1).contiguous()  # (n, n - rank)
 
 
-def project_to_null_space(delta: Tensor, basis: Tensor) -> Tensor:
-    """Orthogonal projection Gamma Gamma^T delta onto N(A), for delta (..., n) and an
-    orthonormal basis (n, k) from :func:`null_space_basis`; returns (..., n)."""
-    if delta.shape[-1] != basis.shape[0]:
-        raise ValueError(f"project_to_null_space: delta has {delta.shape[-1]} entries, the "
-                         f"basis spans vectors of {basis.shape[0]}")
-    return (delta @ basis) @ basis.transpose(0, 1)
-
-
 # ----------------------------------------------------------------------------------------
 # The trainer side: per-pair auxiliary rewards and the batchwise soft null-space penalty
 
@@ -194,27 +185,24 @@ def _spectrum(evals: Tensor, null: Tensor, *, null_weight: float) -> dict:
             "eig_min": eig_min, "soft_floor": null_weight * eig_min}
 
 
-def null_space_of_gram(G: Tensor, *, rtol: float | None = None) -> Tensor:
-    """Orthonormal basis (2n, k) of N(A) from G = A^T A: N(A) = N(G), the eigenvectors of G
-    whose eigenvalues are below rtol * max eigenvalue (default: 2n * eps(float32), since A
-    was accumulated in float32)."""
-    _, evecs, null = _eig_null(G, rtol=rtol)
-    return evecs[:, null]
+class NoAuxRewards:
+    """A run without the auxdpo term: no auxiliary rewards, the loop's calls change nothing
+    (the null object :meth:`AuxRewards.maybe` gives, so the loop never asks)."""
 
+    def param_groups(self, lr: float) -> list[dict]:
+        return []
 
-def gram_spectrum(G: Tensor, *, null_weight: float, rtol: float | None = None) -> dict:
-    """What N(A) leaves AuxDPO, from G = A^T A (m, m) over all m responses: the numerical rank
-    of A (eigenvalues of G above rtol * max, the tolerance of :func:`null_space_of_gram`), the
-    null-space dimension m - rank, and G's extreme eigenvalues.
+    def named(self) -> dict[str, Tensor]:
+        return {}
 
-    When the null space is {0} (rank = m: as many independent response gradients as
-    responses, the usual case once the trained parameters outnumber the responses), no
-    nonzero delta satisfies A delta = 0: exact mode pins delta to 0, and the soft penalty
-    charges at least lambda_null * eig_min * ||delta||^2, so AuxDPO can only differ from DPO
-    where that floor is small next to the preference loss's pull on delta (at most beta per
-    pair). `soft_floor` is lambda_null * eig_min."""
-    evals, _, null = _eig_null(G, rtol=rtol)
-    return _spectrum(evals, null, null_weight=null_weight)
+    def with_delta(self, pairs, idx):
+        return pairs
+
+    def penalty(self, idx, *, n_global: int) -> float:
+        return 0.0
+
+    def sync(self, dist) -> None:
+        pass
 
 
 class AuxRewards:
@@ -255,15 +243,16 @@ class AuxRewards:
         self.delta = torch.nn.Parameter(torch.zeros(k, device=device))
 
     @classmethod
-    def maybe(cls, objective, session, lc) -> "AuxRewards | None":
+    def maybe(cls, objective, session, lc) -> "AuxRewards | NoAuxRewards":
         """The auxiliary rewards of `session`'s training pairs when the objective has the
-        auxdpo term, else None; records the Gram spectrum in the run directory."""
+        auxdpo term, else a :class:`NoAuxRewards`; records the Gram spectrum in the run
+        directory."""
         from dpolab import rundir
         from dpolab.errors import UserError
         from dpolab.progress import Progress
 
         if not objective.needs_delta:
-            return None
+            return NoAuxRewards()
         n, tc, scope = len(session.train), session.cfg.train, session.scope
         rows = scope.trained_rows  # token_rows: A has only these rows of the head
         kw = dict(device=session.dist.device, null_weight=lc.aux_null_weight,
@@ -313,6 +302,18 @@ class AuxRewards:
                                        if basis.shape[1] == 0 else ""))
             return cls(n, basis=basis, **kw)
         return cls(n, gram=gram.float().to(session.dist.device), **kw)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's group of the auxiliary rewards: their own learning rate, no decay."""
+        return [{"params": [self.delta], "lr": lr, "weight_decay": 0.0}]
+
+    def named(self) -> dict[str, Tensor]:
+        """The trained tensor by the name checkpoints keep it under."""
+        return {"auxdpo.delta": self.delta}
+
+    def sync(self, dist) -> None:
+        """Sum delta's gradient over the ranks: it lives outside the engine's module."""
+        dist.sum_grad(self.delta)
 
     def full_delta(self) -> Tensor:
         """(2n,) auxiliary rewards [chosen..., rejected...]."""

@@ -1,7 +1,8 @@
 """Atomic, verified, resumable checkpoints of the trainable state.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the trainable tensors
-(`trainable.safetensors`), the optimizer state (`optimizer.pt`, read back with
+(`trainable.safetensors`), the optimizer state keyed by parameter name (`optimizer.pt`,
+torch.distributed.checkpoint.state_dict's full form, read back with
 `torch.load(weights_only=True)`), the lines of metrics.jsonl written so far (`metrics.jsonl`)
 and `state.json` (step, metrics lines written, the run's identity (dpolab.identity), and the
 sha256 of each of the other files). It is written under a temporary name and renamed
@@ -46,14 +47,13 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
     Keeps the newest `keep` checkpoints (at least one: the one just written)."""
     from dpolab import sharding
 
-    named = {k: sharding.full(v) for k, v in named.items()}
-    opt_state = sharding.optimizer_state_full(optimizer)
+    tensors, opt_state = sharding.gather_state(named, optimizer)  # keyed by parameter name
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     if not is_main:
         return final
     with atomic.write_dir(final) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in named.items()},
+        save_file({k: v.contiguous() for k, v in tensors.items()},
                   str(tmp / "trainable.safetensors"))
         with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a failed write keeps
             torch.save(opt_state, f)                  # its errno (dpolab.atomic.writing)
@@ -192,18 +192,56 @@ def restore(found: tuple[Path, dict], named: dict[str, torch.Tensor],
                         f"{missing[0]!r}; was the config changed since the run started?")
     from dpolab import sharding
 
-    with torch.no_grad():
-        for k, t in named.items():
-            if tensors[k].shape != t.shape:
-                raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the "
-                                f"model's is {tuple(t.shape)}; was the config changed?")
-            t.copy_(sharding.like(tensors[k], t))
+    for k, t in named.items():
+        if tensors[k].shape != t.shape:
+            raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the "
+                            f"model's is {tuple(t.shape)}; was the config changed?")
+    opt_state = _keyed_by_name(path, opt_state, optimizer, named)
     try:
-        sharding.load_optimizer_state_full(optimizer, opt_state)
+        sharding.load_state(named, optimizer, {k: tensors[k] for k in named}, opt_state)
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise UserError(f"{path}: the optimizer state does not fit this run "
                         f"({type(err).__name__}: {err})") from None
     return int(state["step"]), _metrics_record(path, int(state["metrics_lines"]), metrics_path)
+
+
+def _keyed_by_name(path: Path, saved: dict, optimizer: torch.optim.Optimizer,
+                   named: dict[str, torch.Tensor]) -> dict:
+    """The saved optimizer state keyed by parameter name, its names all trained by this run.
+    A checkpoint written before the state was keyed by name numbers the parameters by their
+    position in the optimizer: those are read as this optimizer's positions (the order the
+    same code creates), said, and refused in one line where a state's shape is not that
+    parameter's."""
+    try:
+        groups = saved["param_groups"]
+        keys = [k for g in groups for k in g["params"]]
+        state = saved["state"]
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{path}: optimizer.pt is not an optimizer state ({err!r})") from None
+    if all(isinstance(k, int) for k in keys):
+        name_of = {id(p): n for n, p in named.items()}
+        names = [name_of.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]]
+        if sorted(keys) != list(range(len(names))):
+            raise UserError(f"{path}: optimizer.pt numbers {len(keys)} parameters by position "
+                            f"(an older checkpoint); this run trains {len(names)}")
+        for i, values in state.items():
+            for k, v in values.items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != named[names[i]].shape:
+                    raise UserError(
+                        f"{path}: optimizer.pt numbers parameters by position (an older "
+                        f"checkpoint) and its {k} at position {i} has shape {tuple(v.shape)}, "
+                        f"not that of {names[i]} {tuple(named[names[i]].shape)}: the parameters "
+                        f"are created in another order now; resume with the dpolab that wrote it")
+        _say(f"{path}: optimizer state saved by position (an older checkpoint), read in this "
+             f"run's parameter order")
+        state = {names[i]: values for i, values in state.items()}
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in groups]
+        keys = [names[i] for i in keys]
+    unknown = sorted(set(keys) - set(named))
+    if unknown:
+        raise UserError(f"{path}: the optimizer state names {len(unknown)} parameter(s) this run "
+                        f"does not train, e.g. {unknown[0]!r}; was the config changed?")
+    return {"state": state, "param_groups": groups}
 
 
 def _metrics_record(path: Path, lines: int, metrics_path: Path) -> str:
@@ -230,13 +268,28 @@ def export_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Pat
     """A folder that `AutoModelForCausalLM.from_pretrained` loads: LoRA merged into the base
     weights (or, with merge_lora=False, the adapter alone), safetensors, the tokenizer beside.
     Written under a temporary name and renamed into place."""
-    is_peft = hasattr(model, "peft_config")
-    if is_peft and merge_lora:
+    from dpolab.scopes import is_peft
+
+    if is_peft(model) and merge_lora:
         model = model.merge_and_unload()
     with atomic.write_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+def export_sharded_model(wrapped, model, tokenizer, out: Path, *, write: bool) -> None:
+    """:func:`export_model` of an FSDP2-sharded model: collective (every rank gathers its
+    shards), the rank with `write` saves the whole model. `wrapped`: the engine's sharded
+    module, `model` the causal LM inside it."""
+    from dpolab import sharding
+
+    for m in wrapped.modules():  # the sharded layout: state_dict gathers it
+        if hasattr(m, "reshard"):
+            m.reshard()
+    state = sharding.full_model_state(model)  # whole on rank 0 only
+    if write:
+        sharding.save_full_state(state, model.config, tokenizer, out)
 
 
 def after_write_error(run_dir: Path, err: atomic.WriteError) -> atomic.WriteError:

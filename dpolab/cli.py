@@ -22,6 +22,7 @@ REPRODUCE = {
 # subcommand -> (module, one-line help); each module has cli_main(argv: list[str]) -> int
 COMMANDS = {
     "train": ("dpolab.train_cli", "train a causal LM with a DPO-family objective"),
+    "config": ("dpolab.config_cli", "list every config field: default, meaning, allowed values"),
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
     "report": ("dpolab.report", "write report.html and figures for a run directory"),
     "compare": ("dpolab.report", "overlay several runs in one report"),

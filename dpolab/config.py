@@ -7,6 +7,8 @@ run directory (`config.yaml`) so a run can be read, resumed and compared later.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,62 +21,75 @@ from dpolab import atomic
 from dpolab.errors import UserError
 
 
+def setting(default: Any, help: str, *, choices: tuple = (), ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """One config field in one line: its default, its meaning (printed by `dpolab config` and
+    `dpolab train --help`) and the values `validate` allows: one of `choices`, or a number
+    within the bounds (for a mapping, each of its values). Every float must be finite too."""
+    bounds = tuple((op, v) for op, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                   if v is not None)
+    meta = {"help": help, "choices": tuple(choices), "bounds": bounds}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype names (torch's own)
 PAIR_FORWARDS = ("auto", "shared_prompt", "two_rows", "per_sequence")  # dpolab.policy.FORWARDS + auto
+SCOPE_NAMES = ("full", "lora", "last_layer", "token_rows")  # dpolab.scopes.SCOPES (no torch here)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "smollm2-135m-instruct"  # the embedded default, a local folder, a .gguf file or a hub name
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16 (log-probs float32 either way)
-    trust_remote_code: bool = False  # run code shipped with a model folder only when asked
-    router_aux_loss_coef: float | None = None  # MoE: weight of the routers' load-balancing loss; null = the model config's (0 if it has none); 0 = off
+    name: str = setting("smollm2-135m-instruct", "the embedded default, a local folder, a .gguf file or a hub name")
+    dtype: str = setting("float32", "parameter dtype (log-probs float32 either way)", choices=DTYPES)
+    trust_remote_code: bool = setting(False, "run code shipped with a model folder only when asked")
+    router_aux_loss_coef: float | None = setting(None, "MoE: weight of the routers' load-balancing loss; null = the model config's (0 if it has none); 0 = off", ge=0)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # JSONL / JSON / Parquet file; empty = the embedded multi-value default
-    eval_path: str = ""  # held-out file; empty = split eval_fraction off `path`
-    eval_fraction: float = 0.1  # held-out share of `path` when no eval_path (seeded split)
-    max_length: int = 512  # prompt + completion tokens
-    max_prompt_length: int = 256  # prompt tokens kept (see truncation)
-    truncation: str = "keep_end"  # keep_end | keep_start: which end of a long prompt is kept
-    skip_invalid: bool = False  # drop and count bad rows instead of stopping
-    per_group: int = 24  # embedded default: training pairs per group (0 = all)
-    eval_per_group: int = 24  # embedded default: held-out pairs per group (0 = all)
-    groups: tuple[str, ...] = ()  # embedded default: groups to use (empty = all)
-    group_weights: dict[str, float] = field(default_factory=dict)  # per-group loss weights (missing = 1)
-    chat_template_kwargs: dict[str, bool | int | float | str | list | dict] = field(default_factory=dict)  # chat-template variables, e.g. {enable_thinking: false}; a row's column wins
+    path: str = setting("", "JSONL / JSON / Parquet file; empty = the embedded multi-value default")
+    eval_path: str = setting("", "held-out file; empty = split eval_fraction off `path`")
+    eval_fraction: float = setting(0.1, "held-out share of `path` when no eval_path (seeded split)", gt=0, lt=1)
+    max_length: int = setting(512, "prompt + completion tokens", ge=2)
+    max_prompt_length: int = setting(256, "prompt tokens kept (see truncation); < max_length", ge=1)
+    truncation: str = setting("keep_end", "which end of a long prompt is kept", choices=("keep_end", "keep_start"))
+    skip_invalid: bool = setting(False, "drop and count bad rows instead of stopping")
+    per_group: int = setting(24, "embedded default: training pairs per group (0 = all)", ge=0)
+    eval_per_group: int = setting(24, "embedded default: held-out pairs per group (0 = all)", ge=0)
+    groups: tuple[str, ...] = setting((), "embedded default: groups to use (empty = all)")
+    group_weights: dict[str, float] = setting({}, "per-group loss weights, e.g. {factual: 2.0} (missing = 1)", ge=0)
+    chat_template_kwargs: dict[str, bool | int | float | str | list | dict] = setting({}, "chat-template variables, e.g. {enable_thinking: false}; a row's column wins")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "dpo"  # one term of dpolab.losses.LOSSES (TRL's names too), used when `weights` is empty
-    weights: dict[str, float] = field(default_factory=dict)  # weighted terms, e.g. {sigmoid: 1.0, sft: 0.1}
-    beta: float = 0.5  # inverse temperature; 0.5 measured best of 0.1/0.5 on the embedded default
-    label_smoothing: float = 0.0  # label-noise rate eps of cDPO (dpo), robust, aot, aot_unpaired, exo_pair
-    dpop_lambda: float = 50.0  # DPOP penalty weight
-    average_logps: bool = False  # per-token means in the terms that follow it (changes beta's meaning)
-    f_divergence: str = "reverse_kl"  # dpo, sigmoid: reverse_kl | forward_kl | js_divergence | alpha_divergence
-    f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence (alpha -> 1 is reverse_kl)
-    use_weighting: bool = False  # WPO: multiply each pair's loss by w(y_w) w(y_l) (policy token probabilities)
-    ld_alpha: float = 1.0  # LD-DPO: weight of tokens past the shorter completion's length (1 = off)
-    discopop_tau: float = 0.05  # discopop: temperature of the logistic/exponential blend
-    gpo_f: str = "logistic"  # gpo: f of the margin, logistic (= DPO) | squared | hinge
-    simpo_gamma: float = 0.5  # simpo: target reward margin gamma (reward units)
-    cpo_alpha: float = 1.0  # cpo: weight of the NLL term
-    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term
-    aux_lr: float = 0.05  # AuxDPO: learning rate of the per-pair auxiliary rewards
-    aux_null_weight: float = 1.0  # AuxDPO: lambda_null of the batchwise null-space penalty
-    aux_amp_weight: float = 0.01  # AuxDPO: lambda_amp of the amplitude penalty
-    aux_mode: str = "soft"  # AuxDPO: soft (batchwise penalty) | exact (delta in N(A) by construction)
-    aux_form: str = "seed"  # AuxDPO: seed (free delta, +lambda_amp ||delta||^2) | authors (delta = aux_cap tanh(raw), -lambda_amp/2 (mean dc^2 + mean dr^2)); dpolab.losses.core
-    aux_cap: float = 1.0  # AuxDPO authors' form: the bound on |delta|
-    aux_max_gib: float = 2.0  # AuxDPO: memory allowed for the per-response gradients of A
+    name: str = setting("dpo", "one term of dpolab.losses.LOSSES (TRL's names too), used when `weights` is empty")
+    weights: dict[str, float] = setting({}, "weighted terms, e.g. {sigmoid: 1.0, sft: 0.1}", ge=0)
+    beta: float = setting(0.5, "inverse temperature (0 trains nothing, IPO divides by it); 0.5 measured best of 0.1/0.5 on the embedded default", gt=0)
+    label_smoothing: float = setting(0.0, "label-noise rate eps of cDPO (dpo), robust (< 0.5), aot, aot_unpaired, exo_pair (> 0)", ge=0, lt=1)
+    dpop_lambda: float = setting(50.0, "DPOP penalty weight", ge=0)
+    average_logps: bool = setting(False, "per-token means in the terms that follow it (changes beta's meaning)")
+    f_divergence: str = setting("reverse_kl", "dpo, sigmoid: the f-divergence in place of the KL", choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+    f_alpha: float = setting(0.5, "alpha of f_divergence=alpha_divergence (alpha -> 1 is reverse_kl)")
+    ld_alpha: float = setting(1.0, "LD-DPO: weight of tokens past the shorter completion's length (1 = off)", ge=0, le=1)
+    discopop_tau: float = setting(0.05, "discopop: temperature of the logistic/exponential blend", gt=0)
+    gpo_f: str = setting("logistic", "gpo: f of the margin (logistic = DPO)", choices=("logistic", "squared", "hinge"))
+    simpo_gamma: float = setting(0.5, "simpo: target reward margin gamma (reward units)")
+    cpo_alpha: float = setting(1.0, "cpo: weight of the NLL term", ge=0)
+    orpo_lambda: float = setting(0.1, "orpo: weight of the odds-ratio term", ge=0)
+    aux_lr: float = setting(0.05, "AuxDPO: learning rate of the per-pair auxiliary rewards", ge=0)
+    aux_null_weight: float = setting(1.0, "AuxDPO: lambda_null of the batchwise null-space penalty", ge=0)
+    aux_amp_weight: float = setting(0.01, "AuxDPO: lambda_amp of the amplitude penalty", ge=0)
+    aux_mode: str = setting("soft", "AuxDPO: soft (a batchwise penalty) or exact (delta in N(A) by construction)", choices=("soft", "exact"))
+    aux_form: str = setting("seed", "AuxDPO: seed (free delta, +lambda_amp ||delta||^2) or authors (delta = aux_cap tanh(raw), -lambda_amp/2 (mean dc^2 + mean dr^2)); dpolab.losses.core", choices=("seed", "authors"))
+    aux_cap: float = setting(1.0, "AuxDPO authors' form: the bound on |delta| (delta = cap tanh(raw))", gt=0)
+    aux_max_gib: float = setting(2.0, "AuxDPO: memory allowed for the per-response gradients of A (GiB)", gt=0)
 
     def __post_init__(self):
         # The loss terms read these fields directly (dpolab.losses' Objective takes this class),
-        # so a value they cannot use is refused where it is set.
+        # so a combination they cannot use is refused where it is set.
         from dpolab.losses.registry import check_hyper
 
         try:
@@ -88,40 +103,40 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    scope: str = "last_layer"  # full | lora | last_layer (head only; body states cached once) | token_rows (only the head rows of tokens in the training completions)
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names
-    lr: float = 1e-4  # peak learning rate of the model parameters
-    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
-    warmup_steps: int = 2  # linear warmup from 0
-    epochs: int = 3  # passes over the training pairs (ignored when max_steps > 0)
-    max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` take
-    batch_size: int = 8  # pairs per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    eval_every: int = -1  # steps between held-out evaluations; -1 = ~8 per run (every ceil(steps/8)); 0 = start and end only; train pairs: start and end
-    save_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk (resume falls back to an older one)
-    seed: int = 0  # data order, initialisation of new parameters, every random draw
-    logps_chunk: int = 1024  # completion positions per head chunk (memory O(chunk x V))
-    activation_checkpointing: bool = False  # full/lora: recompute each block in backward
-    cpu_reuse_memory: bool = True  # CPU/glibc: keep freed tensor memory mapped (dpolab.memory)
-    pair_forward: str = "auto"  # auto (the fastest that passes dpolab.forward_check on the model) | shared_prompt (one row per pair, 4D mask) | two_rows | per_sequence
-    distributed: str = "ddp"  # under torchrun: ddp (DistributedDataParallel) | fsdp2 (all weights sharded)
-    dist_timeout_s: float = 1800.0  # under torchrun: seconds any collective may wait for the other ranks
-    eval_batch_size: int = 16  # pairs per forward at evaluation and reference time
-    device: str = "auto"  # auto | cpu | cuda
-    bf16_autocast: bool = True  # bf16 autocast of the body on CUDA (never on CPU)
-    progress: bool = True  # progress bar on a terminal, plain lines otherwise
-    export_merged: bool = True  # lora: export the merged model (False: the adapter alone)
-    report: bool = True  # write report.html and its figures at the end of the run
-    report_to: tuple[str, ...] = ()  # trackers that also get metrics.jsonl's rows: tensorboard | wandb | mlflow | trackio
-    tracker_project: str = "dpolab"  # wandb/trackio project, mlflow experiment; the run is named after its directory
-    did_samples: int = 4  # DID entropy at the end: samples per held-out prompt (0 = off)
-    did_prompts: int = 8  # DID entropy: held-out prompts sampled
-    did_max_new_tokens: int = 24  # DID entropy: tokens per sample at most
+    scope: str = setting("last_layer", "what trains (last_layer: the head only, body states cached once; token_rows: only the head rows of tokens in the training completions)", choices=SCOPE_NAMES)
+    lora_r: int = setting(8, "LoRA rank", ge=1)
+    lora_alpha: float = setting(16.0, "LoRA scale numerator (scale = alpha / r)", gt=0)
+    lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "LoRA: module names")
+    lr: float = setting(1e-4, "peak learning rate of the model parameters", gt=0)
+    schedule: str = setting("cosine", "learning rate after linear warmup", choices=("cosine", "constant"))
+    warmup_steps: int = setting(2, "linear warmup from 0", ge=0)
+    epochs: int = setting(3, "passes over the training pairs (ignored when max_steps > 0)", ge=1)
+    max_steps: int = setting(0, "optimizer steps; 0 = as many as `epochs` take", ge=0)
+    batch_size: int = setting(8, "pairs per micro-batch (per process)", ge=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
+    max_grad_norm: float = setting(1.0, "clip the global gradient norm; 0 = no clipping", ge=0)
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", ge=0)
+    eval_every: int = setting(-1, "steps between held-out evaluations; -1 = ~8 per run (every ceil(steps/8)); 0 = start and end only; train pairs: start and end", ge=-1)
+    save_every: int = setting(25, "optimizer steps between checkpoints; 0 = only at the end", ge=0)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept on disk (resume falls back to an older one)", ge=1)
+    seed: int = setting(0, "data order, initialisation of new parameters, every random draw")
+    logps_chunk: int = setting(1024, "completion positions per head chunk (memory O(chunk x V))", ge=1)
+    activation_checkpointing: bool = setting(False, "full/lora: recompute each block in backward")
+    cpu_reuse_memory: bool = setting(True, "CPU/glibc: keep freed tensor memory mapped (dpolab.memory)")
+    pair_forward: str = setting("auto", "auto: the fastest layout that passes dpolab.forward_check on the model; shared_prompt: one row per pair under a 4D mask; two_rows: chosen and rejected rows apart; per_sequence: each sequence alone", choices=PAIR_FORWARDS)
+    distributed: str = setting("ddp", "under torchrun: ddp (DistributedDataParallel) or fsdp2 (every weight sharded; needs scope full)", choices=("ddp", "fsdp2"))
+    dist_timeout_s: float = setting(1800.0, "under torchrun: seconds any collective may wait for the other ranks", gt=0)
+    eval_batch_size: int = setting(16, "pairs per forward at evaluation and reference time", ge=1)
+    device: str = setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    bf16_autocast: bool = setting(True, "bf16 autocast of the body on CUDA (never on CPU)")
+    progress: bool = setting(True, "progress bar on a terminal, plain lines otherwise")
+    export_merged: bool = setting(True, "lora: export the merged model (False: the adapter alone)")
+    report: bool = setting(True, "write report.html and its figures at the end of the run")
+    report_to: tuple[str, ...] = setting((), "trackers that also get metrics.jsonl's rows: tensorboard | wandb | mlflow | trackio")
+    tracker_project: str = setting("dpolab", "wandb/trackio project, mlflow experiment; the run is named after its directory")
+    did_samples: int = setting(4, "DID entropy at the end: samples per held-out prompt (0 = off)", ge=0)
+    did_prompts: int = setting(8, "DID entropy: held-out prompts sampled", ge=0)
+    did_max_new_tokens: int = setting(24, "DID entropy: tokens per sample at most", ge=1)
 
 
 @dataclass(frozen=True)
@@ -130,10 +145,31 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out: str = "runs/default"  # the run directory
+    out: str = setting("runs/default", "the run directory")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+
+
+def describe(section: str | None = None) -> list[dict[str, Any]]:
+    """Every field (of one section, or all and `out`) as {key, type, default, help,
+    allowed}: what `dpolab config` and `dpolab train --help` print, read from the classes
+    alone (nothing is constructed, so nothing of torch is imported)."""
+    if section is not None and section not in SECTIONS:
+        raise UserError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+    named = [(f"{name}.", cls) for name, cls in SECTIONS.items() if section in (None, name)]
+    rows = []
+    for prefix, cls in named:
+        rows += [_row(prefix + f.name, f) for f in dataclasses.fields(cls)]
+    if section is None:
+        rows.append(_row("out", next(f for f in dataclasses.fields(RunConfig) if f.name == "out")))
+    return rows
+
+
+def _row(key: str, f: dataclasses.Field) -> dict[str, Any]:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return {"key": key, "type": str(f.type), "default": list(default) if isinstance(
+        default, tuple) else default, "help": f.metadata.get("help", ""), "allowed": allowed(f)}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -177,9 +213,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise UserError(f"{where}: expected {type_name}, got {value!r}")
 
 
+# Keys that runs once had, with the only value they could take: an old run's config.yaml
+# still loads; any other value is refused with what to do instead.
+_RETIRED = {
+    # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
+    # log_sum_sq_probs); the chunked head returns log pi(label) only.
+    (LossConfig, "use_weighting"): (False, "WPO's weight needs the policy's per-token "
+                                    "log sum_v pi(v)^2, which dpolab's forward does not "
+                                    "compute; remove loss.use_weighting"),
+}
+
+
 def _section(cls: type, values: dict[str, Any], where: str):
     if not isinstance(values, dict):
         raise UserError(f"{where}: expected a mapping, got {values!r}")
+    for (owner, key), (old, why) in _RETIRED.items():
+        if owner is cls and key in values:
+            if values[key] != old:
+                raise UserError(f"{where}.{key}: {why}")
+            values = {k: v for k, v in values.items() if k != key}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -270,37 +322,25 @@ def _apply(raw: dict[str, Any], values: list[tuple[str, Any, str]], *,
 
 
 def validate(cfg: RunConfig) -> None:
+    """Every field against its own metadata (`setting`: choices, bounds, finiteness), then
+    what depends on more than one field or on a registry."""
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            _check_field(f"{name}.{f.name}", f, getattr(section, f.name))
     from dpolab.losses import LOSSES
 
     for name in cfg.loss.term_weights():
         if name not in LOSSES:
             raise UserError(f"config loss: unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}")
     checks = [
-        (cfg.train.scope in ("full", "lora", "last_layer", "token_rows"),
-         "train.scope must be full, lora, last_layer or token_rows"),
+        (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
+         "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),
         # AdamW's decay shrinks every row, trained or not: it would move the frozen ones.
         (cfg.train.scope != "token_rows" or cfg.train.weight_decay == 0,
          "train.scope=token_rows needs train.weight_decay=0 (decay would move the frozen rows)"),
-        (cfg.loss.aux_form in ("seed", "authors"), "loss.aux_form must be seed or authors"),
         (cfg.loss.aux_form != "authors" or cfg.loss.aux_mode == "soft",
          "loss.aux_form=authors is the authors' soft penalty; it needs loss.aux_mode=soft"),
-        (cfg.train.schedule in ("cosine", "constant"), "train.schedule must be cosine or constant"),
-        (cfg.data.truncation in ("keep_end", "keep_start"), "data.truncation must be keep_end or keep_start"),
-        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}"),
-        (cfg.loss.aux_mode in ("soft", "exact"), "loss.aux_mode must be soft or exact"),
-        # WPO's weight needs log sum_v pi(v)^2 at every completion position (TRL's
-        # log_sum_sq_probs); the chunked head returns log pi(label) only.
-        (not cfg.loss.use_weighting, "loss.use_weighting needs the per-token log sum_v pi(v)^2 "
-         "of the policy (WPO's weight), which dpolab's forward does not compute; set "
-         "loss.use_weighting=false"),
-        (cfg.train.distributed in ("ddp", "fsdp2"), "train.distributed must be ddp or fsdp2"),
-        (cfg.train.distributed != "fsdp2" or cfg.train.scope == "full",
-         "train.distributed=fsdp2 shards the full model: it needs train.scope=full"),
-        (cfg.train.pair_forward in PAIR_FORWARDS,
-         f"train.pair_forward must be one of {', '.join(PAIR_FORWARDS)}"),
-        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
-        (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-        (0 < cfg.data.eval_fraction < 1, "data.eval_fraction must lie in (0, 1)"),
         (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
     ]
     for ok, msg in checks:
@@ -311,66 +351,32 @@ def validate(cfg: RunConfig) -> None:
         check_template_kwargs(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
     except RowProblem as err:
         raise UserError(f"config: {err}") from None
-    _check_numbers(cfg)
 
 
-# (section, field, lowest, lowest allowed itself?, why the bound): every number the math
-# divides by, multiplies a loss with or steps with must be finite and in range. beta = 0
-# makes every preference term constant (DPO: ln 2, gradient 0; IPO divides by beta).
-_BOUNDS = [
-    ("loss", "beta", 0, False, "the inverse temperature: 0 trains nothing and IPO divides by it"),
-    ("loss", "label_smoothing", 0, True, "a label-noise rate"),
-    ("loss", "dpop_lambda", 0, True, "a penalty weight"),
-    ("loss", "aux_lr", 0, True, "a learning rate"),
-    ("loss", "aux_null_weight", 0, True, "a penalty weight"),
-    ("loss", "aux_amp_weight", 0, True, "a penalty weight"),
-    ("loss", "aux_max_gib", 0, False, "a memory size"),
-    ("loss", "aux_cap", 0, False, "the bound on |delta| (delta = cap tanh(raw))"),
-    ("train", "lr", 0, False, "the peak learning rate"),
-    ("train", "lora_alpha", 0, False, "the LoRA scale numerator"),
-    ("train", "max_grad_norm", 0, True, "a norm (0 = no clipping)"),
-    ("train", "weight_decay", 0, True, "a decay rate"),
-    ("train", "lora_r", 1, True, "a rank"),
-    ("train", "warmup_steps", 0, True, "a step count"),
-    ("train", "epochs", 1, True, "a pass count"),
-    ("train", "max_steps", 0, True, "a step count (0 = from epochs)"),
-    ("train", "eval_every", -1, True, "a step count (0 = start and end, -1 = about 8 over the run)"),
-    ("train", "save_every", 0, True, "a step count (0 = at the end)"),
-    ("train", "keep_checkpoints", 1, True, "the number of checkpoints kept"),
-    ("train", "logps_chunk", 1, True, "a chunk size"),
-    ("train", "eval_batch_size", 1, True, "a batch size"),
-    ("train", "did_samples", 0, True, "a sample count"),
-    ("train", "did_prompts", 0, True, "a prompt count"),
-    ("train", "did_max_new_tokens", 1, True, "a token count"),
-    ("data", "max_length", 2, True, "a token count"),
-    ("data", "max_prompt_length", 1, True, "a token count"),
-    ("data", "per_group", 0, True, "a pair count (0 = all)"),
-    ("data", "eval_per_group", 0, True, "a pair count (0 = all)"),
-]
+_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le),
+        "lt": ("<", operator.lt)}
 
 
-def _check_numbers(cfg: RunConfig) -> None:
-    import math
+def allowed(f: dataclasses.Field) -> str:
+    """The values field `f` takes, in words ("" when its type says it all)."""
+    if f.metadata.get("choices"):
+        return "one of " + " | ".join(f.metadata["choices"])
+    return " and ".join(f"{_OPS[op][0]} {v}" for op, v in f.metadata.get("bounds", ()))
 
-    for section, name, low, inclusive, why in _BOUNDS:
-        value = getattr(getattr(cfg, section), name)
-        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
-        if not ok:
-            raise UserError(f"config: {section}.{name} = {value} is out of range: it must be a "
-                            f"finite number {'>=' if inclusive else '>'} {low} ({why})")
-    coef = cfg.model.router_aux_loss_coef
-    if coef is not None and not (math.isfinite(coef) and coef >= 0):
-        raise UserError(f"config: model.router_aux_loss_coef = {coef} must be a finite number "
-                        ">= 0 (a loss weight), or null for the model config's own")
-    upper = 0.5 if "robust" in cfg.loss.term_weights() else 1.0  # robust DPO divides by 1 - 2 eps
-    if cfg.loss.label_smoothing >= upper:
-        raise UserError(f"config: loss.label_smoothing = {cfg.loss.label_smoothing} must be < "
-                        f"{upper} for loss {', '.join(cfg.loss.term_weights())}")
-    for where, weights in (("loss.weights", cfg.loss.weights),
-                           ("data.group_weights", cfg.data.group_weights)):
-        for key, w in weights.items():
-            if not (math.isfinite(w) and w >= 0):
-                raise UserError(f"config: {where}.{key} = {w} must be a finite number >= 0")
+
+def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
+    """UserError naming `key` when `value` is outside what its `setting` allows."""
+    choices, bounds = f.metadata.get("choices", ()), f.metadata.get("bounds", ())
+    if choices and value not in choices:
+        raise UserError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
+    numbers = value.items() if isinstance(value, dict) else [(None, value)]
+    for sub, v in numbers:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        where = key if sub is None else f"{key}.{sub}"
+        if not math.isfinite(v) or not all(_OPS[op][1](v, bound) for op, bound in bounds):
+            raise UserError(f"config: {where} = {v} is out of range: it must be a finite number"
+                            f"{' ' + allowed(f) if bounds else ''} ({f.metadata['help']})")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -109,19 +109,26 @@ def group_summaries(s: PairStats, groups: np.ndarray, names: list[str],
     return out
 
 
-def unflippable(ref_chosen: np.ndarray, ref_rejected: np.ndarray, *, beta: float,
-                margin_cap: float = float(np.log(3.0))) -> np.ndarray:
+def unflippable_threshold(beta: float) -> float | None:
+    """log(3) / beta nats: the most a reference may prefer the rejected response for DPO to
+    still flip the pair. DPO's reward margins end at most near log 3 (diverse-values paper,
+    Theorem 4.2: r <= log 3 at the end of training), i.e. h <= log(3) / beta. None for
+    beta <= 0 (no margin moves)."""
+    return float(np.log(3.0) / beta) if beta > 0 else None
+
+
+def unflippable(ref_chosen: np.ndarray, ref_rejected: np.ndarray, *, beta: float) -> np.ndarray:
     """Pairs the reference makes unflippable (bool (N,)).
 
-    DPO's reward margins end at most near log 3 (diverse-values paper, Theorem 4.2: r <= log 3
-    at the end of training), i.e. h <= log(3) / beta. The policy's own log-likelihood margin is
-    (ref_chosen - ref_rejected) + h, so a pair whose reference prefers the rejected response by
-    more than log(3) / beta nats — a probability ratio above 3^(1/beta) — keeps the model
-    preferring the rejected response however training goes.
+    The policy's own log-likelihood margin is (ref_chosen - ref_rejected) + h, so a pair whose
+    reference prefers the rejected response by more than :func:`unflippable_threshold` nats
+    (log(3) / beta, a probability ratio above 3^(1/beta)) keeps the model preferring the
+    rejected response however training goes.
     """
-    if beta <= 0:
+    threshold = unflippable_threshold(beta)
+    if threshold is None:
         return np.zeros(len(ref_chosen), dtype=bool)
-    return (np.asarray(ref_rejected) - np.asarray(ref_chosen)) > margin_cap / beta
+    return (np.asarray(ref_rejected) - np.asarray(ref_chosen)) > threshold
 
 
 def growth_rate(steps: np.ndarray, values: np.ndarray) -> float:

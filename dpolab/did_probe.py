@@ -125,17 +125,3 @@ def did_summary(logp: Tensor, logr: Tensor) -> dict[str, float]:
         "did/prompts": float(p),
         "did/samples_per_prompt": float(k),
     }
-
-
-def did_metrics(model, examples: Sequence, *, policy_logps: Callable, ref_logps: Callable,
-                k: int, max_new_tokens: int, eos_id: int, pad_id: int, seed: int,
-                device) -> dict[str, float]:
-    """Sample from the policy on the prompts of `examples`, score under policy and reference
-    (callables: list of pair-like examples -> (B,) summed log-probs), and summarize. The
-    reference scores the samples after the policy has scored all of them."""
-    batches, logp = score_samples(model, examples, policy_logps=policy_logps, k=k,
-                                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                                  seed=seed, device=device)
-    with torch.no_grad():
-        logr = torch.stack([ref_logps(b).double().cpu() for b in batches])
-    return did_summary(logp, logr)

@@ -155,11 +155,11 @@ class Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         # device_ids=None: the pair forward moves its own inputs (token ids built from the
-        # examples) to the device. Buffers (rotary tables) are constants: synced once at
-        # construction with the parameters, never again before a forward. Gradients are
-        # views into the communication buckets: no second copy of them.
-        ddp = DistributedDataParallel(module, device_ids=None, forward_sync_buffers=False,
-                                      gradient_as_bucket_view=True)
+        # examples) to the device. Buffers (rotary tables) are constants, computed alike on
+        # every rank: never synced again before a forward. Gradients are views into the
+        # communication buckets: no second copy of them.
+        ddp = DistributedDataParallel(module, device_ids=None, gradient_as_bucket_view=True,
+                                      **_no_buffer_sync())
         # DDP divides the summed gradient by the world size. Each rank's loss is already
         # divided by the global batch, so the gradient of the global mean is the plain SUM
         # over ranks: this hook all-reduces each bucket without the division. (Scaling the
@@ -245,3 +245,16 @@ class Engine:
             yield
         finally:
             self.wrapped.reshard()
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword for "no buffer broadcast before each forward": `forward_sync_buffers`
+    where it exists (it replaced `broadcast_buffers`, which now warns), `broadcast_buffers`
+    in the torch releases before it (2.8 among them)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

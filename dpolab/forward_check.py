@@ -260,7 +260,7 @@ def _try(forward, pairs: list, ref: Tensor, head: Head) -> Trial:
         flat = forward(pairs)
         a = flat.tokens.float().cpu()
         b = forward(perturbed(pairs, head.weight.shape[0], every=2)).tokens.float().cpu()
-    except Exception as err:  # noqa: BLE001 - any failure of a layout disqualifies it
+    except Exception as err:  # any failure of a layout disqualifies it
         message = (str(err).splitlines() or [""])[0][:160]
         return Trial(name, None, None, None, f"{type(err).__name__}: {message}")
     seg = flat.seg.cpu()

@@ -25,21 +25,24 @@ figcaption { font-size: 0.9em; color: #555; } pre { background: #f6f6f6; padding
 """
 
 
-def pyplot():
-    """matplotlib.pyplot drawing into files only (the Agg backend; never a display)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def subplots(*args, figsize: tuple[float, float] | None = None, **kwargs):
+    """(figure, axes) as pyplot.subplots gives them, for drawing into files only: matplotlib's
+    own Figure on the Agg canvas, without pyplot, so no backend is chosen and no figure is
+    kept open: a notebook's matplotlib is left as it was."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
-    """Lay out `fig`, write it as a PNG to `path` (creating the folder) and free it."""
+    """Lay out `fig` and write it as a PNG to `path` (creating the folder)."""
     fig.tight_layout()
     with atomic.writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
     return path
 
 

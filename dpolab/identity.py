@@ -76,7 +76,7 @@ def warm_caches(tok: dict, reference_keys: dict[str, str | None],
     """Which stores this process could read whole, per split: the reference log-probs under
     `reference_keys[split]` (None: the run has no reference) and the last_layer scope's
     cached body states at `states[split]` (read only if present)."""
-    from dpolab.head_states import stored_states
+    from dpolab.head_cache import stored_states
     from dpolab.reference import stored
 
     warm = {}

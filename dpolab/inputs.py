@@ -17,6 +17,7 @@ import torch
 
 from dpolab.adapters import check_peft
 from dpolab.errors import UserError
+from dpolab.scopes import SCOPES, is_peft
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Inputs:
         (train.did_samples). None otherwise."""
         if self.model is None or cfg.train.did_samples <= 0:
             return None
-        if not (cfg.train.scope == "full" or is_peft(model)):
+        if not (SCOPES[cfg.train.scope].overwrites_weights or is_peft(model)):
             return None
         return Theta0(model, {k: v.detach().to("cpu", copy=True)
                               for k, v in model.state_dict().items()})
@@ -130,9 +131,6 @@ class Theta0:
                     now, p.data = p.data, kept.to(p.device)
                     kept.copy_(now)
 
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config")
 
 
 def check_model(model) -> None:

@@ -214,12 +214,12 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     import torch
 
     from dpolab import forward_check, reference
-    from dpolab.splits import load_split_rows
-    from dpolab.distributed import Distributed
     from dpolab.data import DataError
+    from dpolab.distributed import Distributed
     from dpolab.models import body_and_head, load_configured, load_tokenizer
     from dpolab.policy import body_autocast, make_forward
-    from dpolab.tokenize import tokenize_rows
+    from dpolab.session import tokenize_split, weights_key
+    from dpolab.splits import load_split_rows
 
     tc, d = cfg.train, cfg.data
     cuda = torch.cuda.is_available() and tc.device != "cpu"
@@ -228,7 +228,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     dist = Distributed(device=torch.device("cuda" if cuda else "cpu"))
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     model = load_configured(cfg.model, device=dist.device)
-    model_hash = reference.hash_parameters(model)[:16]   # the store's key, as train makes it
+    model_hash = weights_key(model)   # the store's key, as train makes it
     with redirect_stdout(sys.stderr):     # load_split_rows reports skipped rows on stdout
         splits = load_split_rows(cfg)
     from dpolab.dedup import dedupe_split  # as train does, so the stored reference is shared
@@ -241,11 +241,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     for split, rows in zip(("train", "held_out"), splits):
         rows = [rows[i] for i in audit.token_lengths(rows, tokenizer).index]
         try:
-            tokenized[split] = tokenize_rows(rows, tokenizer, max_length=d.max_length,
-                                             max_prompt_length=d.max_prompt_length,
-                                             truncation=d.truncation,
-                                             chat_template_kwargs=d.chat_template_kwargs
-                                             ).examples if rows else []
+            tokenized[split] = tokenize_split(rows, tokenizer, d).examples if rows else []
         except DataError:    # every pair made identical by truncation: nothing to score
             tokenized[split] = []
     everything = tokenized["train"] + tokenized["held_out"]

@@ -185,18 +185,6 @@ def completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor, *
     return out.index_put((flat,), token).reshape(mask.shape)
 
 
-def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool) -> Tensor:
-    """Per-sequence log-prob (B,): the sum over completion tokens, or the per-token mean.
-
-    Averaging divides the implicit reward by the completion length, which changes what beta
-    means; callers name and record the choice.
-    """
-    total = (token_logps * mask).sum(-1)
-    if not average:
-        return total
-    return total / mask.sum(-1).clamp_min(1).to(total.dtype)
-
-
 def naive_completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor) -> Tensor:
     """Reference implementation: the full (B, T, V) logits, then log_softmax and gather.
     For tests and the benchmark only; it is what the chunked path avoids."""

@@ -13,10 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpolab.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: dpolab.logps imports torch's autograd machinery
+    from dpolab.logps import Head
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -115,31 +119,31 @@ def check_model_folder(folder: str | Path, *, weights: bool = True) -> None:
             raise UserError(f"{path}: {problem}")
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file's layout ("" -> None when it is whole): the
-    8-byte header length, the JSON header, and the file size the header's offsets imply."""
-    import json
+# safetensors' reasons for refusing a file, in words that say what happened to it
+_SAFETENSORS_WORDS = {
+    "header too small": "not a safetensors file (empty or cut short)",
+    "header too large": "damaged safetensors file: its header length exceeds the file "
+                        "(truncated or not safetensors)",
+    "incomplete metadata": "truncated safetensors file: its size is not what its header's "
+                           "tensors need",
+    "invalid json": "damaged safetensors file: its header is not valid JSON",
+    "invalid utf-8": "damaged safetensors file: its header is not valid JSON (not UTF-8)",
+}
 
-    size = path.stat().st_size
-    if size < 8:
-        return f"not a safetensors file: {size} bytes (empty or cut short)"
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            return (f"damaged safetensors file: its header claims {n} bytes but the file has "
-                    f"{size} (truncated or not safetensors)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            return "damaged safetensors file: its header is not valid JSON"
-    if not isinstance(header, dict):
-        return "damaged safetensors file: its header is not a JSON object"
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict)]
-    need = 8 + n + max(ends, default=0)
-    if size < need:
-        return f"truncated safetensors file: {size} bytes, its header needs {need}"
-    return None
+
+def safetensors_problem(path: Path) -> str | None:
+    """What safetensors finds wrong opening the file (its header length, JSON header and
+    the size its offsets imply), in words; None when it opens."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+    words = next((w for key, w in _SAFETENSORS_WORDS.items() if key in reason.lower()),
+                 "damaged safetensors file")
+    return f"{words} ({path.stat().st_size} bytes; safetensors: {reason})"
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
@@ -157,7 +161,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:  # missing repo, no network, no config.json
-        raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}")
+        raise UserError(f"model {name!r} could not be loaded: {str(err).splitlines()[0]}") from None
     except Exception as err:  # a damaged file the checks above cannot see
         raise UserError(f"model {name!r} could not be loaded: {type(err).__name__}: "
                         f"{(str(err).splitlines() or [''])[0]}") from None
@@ -174,7 +178,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise UserError(f"tokenizer {name!r} could not be loaded: {str(err).splitlines()[0]}")
+        raise UserError(f"tokenizer {name!r} could not be loaded: "
+                        f"{str(err).splitlines()[0]}") from None
     except Exception as err:  # a damaged tokenizer file
         raise UserError(f"tokenizer {name!r} could not be loaded: {type(err).__name__}: "
                         f"{(str(err).splitlines() or [''])[0]}") from None
@@ -250,7 +255,7 @@ def checkpoint_activations(model) -> int:
     return len(layers)
 
 
-def body_and_head(model) -> tuple[Callable, "Head"]:
+def body_and_head(model) -> tuple[Callable, Head]:
     """Split a causal LM into `body(input_ids, attention_mask, position_ids) -> (B, T, D)`
     final hidden states (after the final norm) and the output `Head`, so that
     logits = softcap(body(x) @ W.T + b) equals `model(x).logits` without the (B, T, V) tensor.

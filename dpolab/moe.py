@@ -48,7 +48,8 @@ class RouterLoss:
 
 def router_loss(model, coef: float | None, *, scope: str) -> RouterLoss | None:
     """The router loss `model` trains with, or None: not a MoE model that computes one, a
-    coefficient of 0, or the last_layer scope (its routers do not train). A coefficient set
+    coefficient of 0, or a scope whose body does not train (last_layer, token_rows: the
+    routers do not train). A coefficient set
     for a model without one is a UserError, as in TRL."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
@@ -60,6 +61,8 @@ def router_loss(model, coef: float | None, *, scope: str) -> RouterLoss | None:
                         "no router load-balancing loss (not a mixture-of-experts model whose "
                         "forward returns aux_loss); leave it unset")
     weight = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else coef
-    if not routed or weight == 0.0 or scope == "last_layer":
+    from dpolab.scopes import SCOPES
+
+    if not routed or weight == 0.0 or not SCOPES[scope].trains_body:
         return None
     return RouterLoss(fn, int(base.num_experts), int(base.num_experts_per_tok), weight)

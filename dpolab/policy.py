@@ -18,7 +18,7 @@ Scopes:
                  sequence in a row of its own;
     last_layer   the body runs once per example, before training; its final hidden states at
                  completion positions are cached and every step costs only the head
-                 (dpolab.head_states.CachedHeadForward).
+                 (dpolab.head_cache).
 
 A mixture-of-experts body under a router loss (dpolab.moe.RouterLoss) also returns, while
 gradients are on, the routers' load-balancing loss of the batch (`FlatLogps.aux_loss`).
@@ -67,22 +67,6 @@ class FlatLogps:
     def counts_list(self) -> list[int]:
         c, r = self.counts()
         return torch.cat([c, r]).tolist()
-
-
-def padded(tokens: Tensor, seg: Tensor, n_seq: int) -> tuple[Tensor, Tensor]:
-    """Flat per-token values (N,) with sequence ids `seg` (N,) in [0, n_seq) -> (values
-    (n_seq, T), mask (n_seq, T) bool), each sequence's tokens left-aligned in their order
-    (T the longest sequence); differentiable in `tokens`."""
-    order = torch.sort(seg, stable=True).indices
-    seg_sorted = seg[order]
-    counts = torch.bincount(seg_sorted, minlength=n_seq)
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(seg.numel(), device=seg.device) - starts[seg_sorted]
-    width = int(counts.max()) if counts.numel() else 0
-    out = tokens.new_zeros((n_seq, width)).index_put((seg_sorted, col), tokens[order])
-    mask = torch.zeros((n_seq, width), dtype=torch.bool, device=seg.device)
-    mask[seg_sorted, col] = True
-    return out, mask
 
 
 class _BodyPairs:
@@ -154,7 +138,7 @@ class SequenceForward(_BodyPairs):
             by_length.setdefault(len(p) + len(c), []).append(i)
         states: list[Tensor | None] = [None] * len(seqs)
         logits_parts, aux = [], None
-        for length, idx in sorted(by_length.items()):
+        for _, idx in sorted(by_length.items()):
             ids = torch.tensor([seqs[i][0] + seqs[i][1] for i in idx], dtype=torch.long)
             if router is None:
                 hidden, _ = self._body(ids.to(self.device), ids, None)  # (k, length, D)

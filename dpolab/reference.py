@@ -8,7 +8,7 @@ training then needs no second model in memory.
 Layout: the per-token log-probs of all chosen completions, concatenated in example order,
 then of all rejected ones; `offsets` (2N+1,) delimits them (example i's chosen tokens are
 tokens[offsets[i]:offsets[i+1]], its rejected ones tokens[offsets[N+i]:offsets[N+i+1]]).
-The last_layer scope's cached body states (dpolab.head_states.CachedHeadForward) use the same
+The last_layer scope's cached body states (dpolab.head_cache.CachedHeadForward) use the same
 layout. Each entry's length is known from the token ids the key names (`scored_lengths`), so
 a file is read back only when its checksum (dpolab.atomic.read_tensors), its offsets and its
 values all check out (`layout_problem`); otherwise it is computed again.
@@ -46,10 +46,6 @@ class ReferenceLogps:
         cs = torch.cat([torch.zeros(1, dtype=torch.float64), self.tokens.double().cumsum(0)])
         seq = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
         return seq[: self.n], seq[self.n:]
-
-    def lengths(self) -> tuple[Tensor, Tensor]:
-        n = self.offsets[1:] - self.offsets[:-1]
-        return n[: self.n], n[self.n:]
 
     def per_token(self, i: int, rejected: bool = False) -> Tensor:
         j = i + self.n if rejected else i
@@ -109,23 +105,6 @@ def layout_problem(offsets: Tensor, lengths: Tensor, values: Tensor) -> str | No
     if not torch.isfinite(values).all():
         return "it holds values that are not finite"
     return None
-
-
-def compute(logps_fn: Callable[[Sequence], tuple[list[Tensor], list[Tensor]]],
-            examples: Sequence, *, batch_size: int, key: str,
-            progress: Callable[[int], None] | None = None) -> ReferenceLogps:
-    """Run `logps_fn` (a batch of examples -> per-example chosen and rejected per-token
-    log-prob tensors) over all examples, without gradients."""
-    chosen: list[Tensor] = []
-    rejected: list[Tensor] = []
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            c, r = logps_fn(examples[s:s + batch_size])
-            chosen.extend(t.float().cpu() for t in c)
-            rejected.extend(t.float().cpu() for t in r)
-            if progress:
-                progress(min(s + batch_size, len(examples)))
-    return assemble(chosen, rejected, key)
 
 
 def assemble(chosen: Sequence[Tensor], rejected: Sequence[Tensor], key: str) -> ReferenceLogps:

@@ -22,8 +22,7 @@ import yaml
 
 from dpolab import htmlpage
 from dpolab.errors import UserError
-from dpolab.rundir import (Run, load_run, loss_name, read_metrics,  # noqa: F401  (report's API)
-                           reference_free)
+from dpolab.rundir import Run, load_run, loss_name, metric, reference_free
 
 # Thresholds of the "what to look at" notes, chosen to flag what the eye would flag on the
 # figures; they only select which sentences are printed.
@@ -42,15 +41,6 @@ _IMAGE_CHECK = ("<script>window.addEventListener('load',function(){var im=docume
 # Tables
 
 
-def _metric(row: dict[str, Any], prefix: str, group: str | None, what: str) -> Any:
-    """One held-out (prefix 'eval/') or train (prefix 'train_eval/') number, overall or per group."""
-    overall = {"accuracy": "rewards/accuracies", "margin": "rewards/margins",
-               "preference": "preference/model"}
-    if group is None:
-        return row.get(prefix + overall[what]) if what in overall else None
-    return row.get(f"{prefix}groups/{group}/{what}")
-
-
 def before_after_rows(run: Run) -> list[dict[str, Any]]:
     """Per group (and '(all)'): held-out accuracy, margin and model preference before and
     after training, no-cue accuracy where logged, and the train-minus-held-out accuracy gap."""
@@ -58,15 +48,15 @@ def before_after_rows(run: Run) -> list[dict[str, Any]]:
     rows = []
     for g in [None, *run.groups]:
         row: dict[str, Any] = {"group": g or "(all)"}
-        n = _metric(a or b, "eval/", g, "n")
+        n = metric(a or b, "eval/", g, "n")
         if n is not None:
             row["n"] = int(n)
         for what in ("accuracy", "accuracy_no_cue", "margin", "preference"):
             for when, src in (("before", b), ("after", a)):
-                v = _metric(src, "eval/", g, what)
+                v = metric(src, "eval/", g, what)
                 if v is not None:
                     row[f"{what.replace('_', ' ')} {when}"] = v
-        tr, ho = _metric(a, "train_eval/", g, "accuracy"), _metric(a, "eval/", g, "accuracy")
+        tr, ho = metric(a, "train_eval/", g, "accuracy"), metric(a, "eval/", g, "accuracy")
         if tr is not None and ho is not None:
             row["train acc after"], row["gap"] = tr, tr - ho
         rows.append(row)

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpolab.htmlpage import pyplot, save_figure
+from dpolab.htmlpage import save_figure, subplots
 
 if TYPE_CHECKING:
     from dpolab.rundir import Run
@@ -83,8 +83,7 @@ def _finish(ax, xlabel="optimizer step", ylabel="", legend=True) -> None:
 def loss_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train:
         return []
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     _plot(ax, run.train, "loss", "loss (weighted total)", lw=2, color="k")
     for key in sorted({k for r in run.train for k in r if k.startswith("loss/")}):
         _plot(ax, run.train, key)
@@ -96,8 +95,7 @@ def loss_figure(run: Run, out: Path) -> list[Figure]:
 def margins_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train and not run.evals:
         return []
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     for prefix, color, what in (("eval/", "C0", "held-out"), ("train_eval/", "C1", "train pairs")):
         x, lo = _series(run.evals, prefix + "margins/p10")
         _, hi = _series(run.evals, prefix + "margins/p90")
@@ -115,8 +113,7 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
 def displacement_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train and not run.evals:
         return []
-    plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.5))  # room for two outside legends
+    fig, (a1, a2) = subplots(1, 2, figsize=(12, 3.5))  # room for two outside legends
     drawn = {a1: False, a2: False}
     for side, color in (("chosen", "C2"), ("rejected", "C3")):
         drawn[a1] |= _plot(a1, run.evals, f"eval/displacement/{side}", f"held-out {side}",
@@ -142,8 +139,7 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
     groups = run.groups
     if not groups:
         return []
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     _plot(ax, run.evals, "eval/rewards/accuracies", "(all) held-out", color="k", lw=2)
     for i, g in enumerate(groups):
         _plot(ax, run.evals, f"eval/groups/{g}/accuracy", f"{g} held-out", color=f"C{i % 10}")
@@ -158,11 +154,10 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
 
 
 def _group_bars(run: Run, groups: list[str], out: Path) -> Figure:
-    plt = pyplot()
     bars = [("before", run.before, "accuracy"), ("after", run.after, "accuracy"),
             ("after, no cue", run.after, "accuracy_no_cue")]
     bars = [b for b in bars if any(f"eval/groups/{g}/{b[2]}" in b[1] for g in groups)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 3), 3.5))
+    fig, ax = subplots(figsize=(max(6, 1.2 * len(groups) + 3), 3.5))
     width = 0.8 / max(len(bars), 1)
     for j, (name, row, key) in enumerate(bars):
         ys = [row.get(f"eval/groups/{g}/{key}", math.nan) for g in groups]
@@ -180,8 +175,7 @@ def _group_bars(run: Run, groups: list[str], out: Path) -> Figure:
 def lr_throughput_figure(run: Run, out: Path) -> list[Figure]:
     if not run.train:
         return []
-    plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3))
+    fig, (a1, a2) = subplots(1, 2, figsize=(10, 3))
     _plot(a1, run.train, "lr", "learning rate")
     _plot(a2, run.train, "tokens_per_s", "tokens/s", color="C4")
     _finish(a1, ylabel="learning rate", legend=False)
@@ -202,10 +196,9 @@ def diagnostics_figure(run: Run, out: Path) -> list[Figure]:
 
 def _panels(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
     """One small panel per key, `eval/` solid and `train_eval/` dotted."""
-    plt = pyplot()
     cols = min(len(keys), 4)
     nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.8 * cols + 1, 2.6 * nrows), squeeze=False)
+    fig, axes = subplots(nrows, cols, figsize=(2.8 * cols + 1, 2.6 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         _plot(ax, rows, "eval/" + key, "held-out", color="C0")
         _plot(ax, rows, "train_eval/" + key, "train", color="C1", ls=":")
@@ -259,10 +252,9 @@ def run_figures(run: Run, out: Path) -> list[Figure]:
 
 def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
     """Loss, held-out accuracy, held-out margins and displacement, one color per run."""
-    plt = pyplot()
     figs: list[Figure] = []
     if any(r.train for r in runs):
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+        fig, ax = subplots(figsize=(8, 3.5))
         for i, r in enumerate(runs):
             _plot(ax, r.train, "loss", r.label, color=f"C{i % 10}")
         _finish(ax, ylabel="training loss per pair")
@@ -270,14 +262,14 @@ def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
                      "of different objectives are on different scales."))
     if not any(r.evals for r in runs):
         return figs
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     for i, r in enumerate(runs):
         _plot(ax, r.evals, "eval/rewards/accuracies", r.label, color=f"C{i % 10}")
     ax.set_ylim(-0.02, 1.02)
     _finish(ax, ylabel="held-out reward accuracy")
     figs.append(("Held-out accuracy", _png(fig, out / "accuracy.png"),
                  "Held-out reward accuracy at each evaluation."))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     for i, r in enumerate(runs):
         x, lo = _series(r.evals, "eval/margins/p10")
         _, hi = _series(r.evals, "eval/margins/p90")
@@ -289,7 +281,7 @@ def compare_figures(runs: list[Run], out: Path) -> list[Figure]:
     figs.append(("Held-out margins", _png(fig, out / "margins.png"),
                  "Median held-out reward margin (line) and its p10-p90 band per run. Margins "
                  "scale with each run's beta."))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     for i, r in enumerate(runs):
         _plot(ax, r.evals, "eval/displacement/chosen", f"{r.label} chosen", color=f"C{i % 10}")
         _plot(ax, r.evals, "eval/displacement/rejected", f"{r.label} rejected",

@@ -141,8 +141,8 @@ def _bias() -> list[PreferenceRow]:
     for i, item in enumerate(_load(relpath)):
         if item["correct_answer"] == item["biased_answer"]:
             continue        # the stereotyped answer is the correct one: no preference to learn
-        def option(letter: str) -> str:
-            return f"{letter}) {item['answers']['ABC'.index(letter)]}"
+        def option(letter: str, answers=item["answers"]) -> str:
+            return f"{letter}) {answers['ABC'.index(letter)]}"
         rows.append(_pair(_strip_answer(item["text"]), option(item["correct_answer"]),
                           option(item["biased_answer"]), group="bias", relpath=relpath,
                           row=i + 1, item_id=item["id"], category=item["category"]))
@@ -154,7 +154,7 @@ def _sycophancy() -> list[PreferenceRow]:
     for relpath in ("sycophancy/anthropic_150.json", "sycophancy/hard_100.json"):
         for i, item in enumerate(_load(relpath)):
             options = dict(re.findall(r"^ \(([A-Z])\) (.+)$", item["text"], flags=re.M))
-            def option(answer: str) -> str:
+            def option(answer: str, options=options) -> str:
                 return f"{answer} {options[answer.strip('()')]}"
             rows.append(_pair(_strip_answer(item["text"]), option(item["truthful_answer"]),
                               option(item["sycophantic_answer"]), group="sycophancy",

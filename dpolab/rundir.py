@@ -27,7 +27,7 @@ import yaml
 from dpolab import atomic
 from dpolab import config as config_mod
 from dpolab.config import RunConfig
-from dpolab.diagnostics import growth_rate, unflippable
+from dpolab.diagnostics import growth_rate, unflippable, unflippable_threshold
 from dpolab.errors import UserError
 from dpolab.trackers import NullTracker
 
@@ -134,8 +134,7 @@ def write_unflippable(run_dir: Path, splits: dict, groups: list[str], *, beta: f
     """unflippable.json: before training, the pairs whose reference preference for the rejected
     response is too strong for DPO to flip (dpolab.diagnostics.unflippable). `splits`: name ->
     (examples, ref_chosen (N,), ref_rejected (N,)). Returns what it wrote."""
-    out: dict[str, Any] = {"beta": beta,
-                           "threshold_nats": float(np.log(3.0) / beta) if beta > 0 else None}
+    out: dict[str, Any] = {"beta": beta, "threshold_nats": unflippable_threshold(beta)}
     for split, (examples, rc, rr) in splits.items():
         flags = unflippable(rc.numpy(), rr.numpy(), beta=beta)
         out[split] = {
@@ -185,6 +184,19 @@ class Run:
     @property
     def after(self) -> dict[str, Any]:
         return self.evals[-1] if len(self.evals) > 1 else {}
+
+
+# The overall key of each per-group metric name (a group's keys are eval/groups/<g>/<name>).
+_OVERALL = {"accuracy": "rewards/accuracies", "margin": "rewards/margins",
+            "preference": "preference/model"}
+
+
+def metric(row: dict[str, Any], prefix: str, group: str | None, what: str) -> Any:
+    """One held-out (prefix 'eval/') or train (prefix 'train_eval/') number of a metrics row,
+    overall (group None) or per group; None when the row lacks it."""
+    if group is None:
+        return row.get(prefix + _OVERALL[what]) if what in _OVERALL else None
+    return row.get(f"{prefix}groups/{group}/{what}")
 
 
 def group_names(keys) -> list[str]:

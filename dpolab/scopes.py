@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from dpolab.logps import Head
-from dpolab.head_states import CachedHeadForward
+from dpolab.head_cache import CachedHeadForward
 from dpolab.policy import FlatLogps, make_forward
 from dpolab.progress import Progress
 
@@ -66,45 +66,61 @@ class Scope:
 
 def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast: bool, dist,
           state_store=None, reload=None, forward: str = "shared_prompt", router=None) -> Scope:
-    """Make `model` train as `cfg.train.scope` says. state_store(split, examples) -> Path |
-    None: where the last_layer scope keeps its cached body states between runs.
-    reload(device) -> the model at theta0 again, for scoring new text after training (full
-    scope; lora on a model that already has adapters); None: load what `cfg.model` names.
-    forward: the FORWARDS layout of the body (dpolab.forward_check chose it); router: the
-    MoE routers' load-balancing loss trained with it (dpolab.moe), or None."""
-    from dpolab.models import body_and_head
-
-    tc = cfg.train
-    kw = dict(pad_id=pad_id, chunk_size=tc.logps_chunk, device=device, autocast=autocast,
-              router=router)
-    if tc.activation_checkpointing and tc.scope in ("full", "lora"):
+    """Make `model` train as `cfg.train.scope` says (its SCOPES entry). state_store(split,
+    examples) -> Path | None: where the head scopes keep their cached body states between
+    runs. reload(device) -> the model at theta0 again, for scoring new text after training
+    (full scope; lora on a model that already has adapters); None: load what `cfg.model`
+    names. forward: the FORWARDS layout of the body (dpolab.forward_check chose it); router:
+    the MoE routers' load-balancing loss trained with it (dpolab.moe), or None."""
+    kind = SCOPES[cfg.train.scope]
+    if cfg.train.activation_checkpointing and kind.trains_body:
         from dpolab.models import checkpoint_activations
 
         checkpoint_activations(model)
-    if tc.scope == "full":
-        model.requires_grad_(True)
-        body, _ = body_and_head(model)
-        # The head read at each call: under FSDP2 the head's parameter is swapped between
-        # its sharded and its gathered form (dpolab.sharding).
-        fwd = make_forward(forward, body, lambda: body_and_head(model)[1], dtype=model.dtype,
-                           **kw)
-        # The reference weights are gone from memory once training starts: at the end they
-        # are loaded again, into the policy's place.
-        return Scope(tuple(p for p in model.parameters() if p.requires_grad), fwd, fwd,
-                     model, None, None, lambda kw: _reference_in_place(cfg, model, kw, reload),
-                     reference_replaces_policy=True, forward_name=forward)
-    if tc.scope == "lora":
-        # A peft model given as it is (dpolab.api.Trainer) trains its own adapters.
-        peft_model = model if hasattr(model, "peft_config") else _add_lora(model, tc)
-        body, head = body_and_head(peft_model)
-        fwd = make_forward(forward, body, head, dtype=model.dtype, **kw)
-        # LoRA starts with B = 0: the scope's own forward is the reference's exactly.
-        # Adapters that start nonzero are part of theta0: switching them off is no reference.
-        text_ref = ((lambda kw: _reloaded_forward(cfg, kw, reload)) if reload is not None
-                    else (lambda kw: _adapter_off_forward(peft_model, kw)))
-        return Scope(tuple(p for p in peft_model.parameters() if p.requires_grad), fwd, fwd,
-                     peft_model, None, None, text_ref, forward_name=forward)
-    # last_layer and token_rows
+    kw = dict(pad_id=pad_id, chunk_size=cfg.train.logps_chunk, device=device,
+              autocast=autocast, router=router)
+    return kind.make(cfg, model, tok, kw, forward=forward, reload=reload, dist=dist,
+                     state_store=state_store)
+
+
+def _full(cfg, model, tok, kw, *, forward, reload, dist, state_store) -> Scope:
+    from dpolab.models import body_and_head
+
+    model.requires_grad_(True)
+    body, _ = body_and_head(model)
+    # The head read at each call: under FSDP2 the head's parameter is swapped between
+    # its sharded and its gathered form (dpolab.sharding).
+    fwd = make_forward(forward, body, lambda: body_and_head(model)[1], dtype=model.dtype, **kw)
+    # The reference weights are gone from memory once training starts: at the end they
+    # are loaded again, into the policy's place.
+    return Scope(params=tuple(p for p in model.parameters() if p.requires_grad), forward=fwd,
+                 reference=fwd, model=model, head_states=None, reference_head=None,
+                 text_reference=lambda kw: _reference_in_place(cfg, model, kw, reload),
+                 reference_replaces_policy=True, forward_name=forward)
+
+
+def _lora(cfg, model, tok, kw, *, forward, reload, dist, state_store) -> Scope:
+    from dpolab.models import body_and_head
+
+    # A peft model given as it is (dpolab.api.Trainer) trains its own adapters.
+    peft_model = model if is_peft(model) else _add_lora(model, cfg.train)
+    body, head = body_and_head(peft_model)
+    fwd = make_forward(forward, body, head, dtype=model.dtype, **kw)
+    # LoRA starts with B = 0: the scope's own forward is the reference's exactly.
+    # Adapters that start nonzero are part of theta0: switching them off is no reference.
+    text_ref = ((lambda kw: _reloaded_forward(cfg, kw, reload)) if reload is not None
+                else (lambda kw: _adapter_off_forward(peft_model, kw)))
+    return Scope(params=tuple(p for p in peft_model.parameters() if p.requires_grad),
+                 forward=fwd, reference=fwd, model=peft_model, head_states=None,
+                 reference_head=None, text_reference=text_ref, forward_name=forward)
+
+
+def _head(cfg, model, tok, kw, *, forward, reload, dist, state_store,
+          token_rows: bool = False) -> Scope:
+    """last_layer, and token_rows (`token_rows`: only the rows of the training tokens)."""
+    from dpolab.models import body_and_head
+
+    tc = cfg.train
     untie_head(model)
     body, head = body_and_head(model)
     out = model.get_output_embeddings()
@@ -113,8 +129,8 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
     if getattr(out, "bias", None) is not None:
         out.bias.requires_grad_(True)
         params.append(out.bias)
-    rows = train_rows_only(params, tok["train"].examples) if tc.scope == "token_rows" else None
-    fwd = CachedHeadForward(lambda: head, chunk_size=tc.logps_chunk, device=device)
+    rows = train_rows_only(params, tok["train"].examples) if token_rows else None
+    fwd = CachedHeadForward(lambda: head, chunk_size=tc.logps_chunk, device=kw["device"])
     # The reference head: the reference forward (cached body states under the original head,
     # no second body pass), AuxDPO's null-space penalty and scoring samples.
     head0 = Head(head.weight.detach().clone(),
@@ -133,9 +149,35 @@ def apply(cfg, model, tok: dict, *, pad_id: int, device: torch.device, autocast:
 
     def reference(examples: Sequence, *, split: str | None = None) -> FlatLogps:
         return fwd(examples, split=split, head=head0)
-    return Scope(tuple(params), fwd, reference, model, fwd, head0,
-                 lambda kw: _text_forward(kw, body, lambda: head0, model.dtype),
+    return Scope(params=tuple(params), forward=fwd, reference=reference, model=model,
+                 head_states=fwd, reference_head=head0,
+                 text_reference=lambda kw: _text_forward(kw, body, lambda: head0, model.dtype),
                  trained_rows=rows, forward_name=forward)
+
+
+@dataclass(frozen=True)
+class ScopeKind:
+    """One value of train.scope: how it is made, and the facts other modules ask of it."""
+
+    name: str
+    make: Callable[..., Scope]  # (cfg, model, tok, forward kw, *, forward, reload, dist, state_store)
+    trains_body: bool  # the body is in the training graph (activation checkpointing, router loss)
+    overwrites_weights: bool  # trains the model's own weights: a model given in memory loses
+    # its starting ones unless they are copied first (dpolab.inputs.Theta0)
+
+
+SCOPES: dict[str, ScopeKind] = {k.name: k for k in (
+    ScopeKind("full", _full, trains_body=True, overwrites_weights=True),
+    ScopeKind("lora", _lora, trains_body=True, overwrites_weights=False),
+    ScopeKind("last_layer", _head, trains_body=False, overwrites_weights=False),
+    ScopeKind("token_rows", lambda *a, **kw: _head(*a, **kw, token_rows=True),
+              trains_body=False, overwrites_weights=False),
+)}
+
+
+def is_peft(model) -> bool:
+    """Whether `model` is a peft model (adapters on a base model)."""
+    return hasattr(model, "peft_config")
 
 
 def completion_tokens(examples: Sequence) -> Tensor:

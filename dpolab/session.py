@@ -32,9 +32,9 @@ from dpolab.distributed import Distributed, Engine
 from dpolab.errors import UserError
 from dpolab.identity import RunIdentity, warm_caches
 from dpolab.inputs import Inputs, Theta0
-from dpolab.losses import Objective, PairLogps, ld_sequence_logps, logps_reduction
+from dpolab.losses import Objective, PairLogps, ld_flat_logps, logps_reduction
 from dpolab.models import dpolab_cache_dir as cache_dir  # $DPOLAB_CACHE or ~/.cache/dpolab
-from dpolab.policy import body_autocast, padded
+from dpolab.policy import body_autocast
 from dpolab.scopes import Scope
 
 Tensor = torch.Tensor
@@ -95,7 +95,7 @@ class Session:
         """Policy and stored reference log-probs (summed, float64) and completion token
         counts of the pairs at positions `idx` of `split`; differentiable in the policy's.
         The reference ones are None in a reference-free run. With loss.ld_alpha < 1 both
-        are LD-DPO's sums (:func:`dpolab.losses.ld_sequence_logps`), as in TRL."""
+        are LD-DPO's sums (:func:`dpolab.losses.ld_flat_logps`), as in TRL."""
         flat = self.engine([self.splits[split].examples[i] for i in idx], split=split)
         self.tokens_processed += flat.n_processed
         nc, nr = flat.counts()
@@ -103,9 +103,7 @@ class Session:
         if alpha == 1.0:
             pc, pr = flat.sums()
         else:
-            tok, mask = padded(flat.tokens.double(), flat.seg, 2 * flat.n_pairs)
-            b = flat.n_pairs
-            pc, pr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
+            pc, pr = ld_flat_logps(flat.tokens.double(), flat.seg, flat.n_pairs, alpha=alpha)
         if sp.ref is None:
             return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss)
         if alpha == 1.0:
@@ -114,11 +112,9 @@ class Session:
         else:
             seqs = ([sp.ref.per_token(j) for j in idx]
                     + [sp.ref.per_token(j, rejected=True) for j in idx])
-            seg = torch.cat([torch.full((t.numel(),), k, dtype=torch.long)
-                             for k, t in enumerate(seqs)])
-            tok, mask = padded(torch.cat(seqs).double(), seg, len(seqs))
-            b = len(idx)
-            rc, rr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
+            seg = torch.repeat_interleave(torch.arange(len(seqs)),
+                                          torch.tensor([t.numel() for t in seqs]))
+            rc, rr = ld_flat_logps(torch.cat(seqs).double(), seg, len(idx), alpha=alpha)
         return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss)
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
@@ -128,7 +124,7 @@ class Session:
     def trainable_named(self, aux=None) -> dict[str, Tensor]:
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if aux is not None:
-            named["auxdpo.delta"] = aux.delta
+            named.update(aux.named())
         return named
 
     def pair_stats(self, split: str) -> PairStats:
@@ -224,17 +220,11 @@ class Session:
 
     def export(self, out: Path) -> None:
         """Collective: every rank calls it (sharded weights are gathered), rank 0 writes."""
-        from dpolab import sharding
-        from dpolab.checkpoint import export_model
+        from dpolab.checkpoint import export_model, export_sharded_model
 
         if self.engine.sharded:
-            for m in self.engine.wrapped.modules():  # the sharded layout: state_dict gathers it
-                if hasattr(m, "reshard"):
-                    m.reshard()
-            state = {k: sharding.full(v).detach().clone()
-                     for k, v in self.model.state_dict().items()}
-            if self.dist.is_main:
-                sharding.save_full_state(state, self.model.config, self.tokenizer, out)
+            export_sharded_model(self.engine.wrapped, self.model, self.tokenizer, out,
+                                 write=self.dist.is_main)
             return
         if self.dist.is_main:
             export_model(self.scope.model, self.tokenizer, out,
@@ -247,7 +237,6 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     `resuming`: the checkpoint (folder, state) a resume continues, whose run identity must be
     this one's (checked before anything is computed or written)."""
     from dpolab import scopes
-    from dpolab.tokenize import tokenize_rows
 
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
@@ -264,19 +253,11 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     tokenizer = inputs.tokenizer_for(cfg)
     model = inputs.model_for(cfg, device)  # eval mode: dropout off, as TRL's default
     rows = {"train": train_rows, "held_out": held_rows}
-    tok = {split: tokenize_rows(r, tokenizer, max_length=cfg.data.max_length,
-                                max_prompt_length=cfg.data.max_prompt_length,
-                                truncation=cfg.data.truncation,
-                                chat_template_kwargs=cfg.data.chat_template_kwargs)
-           for split, r in rows.items()}
+    tok = {split: tokenize_split(r, tokenizer, cfg.data) for split, r in rows.items()}
     if not tok["train"].examples:
         raise UserError("no training pairs left after tokenization "
                         f"({tok['train'].dropped_identical} made identical by truncation)")
-    model_hash = reference.hash_parameters(model)[:16]  # before the scope changes anything
-    # float16 weights train as float32 copies under float16 autocast (below): the reference
-    # is that forward's, a function of these weights and the procedure, keyed as such.
-    if model.dtype == torch.float16:
-        model_hash += "-f16"
+    model_hash = weights_key(model)  # before the scope changes anything
     identity = RunIdentity.of(model_hash, tok, world=dist.world, train=tc)
     keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
     has_reference = needs_reference(cfg)
@@ -349,6 +330,24 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,
                    identity, theta0=theta0, router=router)
+
+
+def weights_key(model) -> str:
+    """The weights' part of the stores' keys (reference log-probs, cached body states), as
+    `train` and `inspect` make it. float16 weights train as float32 copies under float16
+    autocast (`build`): the reference is that forward's, a function of these weights and the
+    procedure, keyed as such."""
+    return reference.hash_parameters(model)[:16] + ("-f16" if model.dtype == torch.float16
+                                                     else "")
+
+
+def tokenize_split(rows: list, tokenizer, data) -> Any:
+    """One split's rows as the run tokenizes them (`data`: the run's DataConfig)."""
+    from dpolab.tokenize import tokenize_rows
+
+    return tokenize_rows(rows, tokenizer, max_length=data.max_length,
+                         max_prompt_length=data.max_prompt_length, truncation=data.truncation,
+                         chat_template_kwargs=data.chat_template_kwargs)
 
 
 def _states_path(key: str) -> Path:

@@ -10,10 +10,14 @@ gradient is reduced outside FSDP2.
 
 Gradient reduction sums (divide factor 1): each rank's loss is already divided by the global
 batch size. Everything that turns sharded tensors into full ones (checkpoints, export) is a
-collective: every rank calls it, rank 0 writes.
+collective: every rank calls it, rank 0 writes. They go through PyTorch's own
+torch.distributed.checkpoint.state_dict, which keys the optimizer's state by parameter
+name, so a resume does not depend on the order the parameters are created in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -65,25 +69,67 @@ def like(value: Tensor, param: Tensor) -> Tensor:
     return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements)
 
 
-def optimizer_state_full(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with every sharded state tensor gathered (collective)."""
-    sd = optimizer.state_dict()
-    for state in sd["state"].values():
-        for k, v in list(state.items()):
-            if isinstance(v, torch.Tensor) and is_sharded(v):
-                state[k] = v.full_tensor()
-    return sd
+def by_name(named: Mapping[str, Tensor]) -> torch.nn.Module:
+    """A module whose parameters are exactly `named`, under those names (the same tensors, not
+    copies), for torch.distributed.checkpoint.state_dict to read names from. What trains is
+    not one module's: AuxDPO's per-pair offsets live in the optimizer but outside the model."""
+    root = torch.nn.Module()
+    for name, param in named.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        module.register_parameter(leaf, param)
+    return root
 
 
-def load_optimizer_state_full(optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    """Inverse of :func:`optimizer_state_full`: re-shard state tensors like their params."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for idx, state in sd["state"].items():
-        p = params[int(idx)]
-        for k, v in list(state.items()):
-            if isinstance(v, torch.Tensor):
-                state[k] = like(v, p)
-    optimizer.load_state_dict(sd)
+def gather_state(named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer
+                 ) -> tuple[dict[str, Tensor], dict]:
+    """(the `named` tensors, the optimizer's state), both keyed by parameter name, whole and on
+    the CPU on rank 0 and empty on the other ranks. Collective: sharded tensors are gathered."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    owner, options = by_name(named), StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(owner, options=options),
+            get_optimizer_state_dict(owner, optimizer, options=options))
+
+
+def load_state(named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+               tensors: Mapping[str, Tensor], optimizer_state: dict) -> None:
+    """The inverse of :func:`gather_state`, from the whole state on every rank: each tensor
+    is copied into its parameter (its shard of it), and each parameter's optimizer state is
+    the one saved under its name, whatever order the optimizer now holds the parameters in.
+    A parameter saved without state (no gradient had reached it) is not an error: it keeps
+    the zero state PyTorch's loader gives every parameter first, which differs from none only
+    once a gradient reaches it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    owner = by_name(named)
+    set_model_state_dict(owner, dict(tensors), options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(owner, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """model.state_dict() whole and on the CPU on rank 0, empty on the other ranks
+    (collective: sharded tensors are gathered)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:

@@ -99,9 +99,8 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
     aux = AuxRewards.maybe(objective, s, lc)
 
     # ---- optimizer and schedule ----------------------------------------------------------
-    groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay}]
-    if aux is not None:
-        groups.append({"params": [aux.delta], "lr": lc.aux_lr, "weight_decay": 0.0})
+    groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay},
+              *aux.param_groups(lc.aux_lr)]  # group 0 follows the schedule, the rest keep theirs
     optimizer = make_adamw(groups, lr=tc.lr)
     global_batch = tc.batch_size * tc.grad_accum * dist.world
     steps_per_epoch = math.ceil(len(s.train) / global_batch)
@@ -133,8 +132,6 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
         t0, tokens0 = time.monotonic(), s.tokens_processed
         lr = lr_at(step, peak=tc.lr, warmup=tc.warmup_steps, total=total, schedule=tc.schedule)
         optimizer.param_groups[0]["lr"] = lr
-        if aux is not None:
-            optimizer.param_groups[1]["lr"] = lc.aux_lr
         optimizer.zero_grad(set_to_none=True)
         stats = StepStats()
         mine = positions[dist.rank::dist.world]
@@ -148,9 +145,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
             idx = idx or positions[:1]
             s.engine.sync_gradients(micro == n_micro - 1)  # the earlier ones accumulate locally
             # forward
-            pairs = s.pair_logps("train", idx)
-            if aux is not None:
-                pairs = aux.with_delta(pairs, idx)
+            pairs = aux.with_delta(s.pair_logps("train", idx), idx)
             # loss
             per_example, terms = objective(pairs)
             weights = s.group_weights("train", idx) * (0.0 if stand_in else 1.0)
@@ -158,7 +153,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
             if pairs.router_loss is not None:  # MoE load balancing: TRL's coef * aux_loss per batch
                 loss = loss + s.router.coef * pairs.router_loss * (
                     0.0 if stand_in else len(idx) / len(positions))
-            if aux is not None and not stand_in:
+            if not stand_in:
                 loss = loss + aux.penalty(idx, n_global=len(positions))
             if step == 0 and start == 0 and micro == 0:
                 check_step0(pairs, terms, objective.at_reference())
@@ -170,8 +165,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
             stats.add(pairs, terms, per_example, weights, beta=lc.beta,
                       average=s.reward_average, scale=float(not stand_in))
         # step
-        if aux is not None:
-            dist.sum_grad(aux.delta)  # outside the engine's module: summed here, once
+        aux.sync(dist)  # outside the engine's module: summed here, once
         grad_norm = clip(s.params, tc.max_grad_norm)
         if not math.isfinite(grad_norm):  # never applied, so never checkpointed
             raise checkpoint.nonfinite_error(run_dir, step + 1, "gradient norm", grad_norm)

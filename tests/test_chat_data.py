@@ -10,7 +10,7 @@ import torch
 
 from dpolab.data import DataError, load_rows, parse_row, write_jsonl
 from dpolab.models import body_and_head
-from dpolab.head_states import CachedHeadForward
+from dpolab.head_cache import CachedHeadForward
 from dpolab.policy import BodyForward, SharedPromptForward, shared_prompt_batch
 from dpolab.reference import hash_examples
 from dpolab.tiny import tiny_model, tiny_tokenizer

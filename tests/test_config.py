@@ -1,6 +1,7 @@
 """Config: YAML + overrides into frozen dataclasses; every example config loads; bad keys
 and values are clear errors."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_overrides_parse_yaml_values():
 @pytest.mark.parametrize("overrides,msg", [
     (["loss.betta=1"], "unknown key\\(s\\) betta; valid: .*beta"),
     (["loss.beta=abc"], "loss.beta: expected float, got 'abc'"),
-    (["train.scope=half"], "train.scope must be full, lora, last_layer or token_rows"),
+    (["train.scope=half"], "train.scope must be one of full, lora, last_layer, token_rows, got 'half'"),
     (["loss.name=dop"], "unknown loss 'dop'; valid: aot, aot_unpaired, apo_down"),
     (["beta=1"], "key must be one of"),
     (["loss.beta"], "expected section.key=value"),
@@ -62,3 +63,89 @@ def test_dump_roundtrip(tmp_path):
     cfg = C.build_config(C.apply_overrides({}, ["loss.weights.dpo=1", "data.groups=[a, b]"]))
     C.dump_yaml(cfg, tmp_path / "c.yaml")
     assert C.build_config(C.load_yaml(tmp_path / "c.yaml")) == cfg
+
+
+def _fields():
+    import dataclasses
+
+    return [(f"{name}.{f.name}", f) for name, cls in C.SECTIONS.items()
+            for f in dataclasses.fields(cls)]
+
+
+def test_every_field_has_a_meaning():
+    """Each config field carries a one-line help text in its metadata, and the listing has
+    one entry per field plus `out`, each with that text."""
+    assert all(f.metadata.get("help", "").strip() for _, f in _fields())
+    rows = C.describe()
+    assert [r["key"] for r in rows] == [k for k, _ in _fields()] + ["out"]
+    assert all(r["help"] for r in rows)
+
+
+def test_validation_reads_each_bound_from_the_field():
+    """A value just outside any bound or choice in a field's metadata is refused, naming the
+    field: ge v -> v - 1, gt v -> v, le v -> v + 1, lt v -> v; a choice -> 'nope'; a
+    mapping's value likewise; every float field refuses nan."""
+    import math
+
+    cases = []
+    for key, f in _fields():
+        for op, v in f.metadata["bounds"]:
+            bad = {"ge": v - 1, "gt": v, "le": v + 1, "lt": v}[op]
+            cases.append((key, {"k": bad} if "dict" in str(f.type) else bad))
+        if f.metadata["choices"]:
+            cases.append((key, "nope"))
+        if str(f.type) == "float":
+            cases.append((key, math.nan))
+    assert len(cases) > 40
+    for key, value in cases:
+        with pytest.raises(UserError, match=re.escape(key)):
+            C.build_config(C.apply_values({}, {key: value}))
+
+
+def test_choices_are_the_loss_registries():
+    """loss.f_divergence and loss.gpo_f allow exactly the names the loss functions take."""
+    import dataclasses
+
+    from dpolab.losses import F_DIVERGENCES, GPO_FAMILY
+
+    meta = {f.name: f.metadata for f in dataclasses.fields(C.LossConfig)}
+    assert meta["f_divergence"]["choices"] == tuple(F_DIVERGENCES)
+    assert meta["gpo_f"]["choices"] == tuple(GPO_FAMILY)
+
+
+@pytest.mark.parametrize("argv", [["train", "--help"], ["config"], ["config", "--json"]])
+def test_help_lists_every_field_without_torch(argv):
+    """`dpolab train --help` and `dpolab config` print every `section.key` with its default
+    and meaning, in a process that never imports torch (nor transformers)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dpolab.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nprint('IMPORTED', 'torch' in sys.modules, "
+            "'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out, _, imported = r.stdout.rpartition("IMPORTED")
+    assert imported.split() == ["False", "False"]
+    if "--json" in argv:
+        rows = json.loads(out)
+        assert {r["key"]: r["default"] for r in rows}["loss.beta"] == C.LossConfig().beta
+        assert {r["key"]: r["allowed"] for r in rows}["loss.beta"] == "> 0"
+        return
+    for key, _ in _fields():
+        assert f"  {key} = " in out, key
+    assert "  loss.beta = 0.5" in out and "inverse temperature" in out
+    assert "one of full | lora | last_layer" in " ".join(out.split())  # wrapped at any space
+
+
+def test_scope_names_are_the_registry():
+    """The config's scope choices (torch-free, for `dpolab config`) are dpolab.scopes.SCOPES'
+    names in the same order, so a scope added to the registry is offered and one removed is
+    refused; the facts other modules ask (body trains, weights overwritten) come from there."""
+    from dpolab.scopes import SCOPES
+
+    assert C.SCOPE_NAMES == tuple(SCOPES)
+    assert [k for k, s in SCOPES.items() if s.trains_body] == ["full", "lora"]
+    assert [k for k, s in SCOPES.items() if s.overwrites_weights] == ["full"]

@@ -79,3 +79,16 @@ def test_training_steps_and_evaluation_share_one_tie_rule():
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         assert step[key] == pytest.approx(evaluation[key], abs=1e-15), key
+
+
+def test_unflippable_threshold_by_hand():
+    """beta = 0.5: log(3) / 0.5 = 2 * 1.0986 = 2.1972 nats. A reference that prefers the
+    rejected response by 2.20 nats is past it, by 2.19 not; beta = 0 moves nothing, so no
+    threshold and no pair flagged."""
+    from dpolab.diagnostics import unflippable, unflippable_threshold
+
+    assert unflippable_threshold(0.5) == pytest.approx(2.1972246, abs=1e-6)
+    rc, rr = np.array([0.0, 0.0, 1.0]), np.array([2.20, 2.19, 0.0])
+    assert unflippable(rc, rr, beta=0.5).tolist() == [True, False, False]
+    assert unflippable_threshold(0.0) is None
+    assert not unflippable(rc, rr, beta=0.0).any()

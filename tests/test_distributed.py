@@ -4,6 +4,7 @@ body states computed data-parallel equal those of one process; the NCCL path on 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,12 +128,13 @@ def test_stores_computed_by_two_processes_equal_one(scope, extra, tiny_dir, tmp_
 
 def test_fsdp2_checkpoint_resume(tiny_dir, tmp_path):
     """FSDP2 checkpoints gather the sharded weights and optimizer state and re-shard them on
-    resume: 2 steps, checkpoint, 2 more steps equals 4 uninterrupted steps (constant lr)."""
+    resume: 2 steps, checkpoint, 2 more steps equals 4 uninterrupted steps (constant lr), and
+    so does the same resume by an optimizer holding the parameters in another order (each
+    shape's in reverse, tests/reordered_train.py): the state follows parameter names."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=24)
     env = {**os.environ, "DPOLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    run = lambda *a: _run(  # noqa: E731
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "dpolab", "train", *a], env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = lambda *a: _run([*torchrun, "-m", "dpolab", "train", *a], env)  # noqa: E731
     common = ["--model", str(tiny_dir), "--data", str(data), "train.lr=0.01",
               "train.progress=false", "data.max_length=48", "data.max_prompt_length=16",
               "train.did_samples=0", "train.report=false", "train.scope=full",
@@ -145,13 +147,18 @@ def test_fsdp2_checkpoint_resume(tiny_dir, tmp_path):
     cfg = tmp_path / "b" / "config.yaml"
     cfg.write_text(cfg.read_text().replace("max_steps: 2", "max_steps: 4"))
     (tmp_path / "b" / "model").rename(tmp_path / "b" / "model-step2")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
     r = run("--resume", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
+    script = Path(__file__).parent / "reordered_train.py"
+    r = _run([*torchrun, str(script), "--resume", str(tmp_path / "c")], env)
+    assert r.returncode == 0, r.stderr[-4000:]
     wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "b" / "model-step2" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    for resumed in ("b", "c"):
+        wb = load_file(str(tmp_path / resumed / "model" / "model.safetensors"))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5, msg=f"{resumed} {k}")
     assert any(not torch.equal(wa[k], w2[k]) for k in wa)
 
 

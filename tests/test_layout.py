@@ -7,6 +7,27 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "dpolab"
 
 
+def _type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): imports for annotations only."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (never run, so never an
+    import circle; their `else:` branch runs and is kept)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if _type_checking(node):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _import_graph() -> dict[str, set[str]]:
     """dpolab module -> the dpolab modules it imports anywhere (module level or in a function)."""
     files = {}
@@ -15,7 +36,7 @@ def _import_graph() -> dict[str, set[str]]:
         files[name.removesuffix(".__init__")] = f
     graph = {m: set() for m in files}
     for m, f in files.items():
-        for node in ast.walk(ast.parse(f.read_text())):
+        for node in _runtime_nodes(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -72,7 +93,19 @@ def test_no_import_circle_and_library_apart():
             and any(d.startswith("dpolab.theory") for d in deps)] == []
 
 
+def test_annotation_imports_make_no_circle():
+    """An import under `if TYPE_CHECKING:` is not an edge; one beside it, or in its `else:`,
+    is: a module importing b for annotations only and b importing it back is no circle."""
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import b\n"
+                     "else:\n    import c\nimport d\n")
+    names = {a.name for n in _runtime_nodes(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert names == {"c", "d"}
+
+
 def test_no_module_over_400_lines():
-    """One idea per module: none of dpolab/ outside theory/ passes 400 lines."""
-    sizes = {f.name: len(f.read_text().splitlines()) for f in PACKAGE.glob("*.py")}
+    """One idea per module: no module of dpolab/ and its subpackages (losses/, ...) outside
+    theory/ passes 400 lines."""
+    sizes = {str(f.relative_to(PACKAGE)): len(f.read_text().splitlines())
+             for f in PACKAGE.rglob("*.py") if "theory" not in f.relative_to(PACKAGE).parts}
+    assert "losses/registry.py" in sizes  # the subpackages are counted
     assert {k: v for k, v in sizes.items() if v > 400} == {}

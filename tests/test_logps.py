@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpolab.logps import Head, completion_logps, naive_completion_logps, sequence_logps
+from dpolab.logps import Head, completion_logps, naive_completion_logps
 
 
 def make(dtype, *, B=3, T=17, D=24, V=3001, bias=False, softcap=None, scale=1.0, seed=0):
@@ -88,14 +88,6 @@ def test_large_vocabulary_float32():
     torch.testing.assert_close(completion_logps(hidden, head, labels, mask, chunk_size=16),
                                naive_completion_logps(hidden, head, labels, mask),
                                atol=1e-5, rtol=1e-5)
-
-
-def test_sequence_sum_and_mean():
-    """Sum over the mask, or the mean per completion token: [-1, -2, (pad)] -> -3 or -1.5."""
-    tok = torch.tensor([[-1.0, -2.0, -7.0], [-4.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    assert sequence_logps(tok, mask, average=False).tolist() == [-3.0, -4.0]
-    assert sequence_logps(tok, mask, average=True).tolist() == [-1.5, -4.0]
 
 
 def test_shape_mismatch_raises():

@@ -130,21 +130,6 @@ def test_gradcheck_f_divergence(div):
         lambda *a: L.dpo_loss(*a, beta=0.6, label_smoothing=0.1, divergence=div, alpha=0.3), x)
 
 
-def test_wpo_weights_by_hand():
-    """Tokens with p = 0.5 and 0.25 where sum_v p_v^2 = 0.5 (the third position is padding):
-    w = exp((log(0.5/0.5) + log(0.25/0.5)) / 2) = exp(log(0.5)/2) = sqrt(0.5) = 0.7071068.
-    A one-token completion with p = sum p^2 has w = 1; the pair weight is the product."""
-    tok = torch.log(T(0.5, 0.25, 0.9)).unsqueeze(0).requires_grad_()
-    lss = torch.log(T(0.5, 0.5, 0.1)).unsqueeze(0)
-    mask = N(1, 1, 0).unsqueeze(0)
-    w = L.wpo_sequence_weight(tok, lss, mask)
-    assert w.item() == pytest.approx(math.sqrt(0.5), abs=1e-12) and not w.requires_grad
-    one = L.wpo_sequence_weight(lss[:, :1], lss[:, :1], N(1).unsqueeze(0))
-    assert one.item() == pytest.approx(1.0, abs=1e-15)
-    pair = L.wpo_pair_weight(tok, lss, mask, lss[:, :1], lss[:, :1], N(1).unsqueeze(0))
-    assert pair.item() == pytest.approx(math.sqrt(0.5), abs=1e-12)
-
-
 def test_ld_sequence_logps_by_hand():
     """Chosen: 3 completion tokens (-1, -2, -3) after one prompt position; rejected: 5 tokens
     of -1. Shared length 3: chosen = -6 whatever alpha; rejected = -3 + alpha * (-2):

@@ -39,7 +39,7 @@ def _batch(seed: int, *, dtype=torch.float64, equal_chosen: bool = False):
 
 
 def _trl_loss(b, loss_types, weights=None, *, beta, label_smoothing=0.0, ld_alpha=None,
-              f_divergence="reverse_kl", f_alpha=0.5, use_weighting=False, tau=0.05):
+              f_divergence="reverse_kl", f_alpha=0.5, tau=0.05):
     def outputs(lp):
         return types.SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp),
                                      mean_logits=torch.zeros_like(lp),
@@ -55,7 +55,7 @@ def _trl_loss(b, loss_types, weights=None, *, beta, label_smoothing=0.0, ld_alph
         aux_loss_enabled=False, precompute_ref_logps=False, ld_alpha=ld_alpha,
         f_divergence_type=f_divergence, f_alpha_divergence_coef=f_alpha, loss_types=loss_types,
         loss_weights=weights or [1.0] * len(loss_types), beta=beta,
-        label_smoothing=label_smoothing, use_weighting=use_weighting,
+        label_smoothing=label_smoothing, use_weighting=False,
         args=types.SimpleNamespace(discopop_tau=tau, gradient_checkpointing_kwargs=None),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1)
@@ -73,11 +73,7 @@ def _dpolab_loss(b, weights, hyper: LossConfig):
         pc, pr = (b["policy"] * m).sum(1).chunk(2)
         rc, rr = (b["ref"] * m).sum(1).chunk(2)
     nc, nr = m.sum(1).chunk(2)
-    weight = None
-    if hyper.use_weighting:
-        weight = L.wpo_pair_weight(b["policy"][:B], b["log_sum_sq"][:B], m[:B],
-                                   b["policy"][B:], b["log_sum_sq"][B:], m[B:])
-    p = L.PairLogps(pc, pr, rc, rr, nc, nr, pair_weight=weight)
+    p = L.PairLogps(pc, pr, rc, rr, nc, nr)
     return L.Objective(weights, hyper)(p)[0].mean()
 
 
@@ -157,12 +153,3 @@ def test_weighted_combination_agrees_with_trl():
     _agree(b, trl, ours, 1e-10)
 
 
-def test_wpo_weighting_agrees_with_trl():
-    """use_weighting on loss_type=[sigmoid, ipo] with weights [1, 0.5] equals dpolab's WPO
-    pair weights on the same terms. (TRL's WPO cannot weight its "sft": it multiplies the
-    expanded scalar in place and raises.)"""
-    b = _batch(5)
-    trl = _trl_loss(b, ["sigmoid", "ipo"], [1.0, 0.5], beta=0.3, use_weighting=True)
-    ours = _dpolab_loss(b, {"sigmoid": 1.0, "ipo_norm": 0.5},
-                        LossConfig(beta=0.3, use_weighting=True))
-    _agree(b, trl, ours, 1e-10)

@@ -45,6 +45,8 @@ def test_router_loss_equals_the_models_own(arch):
     batch = collate_pairs(ex, pad_id=2)
     own = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 output_router_logits=True).aux_loss
+    if not torch.is_tensor(own):  # transformers 5.17's granitemoehybrid: no loss of its own
+        pytest.skip(f"{arch} in this transformers computes no router loss to compare with")
     body, head = body_and_head(model)
     checked = 0
     for name in FORWARDS:
@@ -78,13 +80,15 @@ def test_router_loss_trains_the_routers():
 
 def test_coefficient_from_config_override_and_scope():
     """The weight is the model config's router_aux_loss_coef unless model.router_aux_loss_coef
-    sets it; 0 and the last_layer scope (the routers do not train) turn it off; GLM-4-MoE
+    sets it; 0 and the head scopes last_layer and token_rows (the routers do not train) turn
+    it off; GLM-4-MoE
     (no load-balancing function) has none; setting one for it is a UserError."""
     mixtral = tiny.tiny_model(vocab_size=512, hidden_size=32, arch="mixtral")
     assert moe.router_loss(mixtral, None, scope="full").coef == 0.01
     assert moe.router_loss(mixtral, 0.5, scope="lora").coef == 0.5
     assert moe.router_loss(mixtral, 0.0, scope="full") is None
     assert moe.router_loss(mixtral, None, scope="last_layer") is None
+    assert moe.router_loss(mixtral, None, scope="token_rows") is None
     glm = tiny.tiny_model(vocab_size=512, hidden_size=32, arch="glm4_moe")
     assert moe.router_loss(glm, None, scope="full") is None
     with pytest.raises(UserError, match="computes no router load-balancing loss"):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dpolab import rundir, scopes, session, splits
+from dpolab.config import apply_overrides, build_config
 from dpolab.distributed import Distributed
 from dpolab.errors import UserError
-from dpolab.policy import padded
 from dpolab.losses import PairLogps
 from dpolab.train import StepStats, train
 from tests.test_train import cfg_for, write_pairs
@@ -97,13 +97,21 @@ def test_reward_reduction_follows_the_terms(tiny_dir, tmp_path):
     assert session.needs_reference(cfg("loss.weights={dpo: 1.0, sft: 0.1}"))
 
 
-def test_padded_keeps_each_sequence_in_order():
-    """Flat tokens with interleaved sequence ids come back left-aligned per sequence, in order."""
-    tokens = torch.tensor([1.0, 10.0, 2.0, 20.0, 3.0])
-    seg = torch.tensor([0, 1, 0, 1, 0])
-    vals, mask = padded(tokens, seg, 3)
-    assert vals.tolist() == [[1.0, 2.0, 3.0], [10.0, 20.0, 0.0], [0.0, 0.0, 0.0]]
-    assert mask.tolist() == [[True] * 3, [True, True, False], [False] * 3]
+def test_ld_flat_logps_by_hand():
+    """LD-DPO on the flat layout, tokens of four sequences interleaved (B = 2; sequence j < 2
+    chosen, 2 + j rejected), alpha = 0.5:
+      pair 0: chosen (-1, -2, -3), rejected (-10, -20): shared length 2,
+              chosen -1 - 2 + 0.5 * -3 = -4.5, rejected -30;
+      pair 1: chosen (-4), rejected (-5, -6, -7): shared length 1,
+              chosen -4, rejected -5 + 0.5 * (-6 - 7) = -11.5."""
+    from dpolab.losses import ld_flat_logps
+
+    tokens = torch.tensor([-1.0, -10.0, -5.0, -2.0, -4.0, -20.0, -6.0, -3.0, -7.0],
+                          dtype=torch.float64)
+    seg = torch.tensor([0, 2, 3, 0, 1, 2, 3, 0, 3])
+    chosen, rejected = ld_flat_logps(tokens, seg, 2, alpha=0.5)
+    assert chosen.tolist() == [-4.5, -4.0] and rejected.tolist() == [-30.0, -11.5]
+    assert ld_flat_logps(tokens, seg, 2, alpha=1.0)[1].tolist() == [-30.0, -18.0]  # plain sums
 
 
 def _naive_token_logps(model, ex) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +187,9 @@ def test_ld_dpo_reference_sums_by_hand(tiny_dir, tmp_path, cache):
     assert (p.n_chosen != p.n_rejected).any()  # the tail matters on this data
 
 
-def test_wpo_is_refused_with_its_reason(tiny_dir, tmp_path, cache):
-    """loss.use_weighting stops before training with a message naming what WPO needs."""
-    data = write_pairs(tmp_path / "pairs.jsonl", n=6)
-    with pytest.raises(UserError, match="loss.use_weighting needs"):
-        train(cfg_for(tiny_dir, data, tmp_path / "w", "loss.use_weighting=true"))
+def test_wpo_is_refused_with_its_reason():
+    """loss.use_weighting=true stops with one line naming what WPO needs and what to do; the
+    retired key's only value, false, still loads (an older run's config.yaml)."""
+    with pytest.raises(UserError, match="per-token log sum_v pi.v.\\^2.*remove loss.use_weighting"):
+        build_config(apply_overrides({}, ["loss.use_weighting=true"]))
+    assert build_config({"loss": {"use_weighting": False}}) == build_config({})

@@ -250,8 +250,9 @@ def _model_folder(env, kind: str) -> Path:
         shutil.copytree(env["tiny"], folder)
         weights = folder / "model.safetensors"
         data = weights.read_bytes()
-        weights.write_bytes(data[:len(data) // 2] if kind == "truncated"
-                            else b"\xff" * 8 + data[8:])
+        weights.write_bytes({"truncated": data[:len(data) // 2],
+                             "header-not-json": data[:8] + b"x" + data[9:]}.get(
+                                 kind, b"\xff" * 8 + data[8:]))
     return folder
 
 
@@ -260,6 +261,7 @@ def _model_folder(env, kind: str) -> Path:
     ("config-only", "no tokenizer files"),
     ("truncated", "model.safetensors: truncated safetensors file"),
     ("corrupt", "model.safetensors: damaged safetensors file"),
+    ("header-not-json", "model.safetensors: damaged safetensors file: its header is not valid JSON"),
 ])
 def test_a_bad_model_folder_is_a_clear_error(env, kind, what, capsys):
     """Exit 2 naming the folder (or its weights file) and what is wrong, no traceback."""
@@ -311,11 +313,11 @@ def test_text_the_tokenizer_cannot_encode(env, capsys):
 # --------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("overrides, message", [
     (["loss.beta=0"], "loss.beta = 0.0 is out of range: it must be a finite number > 0"),
-    (["loss.name=ipo", "loss.beta=0"], "loss ipo, ipo_norm and sppo_hard need loss.beta > 0"),
+    (["loss.name=ipo", "loss.beta=0"], "loss.beta = 0.0 is out of range: it must be a finite number > 0"),
     (["loss.beta=.inf"], "loss.beta = inf is out of range"),
     (["train.lr=inf"], "train.lr = inf is out of range"),
     (["train.max_grad_norm=.nan"], "train.max_grad_norm = nan is out of range"),
-    (["loss.weights.dpo=.inf"], "loss.weights.dpo = inf must be a finite number >= 0"),
+    (["loss.weights.dpo=.inf"], "loss.weights.dpo = inf is out of range: it must be a finite number >= 0"),
     (["train.keep_checkpoints=0"], "train.keep_checkpoints = 0 is out of range"),
 ])
 def test_config_numbers_the_math_cannot_use(overrides, message):
@@ -341,7 +343,7 @@ def test_a_section_given_as_a_list_with_an_override(tmp_path, capsys):
 def test_damaged_metrics_files_name_the_line(tmp_path):
     """A binary metrics.jsonl and a non-object JSON line mid-file: UserError FILE:LINE; a cut
     last line (a run killed mid-write) is still left out."""
-    from dpolab.report import read_metrics
+    from dpolab.rundir import read_metrics
 
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b'{"step": 1}\n\x89PNG\r\n\x1a\n\xff\xfe\n')

@@ -250,7 +250,7 @@ def _full_disk_save(obj, f):
     try:
         raise OSError(errno.ENOSPC, ENOSPC_TEXT)
     except OSError:
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 "
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 "  # noqa: B904 - torch chains implicitly
                            "vs 534")
 
 
@@ -431,7 +431,7 @@ def test_write_problem_reads_the_errno_wherever_the_writer_put_it(tmp_path):
         try:
             raise OSError(errno.EFBIG, "File too large")
         except OSError:
-            raise RuntimeError("unexpected pos 704 vs 598")
+            raise RuntimeError("unexpected pos 704 vs 598")  # noqa: B904 - as torch raises it
     except RuntimeError as err:
         chained = err
     assert atomic.write_problem(chained, tmp_path).startswith("file too large")
@@ -451,7 +451,7 @@ def test_the_states_a_run_stores_are_read_back_by_the_next(tiny_dir, tmp_path, p
     from transformers import AutoModelForCausalLM
 
     from dpolab.models import body_and_head
-    from dpolab.head_states import CachedHeadForward
+    from dpolab.head_cache import CachedHeadForward
     from dpolab.policy import make_forward
     from dpolab.tokenize import PairExample
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpolab import cli, report, report_figures
+from dpolab import cli, report, report_figures, rundir
 from dpolab.errors import UserError
 
 GROUPS = ("cats", "dogs")
@@ -135,11 +135,25 @@ def test_run_report_tables_and_notes(full_report):
     assert "Missing pieces" not in html
 
 
+def test_printed_summary_reads_the_report_numbers(tmp_path, capsys):
+    """`dpolab train`'s closing table prints the numbers of the report's before/after rows
+    (one metric-key mapping): overall 0.500 -> 0.750, cats 0.900 with no-cue 0.600, dogs
+    0.600 with margin 0.100 and no no-cue column."""
+    from dpolab.train_cli import print_summary
+
+    print_summary(make_run(tmp_path / "r"))
+    lines = {ln.split()[0]: ln.split()[1:] for ln in capsys.readouterr().out.splitlines()
+             if ln.split() and ln.split()[0] in ("(all)", "cats", "dogs")}
+    assert lines["(all)"][:2] == ["0.500", "0.750"]
+    assert lines["cats"][1] == "0.900" and lines["cats"][-1] == "0.600"
+    assert lines["dogs"][1:3] == ["0.600", "0.100"] and len(lines["dogs"]) == 4
+
+
 def test_before_after_rows_numbers(tmp_path):
     """Rows read the first and last evaluation lines: at t = 0 every accuracy is 0.5; at
     t = 1 cats = 0.5 + 0.4 = 0.9, dogs = 0.5 + 0.1 = 0.6, dogs' train = 0.5 + 0.45 = 0.95,
     so the gap is 0.95 - 0.6 = 0.35; overall accuracy 0.5 + 0.25 = 0.75."""
-    rows = {r["group"]: r for r in report.before_after_rows(report.load_run(make_run(tmp_path / "r")))}
+    rows = {r["group"]: r for r in report.before_after_rows(rundir.load_run(make_run(tmp_path / "r")))}
     assert list(rows) == ["(all)", "cats", "dogs"]
     assert rows["(all)"]["accuracy before"] == 0.5
     assert rows["(all)"]["accuracy after"] == pytest.approx(0.75)
@@ -159,7 +173,7 @@ def test_notes_when_chosen_rises(tmp_path):
     """Limiting case: with the chosen log-prob rising (displacement +0.5 t) there is no
     likelihood-displacement note, and the loss note quotes the first and last loss:
     0.693 - 0.3/24 = 0.6805 at step 1, 0.693 - 0.3 = 0.393 at step 24."""
-    run = report.load_run(make_run(tmp_path / "r", chosen_rate=0.5))
+    run = rundir.load_run(make_run(tmp_path / "r", chosen_rate=0.5))
     notes = " ".join(report.observations(run))
     assert "Both held-out log-probs fell" not in notes
     assert "chosen held-out log-prob rose (+0.5 nats" in notes
@@ -168,18 +182,18 @@ def test_notes_when_chosen_rises(tmp_path):
 
 def test_loss_name_and_label(tmp_path):
     """Runs are labelled by directory and loss: a single term by its name, weights as a sum."""
-    assert report.loss_name({"loss": {"name": "ipo", "weights": {}}}) == "ipo"
-    assert report.loss_name({"loss": {"name": "dpo", "weights": {"dpo": 1.0, "sft": 0.1}}}) \
+    assert rundir.loss_name({"loss": {"name": "ipo", "weights": {}}}) == "ipo"
+    assert rundir.loss_name({"loss": {"name": "dpo", "weights": {"dpo": 1.0, "sft": 0.1}}}) \
         == "dpo+0.1*sft"
-    assert report.loss_name({}) == "?"
-    run = report.load_run(make_run(tmp_path / "my_run", loss={"name": "ipo"}))
+    assert rundir.loss_name({}) == "?"
+    run = rundir.load_run(make_run(tmp_path / "my_run", loss={"name": "ipo"}))
     assert run.label == "my_run (ipo)"
 
 
 def test_other_metrics_are_found(tmp_path):
     """Evaluation keys without a figure of their own are plotted generically; groups and the
     standard keys are not among them."""
-    run = report.load_run(make_run(tmp_path / "r"))
+    run = rundir.load_run(make_run(tmp_path / "r"))
     assert report_figures.other_keys(run) == ["did/entropy", "unflippable/fraction"]
 
 
@@ -203,7 +217,7 @@ def test_run_without_groups_or_after(tmp_path):
     assert html.count("<img") == len(RUN_FIGURES) - 2
     run_dir = make_run(tmp_path / "b", steps=3, summary=False)  # evals at step 0 and 3
     (run_dir / "metrics.jsonl").write_text(json.dumps(_eval_line(0)) + "\n{\"step\": 1, \"lo")
-    run = report.load_run(run_dir)  # the cut-short last line of a live run is skipped
+    run = rundir.load_run(run_dir)  # the cut-short last line of a live run is skipped
     assert len(run.evals) == 1 and not run.train and run.after == {}
     html = report.write_run_report(run_dir).read_text()
     assert "Only the evaluation before training" in html
@@ -213,7 +227,7 @@ def test_run_without_groups_or_after(tmp_path):
 def test_bad_paths(tmp_path):
     """A missing directory, or one without metrics.jsonl, is a UserError naming the path."""
     with pytest.raises(UserError, match=re.escape(str(tmp_path / "nope"))):
-        report.load_run(tmp_path / "nope")
+        rundir.load_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no metrics.jsonl"):
         report.write_run_report(tmp_path / "empty")
@@ -233,7 +247,7 @@ def test_compare_two_runs(tmp_path):
         assert (tmp_path / "cmp" / "report" / f"{name}.png").is_file()
     assert "run_a (dpo)" in html and "run_b (dpo+0.1*sft)" in html
     assert "run_b (dpo+0.1*sft): No summary.json" in html
-    rows = [report.final_row(report.load_run(d)) for d in (a, b)]
+    rows = [report.final_row(rundir.load_run(d)) for d in (a, b)]
     assert rows[0]["disp chosen"] == -1.0 and rows[1]["disp chosen"] == 0.5
     assert rows[0]["acc dogs"] == pytest.approx(0.6) and rows[0]["steps"] == STEPS
     # Two directories with the same name are told apart by their parents.
@@ -285,7 +299,7 @@ def test_fake_lines_match_the_real_metric_names():
     real = {"step": 0} | {p + k: v for p in ("eval/", "train_eval/") for k, v in stats.items()}
     fake = set(_eval_line(0)) - {"eval/did/entropy", "unflippable/fraction"}
     assert fake == set(real)
-    run = report.Run(path=Path("x"), config={}, summary=None, data=None, train=[], evals=[real])
+    run = rundir.Run(path=Path("x"), config={}, summary=None, data=None, train=[], evals=[real])
     assert report_figures.other_keys(run) == []
     assert run.groups == list(GROUPS)
 
@@ -297,10 +311,9 @@ def test_legends_sit_outside_the_axes():
     import inspect
 
     from dpolab import report_figures
-    from dpolab.htmlpage import pyplot
+    from dpolab.htmlpage import subplots
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     for i in range(15):  # as many entries as seven groups' held-out and train curves
         ax.plot([0, 1, 2], [i, i + 1, i], label=f"curve {i}")
     report_figures._finish(ax)
@@ -308,7 +321,6 @@ def test_legends_sit_outside_the_axes():
     fig.canvas.draw()
     legend = ax.get_legend().get_window_extent()
     axes = ax.get_window_extent()
-    plt.close(fig)
     assert legend.x0 >= axes.x1 and not legend.overlaps(axes)
     source = inspect.getsource(report_figures)
     assert source.count(".legend(") == 1
@@ -318,14 +330,36 @@ def test_start_and_end_only_are_points_not_a_line():
     """A series measured only before and after training (two points) is drawn as markers with
     no line between them; three points or more are a line."""
     from dpolab import report_figures
-    from dpolab.htmlpage import pyplot
+    from dpolab.htmlpage import subplots
 
-    plt = pyplot()
-    fig, ax = plt.subplots()
+    fig, ax = subplots()
     rows = [{"step": 0, "a": 0.5, "b": 0.5}, {"step": 5, "b": 0.7}, {"step": 10, "a": 0.9, "b": 0.9}]
     report_figures._plot(ax, rows, "a", ls=":")
     report_figures._plot(ax, rows, "b")
     two, three = ax.get_lines()
-    plt.close(fig)
     assert two.get_linestyle() == "None" and two.get_marker() == "o"
     assert three.get_linestyle() == "-" and len(three.get_xdata()) == 3
+
+
+def test_a_report_leaves_the_users_matplotlib_as_it_was(tmp_path):
+    """Figures are drawn on matplotlib's Figure API, not pyplot: in a process whose user chose
+    a pyplot backend (svg) and holds one figure, writing a run report and a comparison leaves
+    that backend and that one open figure; and no module of dpolab imports pyplot or sets a
+    backend."""
+    import sys
+
+    code = ("import sys\nfrom pathlib import Path\nimport matplotlib\nmatplotlib.use('svg')\n"
+            "import matplotlib.pyplot as plt\nplt.figure()\n"
+            "from dpolab import report\nfrom tests.test_report import make_run\n"
+            "a, b = make_run(Path(sys.argv[1]) / 'a'), make_run(Path(sys.argv[1]) / 'b')\n"
+            "report.write_run_report(a)\nreport.write_compare_report([a, b], Path(sys.argv[1]) / 'c')\n"
+            "print(matplotlib.get_backend(), plt.get_fignums())\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, check=False, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == "svg [1]"
+    assert (tmp_path / "a" / "report" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    for path in (Path(__file__).parent.parent / "dpolab").rglob("*.py"):
+        source = path.read_text()
+        assert "matplotlib.pyplot" not in source and "import pyplot" not in source, path
+        assert "matplotlib.use(" not in source, path

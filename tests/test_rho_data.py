@@ -39,7 +39,9 @@ def test_bbq_keeps_only_items_whose_correct_and_biased_answers_differ():
 def test_split_is_stable_disjoint_and_nested():
     """Same seed -> same split; train and held-out never share an item; a smaller per_group
     takes a prefix of the larger one's train pairs; held-out is 25% of each group."""
-    ids = lambda rows: [r.meta["id"] for r in rows]
+    def ids(rows):
+        return [r.meta["id"] for r in rows]
+
     train, held = rho_data.default_rows(seed=0)
     train2, held2 = rho_data.default_rows(seed=0)
     assert ids(train) == ids(train2) and ids(held) == ids(held2)

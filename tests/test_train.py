@@ -275,34 +275,6 @@ def test_auxdpo_lora_soft_and_exact(tiny_dir, tmp_path, cache, capsys):
         train(cfg_for(tiny_dir, data, tmp_path / "mem", *lora, "loss.aux_max_gib=0.00001"))
 
 
-def test_auxdpo_exact_delta_in_null_space():
-    """null_space_of_gram on G = A^T A with a rank-2 A (4 columns): dimension 2, A Gamma = 0."""
-    from dpolab.auxdpo import null_space_of_gram
-
-    A = torch.tensor([[1.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, -1.0], [1.0, 1.0, 2.0, 1.0]],
-                     dtype=torch.float64)  # row 3 = row 1 + row 2: rank 2
-    basis = null_space_of_gram(A.T @ A)
-    assert basis.shape == (4, 2)
-    assert (A @ basis).abs().max() < 1e-6
-
-
-def test_gram_spectrum_counts_rank_and_null_space():
-    """gram_spectrum: the rank-2 A above has null dimension 2 of 4; a full-column-rank A has
-    none, and its soft-penalty floor is lambda_null times G's smallest eigenvalue."""
-    from dpolab.auxdpo import gram_spectrum
-
-    A = torch.tensor([[1.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, -1.0], [1.0, 1.0, 2.0, 1.0]],
-                     dtype=torch.float64)
-    sp = gram_spectrum(A.T @ A, null_weight=1.0)
-    assert (sp["responses"], sp["rank"], sp["null_dim"]) == (4, 2, 2)
-    assert sp["soft_floor"] == pytest.approx(0.0, abs=1e-9)
-    B = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)  # G = diag(4, 1)
-    sp = gram_spectrum(B.T @ B, null_weight=3.0)
-    assert (sp["rank"], sp["null_dim"]) == (2, 0)
-    assert sp["eig_min"] == pytest.approx(1.0) and sp["eig_max"] == pytest.approx(4.0)
-    assert sp["soft_floor"] == pytest.approx(3.0)
-
-
 def _run_cli(args, env, **kw):
     return subprocess.Popen([sys.executable, "-m", "dpolab", "train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)

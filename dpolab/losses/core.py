@@ -121,18 +121,11 @@ def auxdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tens
     """-log sigma(beta (h + delta_c - delta_r))   (AuxDPO, arXiv 2510.20413 Sec. 4.2).
 
     delta_c, delta_r (B,) are per-response auxiliary rewards meant to live in the null space
-    of A = d/dtheta log pi_theta0 (see :func:`null_space_penalty`); they widen the implicit
+    of A = d/dtheta log pi_theta0 (see :mod:`dpolab.auxdpo`); they widen the implicit
     reward manifold so the estimator is no longer misspecified. They are dropped after training.
     """
     h = logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return -F.logsigmoid(beta * (h + delta_chosen - delta_rejected))
-
-
-def null_space_penalty(grads: Tensor, delta: Tensor) -> Tensor:
-    """||A delta||^2 with A = grads^T: grads (n, P) holds one row d/dtheta log pi_theta0(y_i)
-    per response, delta (n,) the responses' auxiliary rewards. Zero iff delta is in N(A).
-    Returns a scalar (the batchwise soft penalty of AuxDPO, before lambda_null)."""
-    return (grads.transpose(0, 1) @ delta).pow(2).sum()
 
 
 def amplitude_penalty(delta: Tensor) -> Tensor:
@@ -203,11 +196,6 @@ def gpo_derivative(margin: Tensor, *, f: str) -> Tensor:
     if f == "hinge":
         return (margin < 1.0).to(margin.dtype)
     raise ValueError(f"gpo_derivative: unknown f {f!r}; valid: {', '.join(sorted(_GPO))}")
-
-
-def rewards(policy: Tensor, ref: Tensor, *, beta: float) -> Tensor:
-    """Implicit reward beta * (policy - ref), detached: for logging only."""
-    return (beta * (policy - ref)).detach()
 
 
 def _check_smoothing(eps: float, *, upper: float, name: str) -> None:

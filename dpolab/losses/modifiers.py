@@ -2,12 +2,11 @@
 
 Notation (per-token tensors (B, T), completion positions only counted where mask is 1):
     token_logps        log pi(y_t | x, y_<t) of the completion tokens
-    log_sum_sq_probs   log sum_v pi(v | x, y_<t)^2 at the same positions (WPO's alignment term)
     mask               1 on completion tokens, 0 on prompt and padding
     logratio           log pi_theta(y|x) - log pi_ref(y|x), (B,)
 
-f-divergence scores replace the log-ratio inside the margin (f-DPO); WPO weights multiply
-each pair's loss; LD-DPO changes how per-token log-probs are summed into one sequence log-prob.
+f-divergence scores replace the log-ratio inside the margin (f-DPO); LD-DPO changes how
+per-token log-probs are summed into one sequence log-prob.
 """
 
 from __future__ import annotations
@@ -57,31 +56,6 @@ def f_divergence_margin(policy_chosen: Tensor, policy_rejected: Tensor, ref_chos
             - f_divergence_score(policy_rejected - ref_rejected, divergence=divergence, alpha=alpha))
 
 
-def wpo_sequence_weight(token_logps: Tensor, log_sum_sq_probs: Tensor, mask: Tensor) -> Tensor:
-    """WPO's weight of one completion (Zhou et al. 2024, arXiv 2406.11827, Eq. 2, aligned form):
-
-        w(y) = exp( (1/|y|) sum_t [ log pi(y_t|.) - log sum_v pi(v|.)^2 ] )
-
-    i.e. the geometric mean over tokens of pi(y_t) / sum_v pi(v)^2, which makes on-policy
-    completions (the ones the policy itself would sample) weigh more. token_logps,
-    log_sum_sq_probs, mask: (B, T); returns (B,), detached (the weight is not differentiated,
-    as in WPO and TRL). |y| is clamped to 1 so an empty completion gets weight 1.
-    """
-    mask = mask.to(token_logps.dtype)
-    n = mask.sum(dim=1).clamp_min(1.0)
-    aligned = ((token_logps - log_sum_sq_probs) * mask).sum(dim=1) / n
-    return torch.exp(aligned).detach()
-
-
-def wpo_pair_weight(chosen_token_logps: Tensor, chosen_log_sum_sq: Tensor, chosen_mask: Tensor,
-                    rejected_token_logps: Tensor, rejected_log_sum_sq: Tensor,
-                    rejected_mask: Tensor) -> Tensor:
-    """w(y_w) * w(y_l): the per-pair factor WPO multiplies every term's loss by, (B,).
-    Chosen and rejected tensors are (B, T) each (the two T may differ)."""
-    return (wpo_sequence_weight(chosen_token_logps, chosen_log_sum_sq, chosen_mask)
-            * wpo_sequence_weight(rejected_token_logps, rejected_log_sum_sq, rejected_mask))
-
-
 def ld_sequence_logps(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_token_logps: Tensor,
                       rejected_mask: Tensor, *, alpha: float) -> tuple[Tensor, Tensor]:
     """LD-DPO's length-desensitised sequence log-probs (Liu et al. 2024, arXiv 2409.06411):
@@ -106,3 +80,23 @@ def ld_sequence_logps(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_
         return (token_logps * head).sum(dim=1) + alpha * (token_logps * tail).sum(dim=1)
 
     return one(chosen_token_logps, chosen_mask), one(rejected_token_logps, rejected_mask)
+
+
+def ld_flat_logps(token_logps: Tensor, seg: Tensor, n_pairs: int, *,
+                  alpha: float) -> tuple[Tensor, Tensor]:
+    """:func:`ld_sequence_logps` on the flat layout the pair forwards give: token_logps (N,)
+    the completion tokens of 2B sequences, seg (N,) each token's sequence (j < B: pair j's
+    chosen completion, B + j its rejected one), tokens of one sequence in order. Returns
+    (chosen (B,), rejected (B,)), differentiable in token_logps."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"ld_flat_logps: alpha must lie in [0, 1], got {alpha}")
+    n = 2 * n_pairs
+    counts = torch.bincount(seg, minlength=n)  # (2B,) tokens per sequence
+    shared = torch.minimum(counts[:n_pairs], counts[n_pairs:]).repeat(2)  # (2B,)
+    order = torch.argsort(seg, stable=True)
+    starts = counts.cumsum(0) - counts  # first flat slot of each sequence once sorted
+    position = torch.empty_like(seg)
+    position[order] = torch.arange(seg.numel(), device=seg.device) - starts[seg[order]] + 1
+    weight = torch.where(position <= shared[seg], 1.0, alpha).to(token_logps.dtype)  # (N,)
+    sums = token_logps.new_zeros(n).index_add(0, seg, token_logps * weight)
+    return sums[:n_pairs], sums[n_pairs:]

@@ -78,10 +78,9 @@ def _geometry_panel(ax, setting: BanditSetting, rows: list[dict], title: str) ->
 def geometry_figure(setting: BanditSetting, rows: list[dict], path: Path) -> Path:
     """Two panels, the given counts and balanced counts: contours of the weighted-KL objective
     in reward-difference space, the implicit-reward line, and where each method lands."""
-    plt = htmlpage.pyplot()
 
     balanced = replace(setting, counts=(1.0, 1.0, 1.0))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(12, 5.6))
     n = ", ".join(f"{c:g}" for c in setting.counts)
     _geometry_panel(axes[0], setting, rows, f"counts (n12, n23, n31) = ({n})")
     _geometry_panel(axes[1], balanced, table(balanced), "counts (1, 1, 1)")
@@ -96,9 +95,8 @@ def sweep_figure(sweep: dict, *, xlabel: str, path: Path, base: float,
     """E_pi[r*] (left) and beta * theta (right; = r(a1) - r(a3) of the implicit reward, which
     keeps small-beta runs on one scale) of every method against one swept setting (log x).
     betas: the beta of each swept point."""
-    plt = htmlpage.pyplot()
 
-    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax_r, ax_t) = htmlpage.subplots(1, 2, figsize=(12, 4.4))
     x = sweep["values"]
     for m in METHODS:
         colour, _, ls = _STYLE[m]

@@ -63,12 +63,11 @@ def format_tables(results: dict[str, Any]) -> str:
 
 def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
     """Three PNGs: the policies, JS per reward form, and the entropy sweep."""
-    plt = htmlpage.pyplot()
 
     figs = []
     pol = results["_policies"]
     order = np.argsort(pol["logp_ref"])[::-1]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = htmlpage.subplots(figsize=(8, 3.5))
     for key, label in (("logp_ref", "pi_ref"), ("logp_target", "pi*"),
                        ("did", "DID q_{pi*/pi_ref}"), ("logp_l", "pi_l (optimal rejected)")):
         ax.plot(np.asarray(pol[key])[order], marker=".", label=label)
@@ -79,7 +78,7 @@ def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
                  "sampler."))
 
     rows = results["js_table"]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = htmlpage.subplots(figsize=(8, 3.5))
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [r["js_to_target"] for r in rows], 0.4, label="JS to pi*")
     ax.bar(x + 0.2, [r["js_to_did"] for r in rows], 0.4, label="JS to DID")
@@ -90,7 +89,7 @@ def make_figures(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
                  "Where each reward form converges: DPO's log-ratio reaches pi*, the "
                  "reference-free reward reaches the DID."))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(10, 3.8))
     for family in dict.fromkeys(r["family"] for r in results["entropy_sweep"]):
         fr = [r for r in results["entropy_sweep"] if r["family"] == family]
         h = [r["did_entropy"] for r in fr]

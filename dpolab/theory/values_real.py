@@ -106,13 +106,7 @@ def compute_states(body, examples: Sequence, *, pad_id: int, batch_tokens: int,
     done = 0
     with torch.no_grad():
         for idx in _length_batches([len(q) for q in seqs], batch_tokens=batch_tokens):
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for b, i in enumerate(idx):
-                ids[b, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[b, :len(seqs[i])] = 1
-            hidden = body(ids, attention_mask=mask).float()  # (B, T, D)
+            hidden = _padded_hidden(body, [seqs[i] for i in idx], pad_id=pad_id)  # (B, T, D)
             for b, i in enumerate(idx):
                 out["x"][i] = hidden[b, len(seqs[i]) - 1]
                 out["prompt_last"][i] = hidden[b, plen[i] - 1]
@@ -121,6 +115,18 @@ def compute_states(body, examples: Sequence, *, pad_id: int, batch_tokens: int,
             if progress:
                 progress(done)
     return {k: torch.stack(v).contiguous() for k, v in out.items()}
+
+
+def _padded_hidden(body, seqs: list[list[int]], *, pad_id: int) -> Tensor:
+    """The token sequences `seqs` right-padded into one batch through `body` (with its
+    attention mask): (B, T, D) float32 final hidden states, T the longest sequence."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = 1
+    return body(ids, attention_mask=mask).float()
 
 
 def _length_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
@@ -355,7 +361,7 @@ class RealConfig:
     q: int = 30  # training pairs per value (the reasoning group has 32)
     reps: int = 3  # value subsets / pair draws per K
     steps: int = 300  # full-batch gradient steps per run
-    beta: float = 0.1  # DPO beta, the trainer's default (see run_real for why)
+    beta: float = 0.1  # DPO beta (see run_real for why)
     # Gradient-descent step on the head rows. Final states have |x| ~ 52, so 0.002 lets a
     # K = 1 run's mean training reward margin pass log 3 (Theorem 4.2's ceiling) within 300
     # steps while its first 30 steps stay near-linear for the growth-rate fit.
@@ -457,7 +463,7 @@ def run_real(cfg: RealConfig, *, progress: bool = True) -> dict[str, Any]:
 
     Data: every usable pair of the default data (rho_data.default_rows with no per-group
     caps), split by cfg.seed; tokenized as the trainer does (max_length 512, prompt 256).
-    beta: 0.1, the trainer's default. Under gradient descent in the single-token model the
+    beta: 0.1 (the trainer's default is 0.5). Under gradient descent in the single-token model the
     early logratio dynamics depend on beta and lr only through beta * lr (and reward margins
     through beta^2 * lr), so the paper's 0.01 with a 100x larger lr starts out the same; beta
     only decides how soon sigma(-r) saturates.

@@ -105,11 +105,10 @@ def _example_trajectories(seed: int):
 
 
 def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
-    plt = htmlpage.pyplot()
 
     figs: dict[str, Path] = {}
     st, t1, trajs = _example_trajectories(seed)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4))
     tr = trajs["logistic"]
     t = tr.times.numpy()
     m = tr.margins[0].numpy()
@@ -128,7 +127,7 @@ def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
     figs["dynamics"] = htmlpage.save_figure(fig, out / "dynamics.png")
 
     grids = res["theorem_4_3"]["grids"]
-    fig, axes = plt.subplots(1, len(grids), figsize=(5 * len(grids), 4), sharey=True)
+    fig, axes = htmlpage.subplots(1, len(grids), figsize=(5 * len(grids), 4), sharey=True)
     for ax, (name, rows) in zip(axes, grids.items()):
         for k in KS:
             rr = [r for r in rows if r["k"] == k]
@@ -140,7 +139,7 @@ def make_figures(res: dict, out: Path, *, seed: int) -> dict[str, Path]:
     axes[-1].legend()
     figs["heldout"] = htmlpage.save_figure(fig, out / "heldout_error.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4))
     fitres = res["q_vs_logk_fit"]
     ks = np.array([r["k"] for r in fitres["rows"]])
     axes[0].plot(np.log(ks), [r["min_q"] for r in fitres["rows"]], "o", label="min Q (bound)")
@@ -378,11 +377,10 @@ def real_tables(res: dict[str, Any]) -> dict[str, list[dict]]:
 
 
 def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
-    plt = htmlpage.pyplot()
 
     sw, groups = res["k_sweep"], res["setting"]["groups"]
     figs: dict[str, Path] = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4), sharey=False)
     for k, cur in sw["curves"].items():
         for ax, which in zip(axes, ("train", "held")):
             ax.plot(cur["steps"], cur[which], label=f"K={k}")
@@ -393,7 +391,7 @@ def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
 
     per_k, fit = sw["per_k"], sw["fits"]["held_error_vs_k_means"]
     ks = np.array([r["k"] for r in per_k])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4))
     axes[0].plot(ks, [r["train_rate"] for r in per_k], "o-", label="train")
     axes[0].plot(ks, [r["held_rate"] for r in per_k], "s--", label="held-out")
     axes[0].set(xlabel="K (values)", ylabel="margin growth rate (per step)",
@@ -409,7 +407,7 @@ def make_real_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
     axes[1].legend(fontsize=8)
     figs["scaling"] = htmlpage.save_figure(fig, out / "real_scaling.png")
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 10))
+    fig, axes = htmlpage.subplots(2, 2, figsize=(11, 10))
     for row, name in zip(axes, ("prompt_last", "prompt_mean")):
         for ax, key in zip(row, ("cos_before", "cos_after")):
             m = np.array(res["structure"][name][key])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from dpolab.auxdpo import null_space_basis, project_to_null_space
+from dpolab.auxdpo import null_space_basis
 from dpolab.errors import UserError
 from dpolab.theory import bandit
 from dpolab.theory.bandit import (DTYPE, METHODS, BanditSetting, auxdpo_profile,
@@ -52,21 +52,6 @@ def test_null_space_rank_tolerance_and_zero_matrix():
                        torch.eye(3, dtype=DTYPE))
 
 
-def test_projection_onto_null_space():
-    """Gamma Gamma^T is the orthogonal projector: idempotent, lands in N(A), keeps N(A)."""
-    A = torch.tensor([[1.0, -1.0, 0.0]], dtype=DTYPE)
-    gamma = null_space_basis(A)
-    d = torch.tensor([3.0, 1.0, -2.0], dtype=DTYPE)
-    p = project_to_null_space(d, gamma)
-    # By hand: N(A) = {a = b}; the projection averages a and b: (2, 2, -2).
-    assert torch.allclose(p, torch.tensor([2.0, 2.0, -2.0], dtype=DTYPE), atol=1e-12)
-    assert torch.allclose(project_to_null_space(p, gamma), p, atol=1e-12)
-    batch = torch.stack([d, p])  # (2, 3): leading dims pass through
-    assert project_to_null_space(batch, gamma).shape == (2, 3)
-    with pytest.raises(ValueError):
-        project_to_null_space(torch.zeros(4, dtype=DTYPE), gamma)
-
-
 def test_bandit_score_matrix_and_its_two_dimensional_null_space():
     """d/dtheta log pi_theta(a) = s_a - E_pi[s] = s_a at the uniform reference (sum s = 0),
     so A = [1, -1, 0] and N(A) = span([1, 1, 0], [0, 0, 1]) is 2-D."""
@@ -106,7 +91,7 @@ def test_dpo_optimum_solves_its_first_order_condition():
     for s in [PAPER, BanditSetting(counts=(2.0, 0.5, 3.0), beta=0.3)]:
         theta = solve("DPO", s).theta
         assert abs(dpo_derivative_by_hand(theta, s)) < 1e-10
-        g, h = derivatives(lambda t: population_loss("DPO", t, s), theta)
+        g, h = derivatives(lambda t, s=s: population_loss("DPO", t, s), theta)
         assert abs(g) < 1e-10 and h > 0
 
 

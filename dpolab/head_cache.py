@@ -1,7 +1,7 @@
-"""The last_layer scope's cached body states: the final hidden states at completion
-positions, computed once by a pair forward's `hidden` and kept per split, on disk as one
-checked file (kind "states", a checksum, the layout of dpolab.reference's store), so that every
-training step costs only the head.
+"""The last_layer scope's forward: the frozen body's final hidden states at completion
+positions, computed once per example (or read from their checked store), then only the head
+each step. `CachedHeadForward` is called like every pair forward of dpolab.policy,
+`forward(examples, split=...) -> FlatLogps`; `split` names whose cached states to read.
 """
 
 from __future__ import annotations
