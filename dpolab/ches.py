@@ -97,42 +97,32 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
 
 
-def summary(scores: np.ndarray, groups: Sequence[str | None]) -> dict:
-    """Quantiles of a score over all pairs and per group (for `dpolab inspect`)."""
+def report(wheres: Sequence[str], groups: Sequence[str | None], scores: np.ndarray,
+           ln_scores: np.ndarray, *, top: int = 20) -> dict:
+    """CHES and LN-CHES over all pairs and per group (quantiles), and the `top` pairs of
+    highest CHES: those the paper expects DPO to displace most (`dpolab inspect`)."""
     def q(v: np.ndarray) -> dict[str, float]:
         if not len(v):
             return {"n": 0}
         lo, med, hi = np.quantile(v, [0.1, 0.5, 0.9])
         return {"n": len(v), "p10": float(lo), "median": float(med), "p90": float(hi),
                 "mean": float(np.mean(v))}
-    names = np.array([g if g is not None else "(none)" for g in groups], dtype=object)
-    return {"all": q(scores), "groups": {g: q(scores[names == g])
-                                         for g in sorted(set(names.tolist()))}}
+    names = np.array([g if g is not None else "(no group)" for g in groups], dtype=object)
+    order = np.argsort(-np.asarray(scores), kind="stable")[:top]
+    return {"ches": q(scores), "ln_ches": q(ln_scores),
+            "groups": {g: {"ches": q(scores[names == g]), "ln_ches": q(ln_scores[names == g])}
+                       for g in sorted(set(names.tolist()))},
+            "highest": [{"where": wheres[i], "group": names[i], "ches": float(scores[i]),
+                         "ln_ches": float(ln_scores[i])} for i in order]}
 
 
-KIND = "dpolab-ches"  # the cache file's kind (dpolab.atomic)
-
-
-def at_reference(scope, examples: Sequence, split: str, *, batch_size: int, dist,
-                 key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def at_reference(scope, examples: Sequence, split: str, *, batch_size: int, dist
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """CHES and LN-CHES (N,) of a run's pairs at theta0, before the first update: from the
     cached body states where the scope keeps them (`scope.head_states`: no body pass), else
-    one no-grad pass of the scope's forward (`hidden`), kept in $DPOLAB_CACHE/ches/KEY (`key`:
-    the reference store's, of the weights and token ids) and read from there next time.
-    Under torchrun every rank computes a share (collective), and no cache is used."""
-    from dpolab import atomic
-    from dpolab.models import dpolab_cache_dir
-
-    single = dist.world == 1
-    store = dpolab_cache_dir() / "ches" / f"{key}.safetensors" if key else None
-    if store is not None and single:
-        t = atomic.read_tensors(store, kind=KIND)
-        if t is not None and t["ches"].shape == (len(examples),):
-            return t["ches"].numpy(), t["ln_ches"].numpy()
+    one no-grad pass of the scope's forward (`hidden`), as long as one evaluation of the
+    split. Not cached: under torchrun the ranks would have to agree on who holds the file.
+    Collective under torchrun: every rank computes a share (Distributed.map_batches)."""
     states = (cached(scope.head_states, split) if scope.head_states is not None
               else scope.forward.hidden)
-    c, ln = pair_ches(states, examples, batch_size=batch_size, map_batches=dist.map_batches)
-    if store is not None and single:
-        atomic.save_tensors({"ches": torch.from_numpy(c), "ln_ches": torch.from_numpy(ln)},
-                            store, kind=KIND)
-    return c, ln
+    return pair_ches(states, examples, batch_size=batch_size, map_batches=dist.map_batches)

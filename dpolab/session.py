@@ -316,7 +316,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
                                        if reuse.get(f"states {split}", True) else None),
         reload=theta0, forward=choice.name, router=router)
     # CHES of every pair at theta0 (dpolab.ches): a prediction of displacement, before training
-    ches_scores = {split: ches.at_reference(scope, t.examples, split, key=keys[split],
+    ches_scores = {split: ches.at_reference(scope, t.examples, split,
                                             batch_size=tc.eval_batch_size, dist=dist)
                    for split, t in tok.items()}
     if compute == torch.float16:
