@@ -4,7 +4,7 @@ Reports rows, groups, skipped rows, token lengths, what truncation cuts or makes
 duplicates, rows training would refuse (no chat template, a template that renders the prompt's
 messages differently once an answer follows, text the tokenizer cannot encode), rows whose
 prompt is cut at the longest common token prefix (dpolab.common_prefix), and with a model the
-reference margins and the pairs the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; this module
+reference margins, the pairs the reference makes unflippable and each pair's CHES (dpolab.ches).  The computations are in :mod:`dpolab.audit`; this module
 loads things, runs the reference pass and prints.
 
 The reference pass goes through the trainer's own path (:func:`dpolab.splits.load_split_rows`

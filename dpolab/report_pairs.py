@@ -17,7 +17,6 @@ import numpy as np
 from dpolab import trajectory
 from dpolab.ches import spearman
 from dpolab.diagnostics import TIE
-from dpolab.errors import UserError
 from dpolab.htmlpage import pyplot
 from dpolab.report_figures import Figure, _finish, _png
 
@@ -25,15 +24,12 @@ NO_GROUP = "(no group)"
 
 
 def load(run_dir: Path) -> dict[str, trajectory.Trajectory] | None:
-    """The run's trajectories, or None when it kept none (a damaged file stays an error)."""
-    if not (trajectory.folder(run_dir) / "index.json").exists():
+    """The run's trajectories, or None when it kept none yet (a damaged file stays an
+    error)."""
+    if (not (trajectory.folder(run_dir) / "index.json").exists()
+            or not trajectory.step_files(run_dir)):
         return None
-    try:
-        return trajectory.read_trajectories(run_dir)
-    except UserError as err:
-        if "no pairs/step-" in str(err):
-            return None
-        raise
+    return trajectory.read_trajectories(run_dir)
 
 
 def _groups(t: trajectory.Trajectory) -> tuple[list[str], np.ndarray]:
@@ -164,7 +160,8 @@ def _ches_scatter(trajs: dict[str, trajectory.Trajectory], out: Path) -> Figure 
             ax.scatter(t.ches[sel], t.logratio_chosen[-1, sel], s=12, alpha=0.7,
                        color=_color(names.index(g)) if g in names else "grey", label=g)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(f"{f['split']} pairs: Spearman rho = {f['spearman_ches']:+.2f}", fontsize=10)
+        ax.set_title(f"{f['split']} pairs: Spearman rho = {_rho(f['spearman_ches'])}",
+                     fontsize=10)
         _finish(ax, xlabel="CHES at the reference", ylabel="chosen displacement at the end "
                 "(nats)", legend=ax is axes[0][-1])
     return ("CHES against chosen displacement", _png(fig, out / "pair_ches.png"),
@@ -172,6 +169,10 @@ def _ches_scatter(trajs: dict[str, trajectory.Trajectory], out: Path) -> Figure 
             "hidden states before training, against how far its chosen log-prob moved from the "
             "reference by the end. The paper predicts that higher CHES means more displacement: "
             "points falling to the right, a negative rank correlation.")
+
+
+def _rho(x: float) -> str:
+    return f"{x:+.3f}" if math.isfinite(x) else "n/a"
 
 
 def notes(trajs: dict[str, trajectory.Trajectory]) -> list[str]:
@@ -186,9 +187,10 @@ def notes(trajs: dict[str, trajectory.Trajectory]) -> list[str]:
     for f in found:
         rho = f["spearman_ches"]
         verdict = ("as predicted" if rho < -0.1 else "against the prediction" if rho > 0.1
-                   else "no clear relation")
+                   else "no clear relation" if math.isfinite(rho)
+                   else "not measurable: fewer than 3 pairs, or all equal")
         said.append(f"This run, {f['split']} pairs ({f['pairs']}, step {f['step']}): Spearman "
-                    f"rho(CHES, chosen displacement) = {rho:+.3f} ({verdict}); length-"
-                    f"normalised CHES {f['spearman_ln_ches']:+.3f}; "
+                    f"rho(CHES, chosen displacement) = {_rho(rho)} ({verdict}); length-"
+                    f"normalised CHES {_rho(f['spearman_ln_ches'])}; "
                     f"{f['chosen_displaced_fraction']:.0%} of the pairs end displaced.")
     return said

@@ -183,10 +183,10 @@ class Trajectory:
 
     def stats(self, t: int) -> PairStats:
         """Evaluation t's PairStats (token counts from the index)."""
-        n = lambda k: np.array([p[k] for p in self.pairs], float)  # noqa: E731
+        nc, nr = (np.array([p[k] for p in self.pairs], float)
+                  for k in ("chosen_tokens", "rejected_tokens"))
         return PairStats(self.policy_chosen[t], self.policy_rejected[t], self.ref_chosen[t],
-                         self.ref_rejected[t], n("chosen_tokens"), n("rejected_tokens"),
-                         beta=self.beta)
+                         self.ref_rejected[t], nc, nr, beta=self.beta)
 
     def first_displaced(self) -> np.ndarray:
         """(N,) the first evaluated step at which log pi(y_w) fell below the reference
