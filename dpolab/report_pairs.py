@@ -160,6 +160,14 @@ def _ches_scatter(trajs: dict[str, trajectory.Trajectory], out: Path) -> Figure 
             ax.scatter(t.ches[sel], t.logratio_chosen[-1, sel], s=12, alpha=0.7,
                        color=_color(names.index(g)) if g in names else "grey", label=g)
         ax.axhline(0, color="grey", lw=0.8)
+        # CHES sums hidden states over tokens: a few long pairs reach far out, most sit near
+        # 0; a linear scale within the middle quarter's |CHES|, logarithmic beyond, shows both.
+        mid = float(np.quantile(np.abs(t.ches), 0.25)) if len(t.ches) else 0.0
+        if mid > 0 and np.ptp(t.ches) > 100 * mid:
+            ax.set_xscale("symlog", linthresh=mid, linscale=2.0)
+            decades = range(math.ceil(math.log10(mid)) + 1,
+                            math.ceil(math.log10(np.abs(t.ches).max())) + 1)
+            ax.set_xticks(sorted([0.0, *(s * 10.0 ** k for k in decades for s in (-1, 1))]))
         ax.set_title(f"{f['split']} pairs: Spearman rho = {_rho(f['spearman_ches'])}",
                      fontsize=10)
         _finish(ax, xlabel="CHES at the reference", ylabel="chosen displacement at the end "
@@ -167,8 +175,9 @@ def _ches_scatter(trajs: dict[str, trajectory.Trajectory], out: Path) -> Figure 
     return ("CHES against chosen displacement", _png(fig, out / "pair_ches.png"),
             "Each point is a pair: its CHES score (Razin et al., ICLR 2025) from the reference's "
             "hidden states before training, against how far its chosen log-prob moved from the "
-            "reference by the end. The paper predicts that higher CHES means more displacement: "
-            "points falling to the right, a negative rank correlation.")
+            "reference by the end (x axis linear near 0, logarithmic beyond, when CHES spans "
+            "decades). The paper predicts that higher CHES means more displacement: points "
+            "falling to the right, a negative rank correlation.")
 
 
 def _rho(x: float) -> str:
