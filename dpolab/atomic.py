@@ -212,12 +212,15 @@ def save_tensors(tensors: dict, path: str | Path, *, kind: str,
     return path
 
 
-def read_tensors(path: str | Path | None, *, kind: str) -> dict | None:
+def read_tensors(path: str | Path | None, *, kind: str, on_miss=None) -> dict | None:
     """The tensors of a cache file of `kind` that `save_tensors` wrote, or None: no such file
     (silently), or one that cannot be read (cut short), is of another kind or of a dpolab
     that recorded no checksum, or whose tensors do not match their checksum (damaged), each
-    said by :func:`miss` (the caller computes the file again)."""
+    said by :func:`miss` (the caller computes the file again), or by `on_miss(path, why)`
+    where a file that is not what it should be cannot be computed again (a run's record)."""
     from safetensors import safe_open
+
+    miss_ = on_miss or miss
 
     if path is None or not Path(path).exists():
         return None
@@ -226,13 +229,13 @@ def read_tensors(path: str | Path | None, *, kind: str) -> dict | None:
             meta = json.loads((f.metadata() or {}).get(_META, "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # any unreadable file is a miss
-        return miss(path, f"cannot be read ({type(err).__name__})")
+        return miss_(path, f"cannot be read ({type(err).__name__})")
     if not isinstance(meta, dict) or "blake2b" not in meta:
-        return miss(path, "has no checksum (written by an earlier dpolab, or not by dpolab)")
+        return miss_(path, "has no checksum (written by an earlier dpolab, or not by dpolab)")
     if meta.get("kind") != kind:
-        return miss(path, f"holds {meta.get('kind')!r}, not {kind!r}")
+        return miss_(path, f"holds {meta.get('kind')!r}, not {kind!r}")
     if meta["blake2b"] != digest(tensors):
-        return miss(path, "its tensors do not match their recorded checksum (damaged)")
+        return miss_(path, "its tensors do not match their recorded checksum (damaged)")
     return tensors
 
 

@@ -71,10 +71,11 @@ def _probe(folder: Path) -> None:
 
 def remove_orphans(run_dir: Path) -> None:
     """At the start of a run: remove the temporary siblings that killed writers left in the
-    run directory, its checkpoints/ and the cache's folders, and say so when there were any.
+    run directory, its checkpoints/ and pairs/ and the cache's folders, and say so when
+    there were any.
     A live process's (another run sharing the cache, another rank) are left alone."""
     cache = root()
-    folders = [run_dir, run_dir / "checkpoints", cache]
+    folders = [run_dir, run_dir / "checkpoints", run_dir / "pairs", cache]
     if cache.is_dir():
         folders += sorted(p for p in cache.iterdir() if p.is_dir() and not p.is_symlink())
     count = size = 0

@@ -26,6 +26,7 @@ COMMANDS = {
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
     "report": ("dpolab.report", "write report.html and figures for a run directory"),
     "compare": ("dpolab.report", "overlay several runs in one report"),
+    "pairs": ("dpolab.pairs_cli", "list a run's pairs by how they moved; one pair's trajectory"),
     "bench": ("dpolab.bench", "run a benchmark script of the source checkout: logps, vs_trl, "
                               "values_sweep"),
 }

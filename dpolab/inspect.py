@@ -4,7 +4,7 @@ Reports rows, groups, skipped rows, token lengths, what truncation cuts or makes
 duplicates, rows training would refuse (no chat template, a template that renders the prompt's
 messages differently once an answer follows, text the tokenizer cannot encode), rows whose
 prompt is cut at the longest common token prefix (dpolab.common_prefix), and with a model the
-reference margins and the pairs the reference makes unflippable.  The computations are in :mod:`dpolab.audit`; this module
+reference margins, the pairs the reference makes unflippable and each pair's CHES (dpolab.ches).  The computations are in :mod:`dpolab.audit`; this module
 loads things, runs the reference pass and prints.
 
 The reference pass goes through the trainer's own path (:func:`dpolab.splits.load_split_rows`
@@ -213,7 +213,7 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     fails the prefix check (training refuses them; the report lists them) are left out."""
     import torch
 
-    from dpolab import forward_check, reference
+    from dpolab import ches, forward_check, reference
     from dpolab.data import DataError
     from dpolab.distributed import Distributed
     from dpolab.models import body_and_head, load_configured, load_tokenizer
@@ -257,10 +257,11 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
                            chunk_size=tc.logps_chunk, device=dist.device,
                            autocast=body_autocast(model.dtype, dist.device, tc.bf16_autocast),
                            dtype=model.dtype)
-    wheres, groups, chosen, rejected = [], [], [], []
+    wheres, groups, chosen, rejected, similar = [], [], [], [], []
     for split, examples in tokenized.items():
         if not examples:
             continue
+        similar.append(ches.pair_ches(forward.hidden, examples, batch_size=tc.eval_batch_size))
         ref = reference.reference_for(model_hash, forward, examples, cfg, dist, split)
         c, r = ref.sums()                                    # (N,) float64 each
         wheres += [f"{ex.source}:{ex.row}" for ex in examples]
@@ -270,7 +271,8 @@ def reference_pass(cfg: RunConfig) -> dict[str, Any]:
     rc = np.concatenate(chosen) if chosen else np.zeros(0)
     rr = np.concatenate(rejected) if rejected else np.zeros(0)
     return {"model": cfg.model.name, "pairs": len(wheres), "pair_forward": choice.record(),
-            **audit.margin_report(wheres, groups, rc, rr, beta=cfg.loss.beta)}
+            **audit.margin_report(wheres, groups, rc, rr, beta=cfg.loss.beta),
+            "ches": ches.report(wheres, groups, *(np.concatenate(v) for v in zip(*similar)))}
 
 
 # --------------------------------------------------------------------------------- printing
@@ -341,7 +343,26 @@ def _reference_section(ref: dict, show: int) -> list[str]:
                       f"> log(3)/beta = {ref['threshold']:.2f} nats)", len(stuck),
                       [f"{u['where']}  margin {u['margin']:.2f}  group {u['group']}"
                        for u in stuck], show)
-    return lines
+    return lines + _ches_section(ref.get("ches"), show)
+
+
+def _ches_section(c: dict | None, show: int) -> list[str]:
+    """CHES (dpolab.ches): how alike each pair's responses look to the reference; the paper
+    expects the highest to lose the most chosen likelihood under DPO."""
+    if not c or not c["ches"].get("n"):
+        return []
+    stats = ["n", "p10", "median", "p90", "mean"]
+    rows = [["(all)", *(c["ches"].get(s, "") for s in stats),
+             *(c["ln_ches"].get(s, "") for s in stats[1:])]]
+    rows += [[g, *(v["ches"].get(s, "") for s in stats), *(v["ln_ches"].get(s, "")
+                                                           for s in stats[1:])]
+             for g, v in c["groups"].items()]
+    return ["", "CHES (Razin et al. 2025): similarity of chosen and rejected in the reference's "
+            "hidden states; higher = DPO more likely to lower the chosen response's likelihood",
+            _table(["group", *stats, *(f"ln_{s}" for s in stats[1:])], rows), "",
+            *_finding("highest CHES", len(c["highest"]),
+                      [f"{h['where']}  CHES {h['ches']:.4g}  LN-CHES {h['ln_ches']:.4g}  group "
+                       f"{h['group']}" for h in c["highest"]], show)]
 
 
 def _finding(label: str, count: int, items: list[str], show: int) -> list[str]:

@@ -251,10 +251,25 @@ def write_run_report(run_dir: Path) -> Path:
                                  f"({forward.get('reason')}).")]
     for section, path, caption in figures:
         blocks += [htmlpage.heading(section), htmlpage.image(path, caption)]
+    blocks += _pairs_section(run)
     blocks += [htmlpage.heading("Configuration"),
                htmlpage.pre(yaml.safe_dump(run.config, sort_keys=False) if run.config
                             else "(no config.yaml)"), _IMAGE_CHECK]
     return htmlpage.write_page(run.path / "report.html", f"dpolab run {run.path.name}", blocks)
+
+
+def _pairs_section(run: Run) -> list[str]:
+    """Every pair's trajectory and CHES (dpolab.report_pairs), when the run kept them."""
+    from dpolab import report_pairs
+
+    trajs = report_pairs.load(run.path)
+    if not trajs:
+        return []
+    blocks = [htmlpage.heading("Every pair")]
+    blocks += [htmlpage.para(n) for n in report_pairs.notes(trajs)]
+    for section, path, caption in report_pairs.figures(trajs, run.path / "report"):
+        blocks += [htmlpage.heading(section, 3), htmlpage.image(path, caption)]
+    return blocks
 
 
 def write_compare_report(run_dirs: list[Path], out: Path) -> Path:

@@ -8,6 +8,7 @@
     unflippable.json  pairs the reference makes unflippable, before training (write_unflippable)
     auxdpo.json       AuxDPO's Gram spectrum, when that loss trains (write_auxdpo_record)
     summary.json      the finished run in numbers (write_summary)
+    pairs/            every pair at every evaluation, its text and CHES (dpolab.trajectory)
     checkpoints/, model/  written by dpolab.checkpoint and the export
 `Run` is the directory read back once, as the report sees it.
 """

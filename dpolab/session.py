@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir
+from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir, trajectory
 from dpolab import splits as splits_mod
 from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
@@ -156,13 +156,14 @@ class Session:
         same of the training pairs as `train_eval/...` (they are usually the larger split).
         `check(split, stats)` sees each split's statistics (the step-0 check of every pair)."""
         row: dict[str, float] = {"step": step}
+        scored: dict[str, PairStats] = {}  # every pair's numbers: RUN/pairs/ (dpolab.trajectory)
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):
             sp = self.splits[split]
             if split == "train" and not train_split:
                 continue
             if not sp.examples:
                 continue
-            stats = self.pair_stats(split)
+            stats = scored[split] = self.pair_stats(split)
             if check is not None:
                 check(split, stats)
             if sp.ref is None:  # the policy's own preference; nothing to compare with
@@ -177,6 +178,8 @@ class Session:
                     row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
             row.update({prefix + k: v for k, v in group_summaries(
                 stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
+        if scored and self.dist.is_main:
+            trajectory.write_step(self.run_dir, step, scored)
         return row
 
     def export_and_probe(self, out: Path) -> dict[str, float]:
@@ -236,7 +239,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names.
     `resuming`: the checkpoint (folder, state) a resume continues, whose run identity must be
     this one's (checked before anything is computed or written)."""
-    from dpolab import scopes
+    from dpolab import ches, scopes
 
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
@@ -293,6 +296,10 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         state_store=lambda split, ex: (_states_path(keys[split])
                                        if reuse.get(f"states {split}", True) else None),
         reload=theta0, forward=choice.name, router=router)
+    # CHES of every pair at theta0 (dpolab.ches): a prediction of displacement, before training
+    ches_scores = {split: ches.at_reference(scope, t.examples, split,
+                                            batch_size=tc.eval_batch_size, dist=dist)
+                   for split, t in tok.items()}
     if compute == torch.float16:
         # float16 weights train as float32 copies (AdamW's second moment underflows in
         # float16: measured, a tiny model's third step diverged), the body computes in
@@ -326,6 +333,8 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
                              for e in t.examples]))
     if dist.is_main:
         rundir.write_data_report(run_dir, tok, forward=choice.record())
+        trajectory.write_start(run_dir, tok, rows, ches=ches_scores, beta=cfg.loss.beta,
+                               reference=has_reference, average=reward_average(cfg))
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,

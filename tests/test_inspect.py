@@ -272,3 +272,34 @@ def test_reference_store_is_shared_with_train(tmp_path, capsys, tiny_dir, cache,
          "data.max_length=48", "data.max_prompt_length=16"]))
     train(cfg)
     assert sorted((cache / "reference").glob("*.safetensors")) == stored
+
+
+def test_ches_per_pair_with_a_model(tmp_path, capsys, tiny_dir, tokenizer, cache):
+    """inspect --model reports CHES (dpolab.ches) for every pair: the highest-CHES list holds
+    each pair once, highest first, with the value the paper's formula gives from the model's
+    own hidden_states[-1] (states predicting each completion token, summed, float64), and the
+    text report has the CHES table."""
+    from dpolab.models import load_model
+
+    rows = [{"prompt": f"Say {w}.", "chosen": f" {w} {w}.", "rejected": f" {v}.",
+             "group": g} for w, v, g in [("cat", "dog", "a"), ("ball", "door is red", "a"),
+                                         ("light", "light", "b"), ("letter", "story", "b")]]
+    data = write(tmp_path / "c.jsonl", rows)
+    r = run_json(capsys, data, "--model", tiny_dir)
+    model = load_model(str(tiny_dir))
+    want = {}
+    with torch.no_grad():
+        for row in load_rows(data).rows:
+            p, c, rj = tokenize_row(row, tokenizer)
+            s = [model(input_ids=torch.tensor([p + y]), output_hidden_states=True)
+                 .hidden_states[-1][0, len(p) - 1:len(p) + len(y) - 1].double().sum(0)
+                 for y in (c, rj)]
+            want[f"{data}:{row.row}"] = float(s[0] @ s[1] - s[0] @ s[0])
+    got = r["reference"]["ches"]["highest"]
+    assert sorted(h["where"] for h in got) == sorted(want)
+    assert [h["ches"] for h in got] == sorted((h["ches"] for h in got), reverse=True)
+    for h in got:
+        assert h["ches"] == pytest.approx(want[h["where"]], rel=1e-4, abs=1e-3)
+    assert r["reference"]["ches"]["groups"]["a"]["ches"]["n"] == 2
+    assert main(["inspect", str(data), "--model", str(tiny_dir), "--no-progress"]) == 0
+    assert "highest CHES: 4" in capsys.readouterr().out

@@ -232,10 +232,17 @@ def test_a_cache_that_cannot_take_the_files_stops_before_any_pass(env, tmp_path,
 
 def test_a_warm_cache_is_only_read(env, warm, monkeypatch):
     """Everything the run reads is present and verified: nothing is written to the cache and
-    no place is checked, so a read-only cache serves (both are made to fail if asked)."""
+    no place is checked, so a read-only cache serves (both are made to fail if asked; the run
+    directory's own tensor files, RUN/pairs/, are written as usual)."""
     def refuse(*a, **k):
         raise AssertionError("a warm cache was written to or checked for room")
-    monkeypatch.setattr(atomic, "save_tensors", refuse)
+    save = atomic.save_tensors
+
+    def save_outside(tensors, path, **kw):
+        if Path(path).resolve().is_relative_to(warm.resolve()):
+            refuse()
+        return save(tensors, path, **kw)
+    monkeypatch.setattr(atomic, "save_tensors", save_outside)
     monkeypatch.setattr(cachedir, "require", refuse)
     before = {p: p.stat().st_mtime_ns for p in warm.rglob("*")}
     assert main(args(env, env["root"] / f"warm-{time.monotonic_ns()}")) == 0

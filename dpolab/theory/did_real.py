@@ -132,8 +132,7 @@ def format_text(res: dict[str, Any]) -> str:
 def make_figure(res: dict[str, Any], out: Path) -> Path:
     from dpolab import htmlpage
 
-    plt = htmlpage.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4))
     h = [r["did_entropy"] for r in res["groups"]]
     for ax, key, label in ((axes[0], "delta_logp_chosen", "Δ mean log π(y_w), held-out"),
                            (axes[1], "entropy_change", "H(π) − H(π_ref) (estimated)")):

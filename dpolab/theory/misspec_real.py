@@ -61,11 +61,10 @@ def format_text(res: dict[str, Any]) -> str:
 
 
 def make_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
-    plt = htmlpage.pyplot()
     figs: dict[str, Path] = {}
     b = res["bandit"]
     fam_counts = [(f["family"], f["counts"]) for f in b["fractions"]]
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = htmlpage.subplots(figsize=(11, 4))
     width = 0.8 / len(BG.METHODS)
     for j, m in enumerate(BG.METHODS):
         ax.bar(np.arange(len(fam_counts)) + j * width, [f[m] for f in b["fractions"]], width,
@@ -77,7 +76,7 @@ def make_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.legend(fontsize=8)
     figs["fractions"] = htmlpage.save_figure(fig, out / "real_bandit_fractions.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = htmlpage.subplots(figsize=(6, 4.5))
     mine = [r for r in b["runs"] if r["counts"] == [1.0, 1.0, 10.0]]
     for m, marker in zip(BG.METHODS, "o^sDx"):
         ref = [next(x for x in r["rows"] if x["method"] == m)["expected_reward_ref"] for r in mine]
@@ -91,7 +90,7 @@ def make_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
 
     h = res["heldout"]
     if "comparisons" in h:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, opt in zip(axes, VP.OPTIMIZERS):
             rows = [c for c in h["comparisons"] if c["optimizer"] == opt]
             x = np.arange(len(rows))

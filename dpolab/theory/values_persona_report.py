@@ -52,12 +52,11 @@ def tables(res: dict[str, Any]) -> dict[str, list[dict]]:
 
 
 def make_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
-    plt = htmlpage.pyplot()
     figs: dict[str, Path] = {}
 
     k1 = {r["group"]: r for r in res["k1"]["adam"]}
     names = [g["name"] for g in res["setting"]["groups"] if g["name"] in k1]
-    fig, ax = plt.subplots(figsize=(11, 3.8))
+    fig, ax = htmlpage.subplots(figsize=(11, 3.8))
     err = [k1[n]["held_error"] for n in names]
     ax.bar(range(len(names)), err,
            color=["tab:green" if n in res["kept"] else "tab:gray" for n in names])
@@ -69,7 +68,7 @@ def make_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.legend(fontsize=8)
     figs["filter"] = htmlpage.save_figure(fig, out / "persona_filter.png")
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = htmlpage.subplots(2, 2, figsize=(11, 8))
     for row, opt in zip(axes, OPTIMIZERS):
         for k, cur in res["sweeps"][opt]["curves"].items():
             for ax, which in zip(row, ("train", "held")):
@@ -80,7 +79,7 @@ def make_figures(res: dict[str, Any], out: Path) -> dict[str, Path]:
         row[1].legend(fontsize=8)
     figs["margins"] = htmlpage.save_figure(fig, out / "persona_margins.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = htmlpage.subplots(1, 2, figsize=(11, 4))
     for opt, marker in zip(OPTIMIZERS, ("o", "s")):
         sw = res["sweeps"][opt]
         if not sw["per_k"]:
