@@ -179,10 +179,30 @@ def restore(found: tuple[Path, dict], named: dict[str, torch.Tensor],
     """Load checkpoint `found` (from `resume_point`) into `named` tensors (in place) and the
     optimizer; returns (its step, the text of metrics.jsonl up to it: the checkpoint's own
     copy, or for an older checkpoint without one the first lines of `metrics_path`)."""
+    from dpolab import sharding
+
     path, state = found
+    load_weights(path, named)
+    try:
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as err:  # checksums match, yet the files do not load: written so
+        raise UserError(f"{path}: checkpoint files cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    try:
+        sharding.load_optimizer_state_full(optimizer, opt_state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise UserError(f"{path}: the optimizer state does not fit this run "
+                        f"({type(err).__name__}: {err})") from None
+    return int(state["step"]), _metrics_record(path, int(state["metrics_lines"]), metrics_path)
+
+
+def load_weights(path: Path, named: dict[str, torch.Tensor]) -> None:
+    """The trainable tensors of checkpoint folder `path` copied into `named` (in place);
+    tensors the checkpoint holds beyond `named` (AuxDPO's delta) are left out."""
+    from dpolab import sharding
+
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
-        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
     except Exception as err:  # checksums match, yet the files do not load: written so
         raise UserError(f"{path}: checkpoint files cannot be read ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
@@ -190,20 +210,12 @@ def restore(found: tuple[Path, dict], named: dict[str, torch.Tensor],
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), e.g. "
                         f"{missing[0]!r}; was the config changed since the run started?")
-    from dpolab import sharding
-
     with torch.no_grad():
         for k, t in named.items():
             if tensors[k].shape != t.shape:
                 raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the "
                                 f"model's is {tuple(t.shape)}; was the config changed?")
             t.copy_(sharding.like(tensors[k], t))
-    try:
-        sharding.load_optimizer_state_full(optimizer, opt_state)
-    except (ValueError, KeyError, RuntimeError, TypeError) as err:
-        raise UserError(f"{path}: the optimizer state does not fit this run "
-                        f"({type(err).__name__}: {err})") from None
-    return int(state["step"]), _metrics_record(path, int(state["metrics_lines"]), metrics_path)
 
 
 def _metrics_record(path: Path, lines: int, metrics_path: Path) -> str:

@@ -23,6 +23,8 @@ REPRODUCE = {
 COMMANDS = {
     "train": ("dpolab.train_cli", "train a causal LM with a DPO-family objective"),
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
+    "evaluate": ("dpolab.evaluate", "score a run's weights (or a checkpoint's, or the base "
+                                    "model's) on held-out pairs against its reference"),
     "report": ("dpolab.report", "write report.html and figures for a run directory"),
     "compare": ("dpolab.report", "overlay several runs in one report"),
     "bench": ("dpolab.bench", "run a benchmark script of the source checkout: logps, vs_trl, "

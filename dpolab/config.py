@@ -35,6 +35,7 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # JSONL / JSON / Parquet file; empty = the embedded multi-value default
     eval_path: str = ""  # held-out file; empty = split eval_fraction off `path`
+    eval: dict[str, str] = field(default_factory=dict)  # named held-out files {name: file}, each scored on its own as eval/<name>/...; instead of eval_path
     eval_fraction: float = 0.1  # held-out share of `path` when no eval_path (seeded split)
     max_length: int = 512  # prompt + completion tokens
     max_prompt_length: int = 256  # prompt tokens kept (see truncation)
@@ -301,6 +302,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.train.batch_size >= 1 and cfg.train.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
         (0 < cfg.data.eval_fraction < 1, "data.eval_fraction must lie in (0, 1)"),
+        (not (cfg.data.eval and cfg.data.eval_path),
+         "data.eval (named held-out files) and data.eval_path (one) exclude each other"),
         (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
     ]
     for ok, msg in checks:

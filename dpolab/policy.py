@@ -34,7 +34,7 @@ import torch
 
 from dpolab import atomic, cachedir, packing, reference
 from dpolab.tokenize import collate_pairs
-from dpolab.logps import Head, label_logps
+from dpolab.logps import Head, label_logps_and_stats
 
 Tensor = torch.Tensor
 STATES = "states"  # the kind of file the cached body states are (dpolab.atomic.save_tensors)
@@ -47,6 +47,7 @@ class FlatLogps:
     n_pairs: int  # B
     n_processed: int  # tokens that went through the model for this batch (throughput)
     aux_loss: Tensor | None = None  # () the MoE routers' load-balancing loss, when trained
+    stats: Tensor | None = None  # (N, 3) per-token dpolab.logps.STAT_COLUMNS, no gradient
 
     def sums(self) -> tuple[Tensor, Tensor]:
         """Summed log-probs (chosen (B,), rejected (B,)), differentiable, float64: float32
@@ -107,8 +108,8 @@ class _BodyPairs:
         # The router loss only trains: evaluation and the reference pass skip it.
         router = self.router if torch.is_grad_enabled() else None
         h, labels, seg, n_tokens, aux = self._run(list(examples), router)
-        tok = label_logps(h, self.head_fn(), labels, chunk_size=self.chunk_size)
-        return FlatLogps(tok, seg, len(examples), n_tokens, aux)
+        tok, stats = label_logps_and_stats(h, self.head_fn(), labels, chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg, len(examples), n_tokens, aux, stats)
 
     def _body(self, ids: Tensor, weights: Tensor, router, **kw) -> tuple[Tensor, Tensor | None]:
         """The body on `ids` (B, T) under the forward's autocast -> (hidden (B, T, D), the
@@ -261,9 +262,10 @@ class CachedHeadForward:
             raise ValueError("CachedHeadForward needs the split whose cached states to read")
         hs, ys = self.responses(examples, split=split)
         seg = torch.cat([torch.full((h.shape[0],), j, dtype=torch.long) for j, h in enumerate(hs)])
-        tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
-                          chunk_size=self.chunk_size)
-        return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))
+        tok, stats = label_logps_and_stats(torch.cat(hs), head if head is not None
+                                           else self.head_fn(), torch.cat(ys),
+                                           chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()), stats=stats)
 
 
 def stored_states(path: Path, examples: Sequence, width: int | None = None) -> dict | None:

@@ -269,4 +269,5 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path=run_dir, config=config,
                summary=_read_json(run_dir / "summary.json"), data=_read_json(run_dir / "data.json"),
                train=[r for r in rows if "loss" in r],
-               evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)])
+               evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)
+                      and "evaluate" not in r])  # `dpolab evaluate`'s lines: not the run's curve

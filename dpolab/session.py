@@ -14,7 +14,7 @@ with a reference out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,12 +22,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir
+from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir, scoring
 from dpolab import splits as splits_mod
 from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
-from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
-                                unflippable, without_reference_metrics)
+from dpolab.diagnostics import PairStats
 from dpolab.distributed import Distributed, Engine
 from dpolab.errors import UserError
 from dpolab.identity import RunIdentity, warm_caches
@@ -52,6 +51,7 @@ class Split:
     weights: Tensor  # (N,) float32 data.group_weights of each pair's group
     group_ids: np.ndarray  # (N,) int, index into Session.groups (-1: no group)
     no_cue: np.ndarray  # (N,) bool, pairs without a surface cue (rho_data.surface_cue)
+    sets: np.ndarray | None = None  # (N,) int, index into Session.eval_sets (held-out split)
 
 
 @dataclass
@@ -69,6 +69,8 @@ class Session:
     theta0: Theta0 | None = None  # a model from memory: its starting weights, kept on the CPU
     router: moe.RouterLoss | None = None  # MoE load balancing trained with the scope, or None
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
+    eval_sets: list[str] = field(default_factory=list)  # names of the held-out sets (none: one)
+    compute_metrics: Callable | None = None  # a user's per-pair metrics (dpolab.scoring)
 
     @cached_property
     def needs_reference(self) -> bool:
@@ -98,6 +100,10 @@ class Session:
         are LD-DPO's sums (:func:`dpolab.losses.ld_sequence_logps`), as in TRL."""
         flat = self.engine([self.splits[split].examples[i] for i in idx], split=split)
         self.tokens_processed += flat.n_processed
+        return self.logps_of(split, idx, flat)
+
+    def logps_of(self, split: str, idx: Sequence[int], flat) -> PairLogps:
+        """`pair_logps` of the pairs at `idx` of `split` from their forward's `flat` output."""
         nc, nr = flat.counts()
         sp, dev, alpha = self.splits[split], self.dist.device, self.cfg.loss.ld_alpha
         if alpha == 1.0:
@@ -107,7 +113,8 @@ class Session:
             b = flat.n_pairs
             pc, pr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
         if sp.ref is None:
-            return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss)
+            return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss,
+                             token_sums=scoring.per_response_sums(flat))
         if alpha == 1.0:
             i = torch.as_tensor(list(idx), dtype=torch.long)
             rc, rr = sp.ref_chosen[i], sp.ref_rejected[i]
@@ -119,7 +126,8 @@ class Session:
             tok, mask = padded(torch.cat(seqs).double(), seg, len(seqs))
             b = len(idx)
             rc, rr = ld_sequence_logps(tok[:b], mask[:b], tok[b:], mask[b:], alpha=alpha)
-        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss)
+        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss,
+                         token_sums=scoring.per_response_sums(flat))
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
         return self.splits[split].weights[torch.as_tensor(list(idx), dtype=torch.long)].to(
@@ -134,25 +142,7 @@ class Session:
     def pair_stats(self, split: str) -> PairStats:
         """Policy vs reference on every pair of `split` ("train" or "held_out"), no grad;
         in a reference-free run the policy's own preference (`reference_free_stats`)."""
-        sp = self.splits[split]
-        bs = self.cfg.train.eval_batch_size
-        pcs, prs, ncs, nrs = [], [], [], []
-        with torch.no_grad():
-            for s in range(0, len(sp.examples), bs):
-                flat = self.engine(sp.examples[s:s + bs], split=split)
-                pc, pr = flat.sums()
-                nc, nr = flat.counts()
-                pcs.append(pc.double().cpu())
-                prs.append(pr.double().cpu())
-                ncs.append(nc.cpu())
-                nrs.append(nr.cpu())
-        pc, pr = torch.cat(pcs).numpy(), torch.cat(prs).numpy()
-        nc, nr = torch.cat(ncs).numpy(), torch.cat(nrs).numpy()
-        if sp.ref is None:
-            return reference_free_stats(pc, pr, nc, nr, beta=self.cfg.loss.beta,
-                                        average=self.reward_average)
-        return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
-                         beta=self.cfg.loss.beta)
+        return scoring.score(self, split).stats
 
     def evaluate(self, *, step: int, train_split: bool = True,
                  check: Callable[[str, PairStats], None] | None = None) -> dict[str, float]:
@@ -166,21 +156,17 @@ class Session:
                 continue
             if not sp.examples:
                 continue
-            stats = self.pair_stats(split)
+            scored = scoring.score(self, split)
             if check is not None:
-                check(split, stats)
-            if sp.ref is None:  # the policy's own preference; nothing to compare with
-                row.update({prefix + k: v for k, v in
-                            without_reference_metrics(summarize(stats)).items()})
-            else:
-                row.update({prefix + k: v for k, v in summarize(stats).items()})
-                flags = unflippable(stats.ref_chosen, stats.ref_rejected, beta=stats.beta)
-                row[prefix + "unflippable/fraction"] = float(flags.mean())
-                if flags.any():  # did training flip the model's own preference on them anyway?
-                    pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
-                    row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
-            row.update({prefix + k: v for k, v in group_summaries(
-                stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
+                check(split, scored.stats)
+            parts = [(prefix, np.arange(len(sp.examples)))]
+            if split == "held_out":  # each named eval set on its own too
+                parts += [(f"eval/{name}/", np.flatnonzero(sp.sets == k))
+                          for k, name in enumerate(self.eval_sets)]
+            for pre, sel in parts:
+                row.update({pre + k: v for k, v in scoring.split_metrics(
+                    scored.subset(sel), sp, sel, self.groups,
+                    own=self.compute_metrics if split == "held_out" else None).items()})
         return row
 
     def export_and_probe(self, out: Path) -> dict[str, float]:
@@ -242,10 +228,11 @@ class Session:
 
 
 def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | None = None,
-          *, resuming: tuple[Path, dict] | None = None) -> Session:
+          *, resuming: tuple[Path, dict] | None = None, records: bool = True) -> Session:
     """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names.
     `resuming`: the checkpoint (folder, state) a resume continues, whose run identity must be
-    this one's (checked before anything is computed or written)."""
+    this one's (checked before anything is computed or written). `records`: write data.json
+    and unflippable.json (not when a finished run is evaluated again, dpolab.evaluate)."""
     from dpolab import scopes
     from dpolab.tokenize import tokenize_rows
 
@@ -335,6 +322,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
                                            reuse=everywhere.get(f"reference {split}", True))
             if has_reference else None for split, t in tok.items()}
     gindex = {g: i for i, g in enumerate(groups)}
+    eval_sets = list(dict.fromkeys(r.eval_set for r in rows["held_out"] if r.eval_set))
     splits = {}
     for split, t in tok.items():
         rc, rr = refs[split].sums() if refs[split] is not None else (None, None)
@@ -342,13 +330,16 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
             t.examples, refs[split], rc, rr, weights=weights[split],
             group_ids=np.array([gindex.get(e.group, -1) for e in t.examples]),
             no_cue=np.array([not rows[split][e.index].meta.get("surface_cue", False)
-                             for e in t.examples]))
-    if dist.is_main:
+                             for e in t.examples]),
+            sets=np.array([eval_sets.index(rows[split][e.index].eval_set)
+                           if rows[split][e.index].eval_set else -1 for e in t.examples]))
+    if dist.is_main and records:
         rundir.write_data_report(run_dir, tok, forward=choice.record())
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,
-                   identity, theta0=theta0, router=router)
+                   identity, theta0=theta0, router=router, eval_sets=eval_sets,
+                   compute_metrics=inputs.compute_metrics)
 
 
 def _states_path(key: str) -> Path:
