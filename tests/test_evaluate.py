@@ -206,12 +206,16 @@ def test_compute_metrics_bad_return_is_one_line(tiny_dir, tmp_path, cache):
 
 
 def test_iterable_dataset_and_dataset_dict(tiny_dir, tmp_path, cache):
-    """A finite datasets.IterableDataset trains and evaluates like the list it streams
+    """A finite datasets.IterableDataset (from a generator: no column names before it is
+    read) trains and evaluates like the list it streams
     (same step-0 numbers); a DatasetDict as eval_dataset names its splits as eval sets; a
     reserved set name is refused in one line."""
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, IterableDataset
 
-    it = Dataset.from_list(pairs(0, 12)).to_iterable_dataset()
+    def stream():
+        yield from pairs(0, 12)
+
+    it = IterableDataset.from_generator(stream)  # its columns unknown until read
     dd = DatasetDict({k: Dataset.from_list(v) for k, v in SETS.items()})
     fast = {**FAST, "train.max_steps": 1}
     a = dpolab.Trainer(str(tiny_dir), it, eval_dataset=dd, out=str(tmp_path / "a"), **fast).train()
