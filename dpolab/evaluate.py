@@ -134,7 +134,7 @@ def cli_main(argv: list[str]) -> int:
             raise UserError("--data: give one FILE, or NAME=FILE for each of several sets")
     before = evaluate_run(a.run, data, checkpoint=0)
     after = before if a.checkpoint == 0 else evaluate_run(a.run, data, checkpoint=a.checkpoint)
-    from dpolab.train_cli import held_out_table
+    from dpolab.report import held_out_table
 
     print(f"run directory: {a.run}, step {int(after['step'])}")
     print(held_out_table(before, after, run_dir=Path(a.run)))

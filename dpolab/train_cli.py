@@ -95,32 +95,9 @@ def print_summary(run_dir: Path) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"wall time {summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB, "
           f"{summary['steps']} steps")
+    from dpolab.report import held_out_table
+
     print(held_out_table(before, after, run_dir=run_dir))
     print(f"exported model: {run_dir / 'model'}")
     sys.stdout.flush()
 
-
-def held_out_table(before: dict, after: dict, *, run_dir: Path) -> str:
-    """The held-out table per group: accuracy before (`before`, an evaluation line) and after
-    (`after`), the margin, the model's own preference and the no-cue accuracy after."""
-    from dpolab.rundir import group_names, load_run, reference_free
-
-    groups = group_names(after)
-    lines = [f"{'held-out':14s} {'acc before':>10s} {'acc after':>10s} {'margin':>8s} "
-             f"{'model pref':>10s} {'acc no-cue':>10s}"]
-    for g in ["(all)"] + groups:
-        pre = "eval/" if g == "(all)" else f"eval/groups/{g}/"
-        acc = "rewards/accuracies" if g == "(all)" else "accuracy"
-        mar = "rewards/margins" if g == "(all)" else "margin"
-        pref = "preference/model" if g == "(all)" else "preference"
-        nc = after.get(f"{pre}accuracy_no_cue")
-        lines.append(f"{g:14s} {before.get(pre + acc, float('nan')):10.3f} "
-                     f"{after.get(pre + acc, float('nan')):10.3f} "
-                     f"{after.get(pre + mar, float('nan')):8.3f} "
-                     f"{after.get(pre + pref, float('nan')):10.3f} "
-                     f"{'' if nc is None else f'{nc:.3f}':>10s}")
-    if reference_free(load_run(run_dir).config):
-        lines.append("no reference (reference-free loss): acc is the policy's own preference "
-                     "log pi(y_w) > log pi(y_l), per-token means for simpo/orpo/sft, sums for "
-                     "cpo; margin is beta times that difference")
-    return "\n".join(lines)

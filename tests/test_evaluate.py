@@ -182,7 +182,7 @@ def test_evaluate_cli_prints_the_runs_table(trained, capsys):
     (the base model) and after (the last checkpoint) per group; a missing checkpoint is one
     line naming the steps kept (exit 2)."""
     from dpolab.cli import main
-    from dpolab.train_cli import held_out_table
+    from dpolab.report import held_out_table
 
     _, run = trained
     summary = json.loads((run / "summary.json").read_text())
