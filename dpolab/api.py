@@ -29,12 +29,18 @@ class Trainer:
         loaded `PreTrainedModel` / peft model (trained in place; a peft model trains its own
         adapters, with train.scope=lora); None: `model.name` of the config.
     train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a file path
-        (JSONL, JSON, Parquet), one split each (a DatasetDict is refused, naming its splits);
+        (JSONL, JSON, Parquet), one split each (a DatasetDict is refused as train_dataset,
+        naming its splits); eval_dataset may be a dict of named sets (a DatasetDict too);
         rows are checked like a file's, and errors name the argument and row
         (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
         `data.path`, or the embedded default. eval_dataset None: a seeded `data.eval_fraction`
         of the training rows.
     tokenizer: the model's tokenizer; None: loaded from the model's folder or name.
+    ref_model: the reference pi_ref, a name or folder (`model.reference`) or a loaded model;
+        None: the policy's starting weights. Its log-probs are stored once, keyed by its
+        weights; its tokenizer must be the policy's.
+    compute_metrics: pairs -> {name: number}, called at each evaluation with per-pair arrays
+        (dpolab.scoring.user_metrics); logged under eval/.
     config: a `RunConfig` or a YAML file; None: the defaults.
     overrides: `section.key` names as on the command line, `**{"loss.beta": 0.1}`, checked
         the same way (an unknown key is a UserError listing the valid ones).
@@ -43,8 +49,12 @@ class Trainer:
     def __init__(self, model: Any = None, train_dataset: Any = None, *, tokenizer: Any = None,
                  eval_dataset: Any = None, config: C.RunConfig | str | Path | None = None,
                  compute_metrics: Callable[[dict], dict[str, float]] | None = None,
-                 **overrides: Any):
+                 ref_model: Any = None, **overrides: Any):
         _one_split_each(train_dataset, eval_dataset)
+        if isinstance(ref_model, (str, Path)):
+            overrides["model.reference"] = str(ref_model)
+        elif ref_model is not None:
+            overrides["model.reference"] = _in_memory_name(ref_model)
         if _named_files(eval_dataset):  # named held-out files: recorded as data.eval
             overrides["data.eval"] = {str(k): str(v) for k, v in eval_dataset.items()}
         raw = _raw_config(config)
@@ -61,7 +71,9 @@ class Trainer:
         check_trackers(cfg.train.report_to)  # a missing tracker package fails now, not after loading
         self.config, self.inputs = _in_memory(cfg, named, model, tokenizer, train_dataset,
                                               eval_dataset)
-        self.inputs = dataclasses.replace(self.inputs, compute_metrics=compute_metrics)
+        self.inputs = dataclasses.replace(
+            self.inputs, compute_metrics=compute_metrics,
+            reference=None if isinstance(ref_model, (str, Path)) else ref_model)
 
     def train(self, *, resume: bool = False) -> Path:
         """Train; returns the run directory (metrics.jsonl, the exported model, report.html).

@@ -28,6 +28,7 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # the embedded default, a local folder, a .gguf file or a hub name
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16 (log-probs float32 either way)
     trust_remote_code: bool = False  # run code shipped with a model folder only when asked
+    reference: str = ""  # the reference model pi_ref, a name or folder as `name`; empty = the policy's starting weights
     router_aux_loss_coef: float | None = None  # MoE: weight of the routers' load-balancing loss; null = the model config's (0 if it has none); 0 = off
 
 

@@ -46,6 +46,9 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, checkpoint: int | Non
         raise UserError(f"{run_dir}: its model was given as an object ({cfg.model.name}), which "
                         f"cannot be loaded again by name; export it and train from the folder")
     inputs = inputs or Inputs()
+    if inputs.reference is None and cfg.model.reference.startswith("<in-memory"):
+        raise UserError(f"{run_dir}: its reference model was given as an object "
+                        f"({cfg.model.reference}); evaluate it from the Trainer that trained it")
     if inputs.rows is None and cfg.data.path.startswith("<in-memory"):
         raise UserError(f"{run_dir}: its training data was given in memory ({cfg.data.path}); "
                         f"evaluate it from the Trainer that trained it")
@@ -59,7 +62,8 @@ def evaluate_run(run_dir: str | Path, data: Any = None, *, checkpoint: int | Non
     with runlock.hold(run_dir, enabled=dist.is_main):
         s = session.build(cfg, run_dir, dist, Inputs(tokenizer=inputs.tokenizer,
                                                      rows=(train_rows, held_rows),
-                                                     compute_metrics=compute_metrics),
+                                                     compute_metrics=compute_metrics,
+                                                     reference=inputs.reference),
                           records=False)
         step = 0
         if found is not None:

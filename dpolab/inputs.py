@@ -25,6 +25,7 @@ class Inputs:
     tokenizer: Any = None  # the model's tokenizer; None: loaded from cfg.model.name
     rows: tuple[list, list] | None = None  # (train, held-out) validated PreferenceRows; None: cfg.data
     compute_metrics: Any = None  # pairs -> {name: number} at each evaluation (dpolab.scoring)
+    reference: Any = None  # a loaded model as pi_ref (dpolab.reference_model); None: model.reference
 
     def checked(self, cfg) -> "Inputs":
         """These inputs, checked to make a run before its run directory exists: the model a
@@ -40,7 +41,7 @@ class Inputs:
         check_tokenizer(tokenizer)
         check_folder(cfg.model, tokenizer)
         return Inputs(model=None, tokenizer=tokenizer, rows=self.rows,
-                      compute_metrics=self.compute_metrics)
+                      compute_metrics=self.compute_metrics, reference=self.reference)
 
     def tokenizer_for(self, cfg):
         """The tokenizer given, with eos as pad when it has none (as `models.load_tokenizer`

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir, scoring
+from dpolab import (cachedir, datachecks, forward_check, moe, reference, reference_model,
+                    rundir, scoring)
 from dpolab import splits as splits_mod
 from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
@@ -71,6 +72,7 @@ class Session:
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
     eval_sets: list[str] = field(default_factory=list)  # names of the held-out sets (none: one)
     compute_metrics: Callable | None = None  # a user's per-pair metrics (dpolab.scoring)
+    reference_is_start: bool = True  # pi_ref is the starting weights (not model.reference)
 
     @cached_property
     def needs_reference(self) -> bool:
@@ -180,8 +182,9 @@ class Session:
         from dpolab.did_probe import did_summary, score_samples
 
         tc = self.cfg.train
-        if tc.did_samples <= 0 or not self.held_out or not self.needs_reference:
-            self.export(out)  # DID is measured against the reference: none without one
+        if (tc.did_samples <= 0 or not self.held_out or not self.needs_reference
+                or not self.reference_is_start):  # DID against the starting weights only
+            self.export(out)
             return {}
         seen, prompts = set(), []
         for ex in self.held_out:
@@ -264,12 +267,19 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     # is that forward's, a function of these weights and the procedure, keyed as such.
     if model.dtype == torch.float16:
         model_hash += "-f16"
-    identity = RunIdentity.of(model_hash, tok, world=dist.world, train=tc)
-    keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
     has_reference = needs_reference(cfg)
+    spec = inputs.reference or cfg.model.reference  # another model as pi_ref (its store only)
+    explicit = (reference_model.Explicit(cfg, spec, tokenizer, device)
+                if spec and has_reference else None)
+    ref_hash = model_hash if explicit is None else explicit.hash
+    identity = RunIdentity.of(model_hash if explicit is None else f"{model_hash}+ref-{ref_hash}",
+                              tok, world=dist.world, train=tc)
+    keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
+    ref_keys = {split: reference.store_key(ref_hash, d["hash"])
+                for split, d in identity.data.items()}
     # Under torchrun, before the first collective: the ranks agree on what they train, and
     # a cache that one rank lacks is computed by every rank (a warm rank ignores its copy).
-    warm = (warm_caches(tok, {s: keys[s] if has_reference else None for s in keys},
+    warm = (warm_caches(tok, {s: ref_keys[s] if has_reference else None for s in keys},
                         {s: _states_path(k) for s, k in keys.items()})
             if dist.world > 1 else {})
     everywhere = dist.agree(identity.facts(config_dict(cfg)), warm)
@@ -317,10 +327,17 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     # which under FSDP2 (full scope only) must run as the engine's forward. A run whose terms
     # read no reference has none.
     ref_forward = engine if engine.sharded else scope.reference
-    refs = {split: reference.reference_for(model_hash, ref_forward, t.examples, cfg, dist,
-                                           split, collective=engine.sharded,
+    if explicit is not None:  # model.reference: its own weights through the run's forward
+        ref_forward = explicit.forward(cfg, name=choice.name, pad_id=tokenizer.pad_token_id,
+                                       device=device, autocast=body_autocast(
+                                           explicit.model.dtype, device, tc.bf16_autocast))
+    refs = {split: reference.reference_for(ref_hash, ref_forward, t.examples, cfg, dist,
+                                           split, collective=engine.sharded and explicit is None,
                                            reuse=everywhere.get(f"reference {split}", True))
             if has_reference else None for split, t in tok.items()}
+    if explicit is not None:  # the step-0 check's part for it; then no second model is held
+        explicit.check(tok, refs, device)
+        del explicit, ref_forward
     gindex = {g: i for i, g in enumerate(groups)}
     eval_sets = list(dict.fromkeys(r.eval_set for r in rows["held_out"] if r.eval_set))
     splits = {}
@@ -339,7 +356,7 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,
                    identity, theta0=theta0, router=router, eval_sets=eval_sets,
-                   compute_metrics=inputs.compute_metrics)
+                   compute_metrics=inputs.compute_metrics, reference_is_start=not spec)
 
 
 def _states_path(key: str) -> Path:

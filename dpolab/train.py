@@ -165,7 +165,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
                     0.0 if stand_in else len(idx) / len(positions))
             if aux is not None and not stand_in:
                 loss = loss + aux.penalty(idx, n_global=len(positions))
-            if step == 0 and start == 0 and micro == 0:
+            if step == 0 and start == 0 and micro == 0 and s.reference_is_start:
                 check_step0(pairs, terms, objective.at_reference())
             if not torch.isfinite(loss):
                 raise checkpoint.nonfinite_error(run_dir, step + 1, "loss", loss.item())
@@ -345,7 +345,7 @@ def check_reference(s: session.Session, split: str, stats: PairStats) -> None:
     from dpolab.reference import check_at_reference, store_path
 
     sp, cached, tc, dev = s.splits[split], s.scope.head_states, s.cfg.train, s.dist.device
-    if sp.ref is None:
+    if sp.ref is None or not s.reference_is_start:  # model.reference: checked when stored
         return
     states = cached.stores.get(split) if cached is not None else None
 

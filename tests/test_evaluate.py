@@ -227,3 +227,39 @@ def test_iterable_dataset_and_dataset_dict(tiny_dir, tmp_path, cache):
     with pytest.raises(UserError, match="eval set name 'loss' is not usable"):
         dpolab.Trainer(str(tiny_dir), pairs(0, 12), eval_dataset={"loss": pairs(12, 14)},
                        out=str(tmp_path / "c"), **fast)
+
+
+def test_explicit_reference_is_the_reference_computed_by_hand(tiny_dir, tmp_path, cache):
+    """model.reference = another model (the tiny one with seeded noise on every weight): the
+    step-0 evaluation's rewards and loss are those of the policy against that model's
+    log-probs computed by hand from its full logits: margin_i = beta ((pc - rc) - (pr -
+    rr)), loss_i = -log sigmoid(margin_i), within 1e-5; the policy at step 0 is not its
+    reference. A reference whose tokenizer differs (another tiny tokenizer, same size) is
+    one line before training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpolab.tiny import save_tiny
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
+    held = pairs(12, 16)
+    fast = {**FAST, "loss.weights": {"dpo": 1.0}, "train.max_steps": 1,
+            "data.group_weights": {}}
+    run = dpolab.Trainer(str(tiny_dir), pairs(0, 12), eval_dataset=held, ref_model=str(other),
+                         out=str(tmp_path / "run"), **fast).train()
+    first = lines(run)[0]
+    pol, ref = naive(tiny_dir, held), naive(other, held)
+    margin = 0.5 * ((pol["logp"][:, 0] - ref["logp"][:, 0]) - (pol["logp"][:, 1] - ref["logp"][:, 1]))
+    assert first["eval/rewards/margins"] == pytest.approx(float(margin.mean()), abs=1e-5)
+    assert first["eval/loss"] == pytest.approx(float(np.mean(np.logaddexp(0, -margin))), abs=1e-5)
+    assert abs(first["eval/rewards/margins"]) > 1e-3  # not a policy at its own reference
+    wide = save_tiny(tmp_path / "wide", vocab_size=512, seed=1)
+    with pytest.raises(UserError, match="its tokenizer differs from the policy's"):
+        dpolab.Trainer(str(tiny_dir), pairs(0, 12), eval_dataset=held, ref_model=str(wide),
+                       out=str(tmp_path / "run2"), **fast).train()
