@@ -82,6 +82,15 @@ def before_after_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [c for c in order if any(c in r for r in rows)]
 
 
+def eval_set_rows(run: Run) -> list[dict[str, Any]]:
+    """Per named held-out set: reward accuracy and loss before and after training."""
+    b, a = run.before, run.after or run.before
+    return [{"set": name, "acc before": b.get(f"eval/{name}/rewards/accuracies"),
+             "acc after": a.get(f"eval/{name}/rewards/accuracies"),
+             "loss before": b.get(f"eval/{name}/loss"), "loss after": a.get(f"eval/{name}/loss"),
+             "margin after": a.get(f"eval/{name}/rewards/margins")} for name in run.eval_sets]
+
+
 def final_row(run: Run) -> dict[str, Any]:
     """The comparison table's row: final held-out metrics of one run."""
     a = run.after or run.before
@@ -251,6 +260,8 @@ def write_run_report(run_dir: Path) -> Path:
     blocks += [htmlpage.heading("Held-out metrics before and after training, per group"),
                htmlpage.table(rows, before_after_columns(rows)) if run.evals
                else htmlpage.para("(no evaluation lines)")]
+    if run.eval_sets:
+        blocks += [htmlpage.heading("Held-out sets", 3), htmlpage.table(eval_set_rows(run))]
     if _summary_rows(run):
         blocks += [htmlpage.heading("Run summary", 3), htmlpage.table(_summary_rows(run))]
     if _data_rows(run):

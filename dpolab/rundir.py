@@ -179,6 +179,10 @@ class Run:
         return group_names({k for r in self.evals for k in r})
 
     @property
+    def eval_sets(self) -> list[str]:
+        return eval_set_names({k for r in self.evals for k in r})
+
+    @property
     def before(self) -> dict[str, Any]:
         return self.evals[0] if self.evals else {}
 
@@ -193,6 +197,14 @@ def group_names(keys) -> list[str]:
     pre, post = "eval/groups/", "/accuracy"
     return sorted({k[len(pre):-len(post)] for k in keys
                    if k.startswith(pre) and k.endswith(post) and len(k) > len(pre + post)})
+
+
+def eval_set_names(keys) -> list[str]:
+    """The named held-out sets of `eval/<name>/rewards/accuracies` keys, sorted (a set's name
+    holds no '/'; dpolab.splits.eval_rows)."""
+    pre, post = "eval/", "/rewards/accuracies"
+    return sorted({k[len(pre):-len(post)] for k in keys if k.startswith(pre) and k.endswith(post)
+                   and len(k) > len(pre + post) and "/" not in k[len(pre):-len(post)]})
 
 
 def loss_name(config: dict[str, Any]) -> str:

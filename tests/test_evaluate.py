@@ -263,3 +263,23 @@ def test_explicit_reference_is_the_reference_computed_by_hand(tiny_dir, tmp_path
     with pytest.raises(UserError, match="its tokenizer differs from the policy's"):
         dpolab.Trainer(str(tiny_dir), pairs(0, 12), eval_dataset=held, ref_model=str(wide),
                        out=str(tmp_path / "run2"), **fast).train()
+
+
+def test_report_shows_heldout_loss_and_each_eval_set(trained):
+    """The run's report has the held-out sets' table and figure, and the held-out loss is
+    drawn with the training loss; the sets' keys are not repeated among "Other metrics"."""
+    from dpolab.report import eval_set_rows, write_run_report
+    from dpolab.report_figures import other_keys
+    from dpolab.rundir import load_run
+
+    _, run = trained
+    page = write_run_report(run).read_text()
+    loaded = load_run(run)
+    assert loaded.eval_sets == ["first", "second"]
+    rows = eval_set_rows(loaded)
+    assert [r["set"] for r in rows] == ["first", "second"]
+    assert rows[0]["loss before"] == lines(run)[0]["eval/first/loss"]
+    assert "Held-out sets" in page and (run / "report" / "eval_sets.png").is_file()
+    assert "held-out loss" not in other_keys(loaded) and "loss" not in other_keys(loaded)
+    assert not [k for k in other_keys(loaded) if k.startswith(("first/", "second/"))]
+    assert "pairs_seen" in other_keys(loaded)  # a compute_metrics number: a panel of its own
