@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dpolab import config as C
 from dpolab.errors import UserError
@@ -30,12 +30,18 @@ class Trainer:
         loaded `PreTrainedModel` / peft model (trained in place; a peft model trains its own
         adapters, with train.scope=lora); None: `model.name` of the config.
     train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a file path
-        (JSONL, JSON, Parquet), one split each (a DatasetDict is refused, naming its splits);
+        (JSONL, JSON, Parquet), one split each (a DatasetDict is refused as train_dataset,
+        naming its splits); eval_dataset may be a dict of named sets (a DatasetDict too);
         rows are checked like a file's, and errors name the argument and row
         (`train_dataset:3: field 'chosen' is empty`). train_dataset None: the config's
         `data.path`, or the embedded default. eval_dataset None: a seeded `data.eval_fraction`
         of the training rows.
     tokenizer: the model's tokenizer; None: loaded from the model's folder or name.
+    ref_model: the reference pi_ref, a name or folder (`model.reference`) or a loaded model;
+        None: the policy's starting weights. Its log-probs are stored once, keyed by its
+        weights; its tokenizer must be the policy's.
+    compute_metrics: pairs -> {name: number}, called at each evaluation with per-pair arrays
+        (dpolab.scoring.user_metrics); logged under eval/.
     config: a `RunConfig` or a YAML file; None: the defaults.
     overrides: `section.key` names as on the command line, `**{"loss.beta": 0.1}`, checked
         the same way (an unknown key is a UserError listing the valid ones).
@@ -43,8 +49,15 @@ class Trainer:
 
     def __init__(self, model: Any = None, train_dataset: Any = None, *, tokenizer: Any = None,
                  eval_dataset: Any = None, config: C.RunConfig | str | Path | None = None,
-                 **overrides: Any):
+                 compute_metrics: Callable[[dict], dict[str, float]] | None = None,
+                 ref_model: Any = None, **overrides: Any):
         _one_split_each(train_dataset, eval_dataset)
+        if isinstance(ref_model, (str, Path)):
+            overrides["model.reference"] = str(ref_model)
+        elif ref_model is not None:
+            overrides["model.reference"] = _in_memory_name(ref_model)
+        if _named_files(eval_dataset):  # named held-out files: recorded as data.eval
+            overrides["data.eval"] = {str(k): str(v) for k, v in eval_dataset.items()}
         raw = _raw_config(config)
         named = _named_keys(raw) | set(overrides)
         if isinstance(model, (str, Path)):
@@ -59,6 +72,9 @@ class Trainer:
         check_trackers(cfg.train.report_to)  # a missing tracker package fails now, not after loading
         self.config, self.inputs = _in_memory(cfg, named, model, tokenizer, train_dataset,
                                               eval_dataset)
+        self.inputs = dataclasses.replace(
+            self.inputs, compute_metrics=compute_metrics,
+            reference=None if isinstance(ref_model, (str, Path)) else ref_model)
 
     def train(self, *, resume: bool = False) -> Path:
         """Train; returns the run directory (metrics.jsonl, the exported model, report.html).
@@ -66,6 +82,26 @@ class Trainer:
         from dpolab.train import train
 
         return train(self.config, resume=resume, inputs=self.inputs)
+
+    def evaluate(self, eval_dataset: Any = None, *, checkpoint: int | None = None
+                 ) -> dict[str, float]:
+        """Score `eval_dataset` (None: the run's held-out pairs; a file, a Dataset, a list of
+        dicts, or a dict of named sets) with the weights of `checkpoint` (None: the last
+        checkpoint, i.e. the exported weights; 0: the base model, before any training)
+        against the run's reference; returns the `eval/...` metrics and appends them to
+        RUN/metrics.jsonl as a line marked `evaluate`. See dpolab.evaluate."""
+        from dpolab.evaluate import evaluate_run
+
+        if self.inputs.model is not None:
+            raise UserError("evaluate(): the model was given as an object and trained in "
+                            "place; evaluate the run directory with the model named by its "
+                            "folder, or score the object with a new Trainer")
+        if eval_dataset is not None:
+            _one_split_each(None, eval_dataset)
+        return evaluate_run(self.config.out, eval_dataset, checkpoint=checkpoint,
+                            inputs=self.inputs, compute_metrics=self.inputs.compute_metrics,
+                            label="" if eval_dataset is None or isinstance(eval_dataset, (
+                                str, Path, dict)) else "eval_dataset")
 
 
 def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_dataset,
@@ -91,13 +127,18 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
         check_tokenizer(tokenizer)  # its fit with the named model: when training starts
     rows = None
     if train_dataset is not None and not isinstance(train_dataset, (str, Path)):
-        held = None if eval_dataset is None else _rows(eval_dataset, "eval_dataset", cfg)
+        held = None if eval_dataset is None else _held(eval_dataset, cfg)
         rows = _split(cfg, _rows(train_dataset, "train_dataset", cfg), held)
         replace["data"] = {"path": "<in-memory train_dataset>",
-                           "eval_path": "" if eval_dataset is None
+                           "eval_path": "" if eval_dataset is None or isinstance(eval_dataset, dict)
                            else str(eval_dataset) if isinstance(eval_dataset, (str, Path))
                            else "<in-memory eval_dataset>"}
-    elif eval_dataset is not None and not isinstance(eval_dataset, (str, Path)):
+        if isinstance(eval_dataset, dict):
+            replace["data"]["eval"] = {str(k): str(v) if isinstance(v, (str, Path))
+                                       else f"<in-memory eval_dataset[{k}]>"
+                                       for k, v in eval_dataset.items()}
+    elif (eval_dataset is not None and not isinstance(eval_dataset, (str, Path))
+          and not _named_files(eval_dataset)):
         raise UserError("eval_dataset in memory needs train_dataset in memory too "
                         "(a file or the embedded default splits its own held-out rows)")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **replace["model"]),
@@ -108,15 +149,31 @@ def _in_memory(cfg: C.RunConfig, named: set[str], model, tokenizer, train_datase
 
 def _one_split_each(train_dataset, eval_dataset) -> None:
     """A DatasetDict (or a dict of splits, or a folder saved by DatasetDict.save_to_disk) given
-    as train_dataset or eval_dataset is refused, naming its splits and which argument takes
-    which: each argument is one split."""
+    as train_dataset is refused, naming its splits and which argument takes which; as
+    eval_dataset a folder of splits is refused the same way, while a dict in memory (a
+    DatasetDict too) is a set of named eval sets."""
     from dpolab.sources import holder_name, split_names, splits_message
 
-    for argument, value in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-        splits = split_names(value)
-        if splits is not None:
-            raise UserError(splits_message(argument, splits, holder=holder_name(value),
-                                           argument=argument))
+    splits = split_names(train_dataset)
+    if splits is not None:
+        raise UserError(splits_message("train_dataset", splits, holder=holder_name(train_dataset),
+                                       argument="train_dataset"))
+    if isinstance(eval_dataset, (str, Path)) and split_names(eval_dataset) is not None:
+        raise UserError(splits_message("eval_dataset", split_names(eval_dataset),
+                                       holder=holder_name(eval_dataset), argument="eval_dataset"))
+
+
+def _named_files(eval_dataset) -> bool:
+    """Whether `eval_dataset` is a dict of named held-out files (recorded in the config)."""
+    return (isinstance(eval_dataset, dict) and bool(eval_dataset)
+            and all(isinstance(v, (str, Path)) for v in eval_dataset.values()))
+
+
+def _held(eval_dataset, cfg) -> list:
+    """Validated held-out rows of an eval_dataset in memory; a dict names its sets."""
+    from dpolab.splits import eval_rows
+
+    return eval_rows(eval_dataset, cfg, name="eval_dataset")
 
 
 def _raw_config(config) -> dict[str, Any]:

@@ -205,6 +205,28 @@ def restore(found: tuple[Path, dict], named: dict[str, torch.Tensor],
     return int(state["step"]), _metrics_record(path, int(state["metrics_lines"]), metrics_path)
 
 
+def load_weights(path: Path, named: dict[str, torch.Tensor]) -> None:
+    """The trainable tensors of checkpoint folder `path` copied into `named` (in place), no
+    optimizer; tensors the checkpoint holds beyond `named` (AuxDPO's delta) are left out."""
+    from dpolab import sharding
+
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+    except Exception as err:  # checksums match, yet the file does not load: written so
+        raise UserError(f"{path}: checkpoint files cannot be read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    missing = sorted(set(named) - set(tensors))
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), e.g. "
+                        f"{missing[0]!r}; was the config changed since the run started?")
+    with torch.no_grad():
+        for k, t in named.items():
+            if tensors[k].shape != t.shape:
+                raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
+                                f"the model's is {tuple(t.shape)}; was the config changed?")
+            t.copy_(sharding.like(tensors[k], t))
+
+
 def _keyed_by_name(path: Path, saved: dict, optimizer: torch.optim.Optimizer,
                    named: dict[str, torch.Tensor]) -> dict:
     """The saved optimizer state keyed by parameter name, its names all trained by this run.

@@ -24,6 +24,8 @@ COMMANDS = {
     "train": ("dpolab.train_cli", "train a causal LM with a DPO-family objective"),
     "config": ("dpolab.config_cli", "list every config field: default, meaning, allowed values"),
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
+    "evaluate": ("dpolab.evaluate", "score a run's weights (or a checkpoint's, or the base "
+                                    "model's) on held-out pairs against its reference"),
     "report": ("dpolab.report", "write report.html and figures for a run directory"),
     "compare": ("dpolab.report", "overlay several runs in one report"),
     "pairs": ("dpolab.pairs_cli", "list a run's pairs by how they moved; one pair's trajectory"),

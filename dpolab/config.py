@@ -44,6 +44,7 @@ class ModelConfig:
     name: str = setting("smollm2-135m-instruct", "the embedded default, a local folder, a .gguf file or a hub name")
     dtype: str = setting("float32", "parameter dtype (log-probs float32 either way)", choices=DTYPES)
     trust_remote_code: bool = setting(False, "run code shipped with a model folder only when asked")
+    reference: str = setting("", "the reference model pi_ref, a name or folder as `name`; empty = the policy's starting weights")
     router_aux_loss_coef: float | None = setting(None, "MoE: weight of the routers' load-balancing loss; null = the model config's (0 if it has none); 0 = off", ge=0)
 
 
@@ -51,6 +52,7 @@ class ModelConfig:
 class DataConfig:
     path: str = setting("", "JSONL / JSON / Parquet file; empty = the embedded multi-value default")
     eval_path: str = setting("", "held-out file; empty = split eval_fraction off `path`")
+    eval: dict[str, str] = setting({}, "named held-out files {name: file}, each scored on its own as eval/<name>/...; instead of eval_path")
     eval_fraction: float = setting(0.1, "held-out share of `path` when no eval_path (seeded split)", gt=0, lt=1)
     max_length: int = setting(512, "prompt + completion tokens", ge=2)
     max_prompt_length: int = setting(256, "prompt tokens kept (see truncation); < max_length", ge=1)
@@ -341,6 +343,8 @@ def validate(cfg: RunConfig) -> None:
          "train.scope=token_rows needs train.weight_decay=0 (decay would move the frozen rows)"),
         (cfg.loss.aux_form != "authors" or cfg.loss.aux_mode == "soft",
          "loss.aux_form=authors is the authors' soft penalty; it needs loss.aux_mode=soft"),
+        (not (cfg.data.eval and cfg.data.eval_path),
+         "data.eval (named held-out files) and data.eval_path (one) exclude each other"),
         (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
     ]
     for ok, msg in checks:

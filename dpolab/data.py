@@ -65,6 +65,7 @@ class PreferenceRow:
     # implicit formats). A found prompt's end is not a boundary the data set chose, so string
     # rows are then tokenized whole and cut where their tokens diverge (dpolab.common_prefix).
     implicit_prompt: bool = False
+    eval_set: str = ""  # the named held-out set the row belongs to ("" in a single held-out set)
 
 
 @dataclass(frozen=True)

@@ -201,10 +201,10 @@ class PairModule(torch.nn.Module):
 
     def forward(self, examples: Sequence, split: str | None = None):
         """-> (tokens (N,) per-token log-probs, seg (N,), tokens processed, the MoE router
-        loss or None): FlatLogps's fields, as a tuple so that the engines find the output
-        tensors."""
+        loss or None, per-token statistics (N, 3) or None): FlatLogps's fields, as a tuple
+        so that the engines find the output tensors."""
         flat = self.pair_forward(examples, split=split)
-        return flat.tokens, flat.seg, flat.n_processed, flat.aux_loss
+        return flat.tokens, flat.seg, flat.n_processed, flat.aux_loss, flat.stats
 
 
 class Engine:
@@ -218,8 +218,8 @@ class Engine:
     def __call__(self, examples: Sequence, *, split: str | None = None):
         from dpolab.policy import FlatLogps
 
-        tokens, seg, n, aux = self.wrapped(list(examples), split)
-        return FlatLogps(tokens, seg, len(examples), n, aux)
+        tokens, seg, n, aux, stats = self.wrapped(list(examples), split)
+        return FlatLogps(tokens, seg, len(examples), n, aux, stats)
 
     def sync_gradients(self, sync: bool) -> None:
         """Whether the next forward and backward reduce gradients across ranks: off for all

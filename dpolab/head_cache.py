@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from dpolab import atomic, cachedir, reference
-from dpolab.logps import Head, label_logps
+from dpolab.logps import Head, label_logps_and_stats
 from dpolab.policy import FlatLogps
 
 Tensor = torch.Tensor
@@ -98,9 +98,10 @@ class CachedHeadForward:
             raise ValueError("CachedHeadForward needs the split whose cached states to read")
         hs, ys = self.responses(examples, split=split)
         seg = torch.cat([torch.full((h.shape[0],), j, dtype=torch.long) for j, h in enumerate(hs)])
-        tok = label_logps(torch.cat(hs), head if head is not None else self.head_fn(), torch.cat(ys),
-                          chunk_size=self.chunk_size)
-        return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()))
+        tok, stats = label_logps_and_stats(torch.cat(hs), head if head is not None
+                                           else self.head_fn(), torch.cat(ys),
+                                           chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()), stats=stats)
 
 
 def stored_states(path: Path, examples: Sequence, width: int | None = None) -> dict | None:

@@ -25,6 +25,8 @@ class Inputs:
     model: Any = None  # a loaded PreTrainedModel or peft model, trained in place; None: cfg.model
     tokenizer: Any = None  # the model's tokenizer; None: loaded from cfg.model.name
     rows: tuple[list, list] | None = None  # (train, held-out) validated PreferenceRows; None: cfg.data
+    compute_metrics: Any = None  # pairs -> {name: number} at each evaluation (dpolab.scoring)
+    reference: Any = None  # a loaded model as pi_ref (dpolab.reference_model); None: model.reference
 
     def checked(self, cfg) -> "Inputs":
         """These inputs, checked to make a run before its run directory exists: the model a
@@ -39,7 +41,8 @@ class Inputs:
             cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
         check_tokenizer(tokenizer)
         check_folder(cfg.model, tokenizer)
-        return Inputs(model=None, tokenizer=tokenizer, rows=self.rows)
+        return Inputs(model=None, tokenizer=tokenizer, rows=self.rows,
+                      compute_metrics=self.compute_metrics, reference=self.reference)
 
     def tokenizer_for(self, cfg):
         """The tokenizer given, with eos as pad when it has none (as `models.load_tokenizer`

@@ -101,25 +101,48 @@ def _cast(weight: Tensor, bias: Tensor | None, mm: torch.dtype):
     return weight.to(mm), None if bias is None else bias.to(mm)
 
 
+# The per-token reductions of the logits that TRL logs beside the log-probs (`token_stats`):
+# columns of the (N, 3) array the chunked head fills in the same pass.
+STAT_COLUMNS = ("mean_logit", "entropy", "top1")
+
+
+def _token_stats(z: Tensor, lse: Tensor, labels: Tensor) -> Tensor:
+    """(n, V) logits, their logsumexp (n,), labels (n,) -> (n, 3): the mean logit over the
+    vocabulary, the entropy -sum_v p_v log p_v = lse - sum_v p_v z_v, and 1.0 where the
+    label is the argmax (TRL's `is_top1`; the first of tied maxima, as torch.argmax)."""
+    p = torch.exp(z - lse[:, None])  # (n, V) softmax, one chunk at a time
+    entropy = lse - (p * z).sum(1)
+    top1 = (z.argmax(1) == labels).to(z.dtype)
+    return torch.stack([z.mean(1), entropy, top1], dim=1)
+
+
 class _ChunkedLabelLogps(torch.autograd.Function):
-    """log_softmax(head(h))[label] for (N, D) selected hidden states, chunk by chunk."""
+    """log_softmax(head(h))[label] for (N, D) selected hidden states, chunk by chunk; and,
+    with `with_stats`, the per-token reductions `STAT_COLUMNS` (N, 3) from the same chunks
+    (not differentiable)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                softcap: float | None, scale: float, chunk_size: int) -> Tensor:
+                softcap: float | None, scale: float, chunk_size: int,
+                with_stats: bool = False):
         dtype = _compute_dtype(h.dtype)
         w_mm, b_mm = _cast(weight, bias, _matmul_dtype(h, weight))
         out = torch.empty(h.shape[0], dtype=dtype, device=h.device)
+        stats = torch.empty((h.shape[0], len(STAT_COLUMNS)) if with_stats else (0, 3),
+                            dtype=dtype, device=h.device)
         for s in range(0, h.shape[0], chunk_size):
             z, _ = _chunk_logits(h[s:s + chunk_size], w_mm, b_mm, softcap, scale, dtype)  # (n, V)
-            out[s:s + chunk_size] = (z.gather(1, labels[s:s + chunk_size, None]).squeeze(1)
-                                     - torch.logsumexp(z, dim=1))
+            lse = torch.logsumexp(z, dim=1)
+            out[s:s + chunk_size] = z.gather(1, labels[s:s + chunk_size, None]).squeeze(1) - lse
+            if with_stats:
+                stats[s:s + chunk_size] = _token_stats(z, lse, labels[s:s + chunk_size])
         ctx.save_for_backward(h, weight, bias, labels)
         ctx.softcap, ctx.scale, ctx.chunk_size = softcap, scale, chunk_size
-        return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_stats: Tensor | None = None):
         h, weight, bias, labels = ctx.saved_tensors
         softcap, scale, chunk_size = ctx.softcap, ctx.scale, ctx.chunk_size
         dtype = _compute_dtype(h.dtype)
@@ -153,16 +176,24 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             if need_b:
                 grad_b.add_(dz.sum(0))
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None, None)
 
 
 def label_logps(hidden: Tensor, head: Head, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
     """log_softmax(head(hidden))[labels] for already-selected positions: hidden (N, D),
     labels (N,) -> (N,) float32 (float64 for float64 input), chunked with recomputation."""
+    return label_logps_and_stats(hidden, head, labels, chunk_size=chunk_size, stats=False)[0]
+
+
+def label_logps_and_stats(hidden: Tensor, head: Head, labels: Tensor, *, chunk_size: int = 1024,
+                          stats: bool = True) -> tuple[Tensor, Tensor]:
+    """`label_logps` and, from the same chunks of logits, the per-token `STAT_COLUMNS`
+    (N, 3) (no gradient; (0, 3) when not `stats`): what TRL logs as `logits/...`, `entropy`
+    and `mean_token_accuracy`, without the (N, V) logits ever existing whole."""
     if chunk_size < 1:
         raise ValueError(f"label_logps: chunk_size must be >= 1, got {chunk_size}")
     return _ChunkedLabelLogps.apply(hidden, head.weight, head.bias, labels, head.softcap,
-                                    float(head.scale), chunk_size)
+                                    float(head.scale), chunk_size, stats)
 
 
 def completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Tensor, *,
@@ -193,3 +224,13 @@ def naive_completion_logps(hidden: Tensor, head: Head, labels: Tensor, mask: Ten
     z, _ = _chunk_logits(hidden, w, b, head.softcap, head.scale, dtype)
     lp = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return lp * mask
+
+
+def naive_token_stats(hidden: Tensor, head: Head, labels: Tensor) -> Tensor:
+    """Reference implementation of the `STAT_COLUMNS` for (N, D) states: the full (N, V)
+    logits, then torch's own mean, entropy of the softmax and argmax. For tests only."""
+    dtype = _compute_dtype(hidden.dtype)
+    w, b = _cast(head.weight, head.bias, _matmul_dtype(hidden, head.weight))
+    z, _ = _chunk_logits(hidden, w, b, head.softcap, head.scale, dtype)
+    entropy = torch.distributions.Categorical(logits=z).entropy()
+    return torch.stack([z.mean(-1), entropy, (z.argmax(-1) == labels).to(dtype)], dim=-1)

@@ -34,7 +34,7 @@ import torch
 
 from dpolab import packing
 from dpolab.tokenize import collate_pairs
-from dpolab.logps import Head, label_logps
+from dpolab.logps import Head, label_logps_and_stats
 
 Tensor = torch.Tensor
 
@@ -46,6 +46,7 @@ class FlatLogps:
     n_pairs: int  # B
     n_processed: int  # tokens that went through the model for this batch (throughput)
     aux_loss: Tensor | None = None  # () the MoE routers' load-balancing loss, when trained
+    stats: Tensor | None = None  # (N, 3) per-token dpolab.logps.STAT_COLUMNS, no gradient
 
     def sums(self) -> tuple[Tensor, Tensor]:
         """Summed log-probs (chosen (B,), rejected (B,)), differentiable, float64: float32
@@ -90,8 +91,8 @@ class _BodyPairs:
         # The router loss only trains: evaluation and the reference pass skip it.
         router = self.router if torch.is_grad_enabled() else None
         h, labels, seg, n_tokens, aux = self._run(list(examples), router)
-        tok = label_logps(h, self.head_fn(), labels, chunk_size=self.chunk_size)
-        return FlatLogps(tok, seg, len(examples), n_tokens, aux)
+        tok, stats = label_logps_and_stats(h, self.head_fn(), labels, chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg, len(examples), n_tokens, aux, stats)
 
     def _body(self, ids: Tensor, weights: Tensor, router, **kw) -> tuple[Tensor, Tensor | None]:
         """The body on `ids` (B, T) under the forward's autocast -> (hidden (B, T, D), the

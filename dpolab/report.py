@@ -72,6 +72,15 @@ def before_after_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [c for c in order if any(c in r for r in rows)]
 
 
+def eval_set_rows(run: Run) -> list[dict[str, Any]]:
+    """Per named held-out set: reward accuracy and loss before and after training."""
+    b, a = run.before, run.after or run.before
+    return [{"set": name, "acc before": b.get(f"eval/{name}/rewards/accuracies"),
+             "acc after": a.get(f"eval/{name}/rewards/accuracies"),
+             "loss before": b.get(f"eval/{name}/loss"), "loss after": a.get(f"eval/{name}/loss"),
+             "margin after": a.get(f"eval/{name}/rewards/margins")} for name in run.eval_sets]
+
+
 def final_row(run: Run) -> dict[str, Any]:
     """The comparison table's row: final held-out metrics of one run."""
     a = run.after or run.before
@@ -241,6 +250,8 @@ def write_run_report(run_dir: Path) -> Path:
     blocks += [htmlpage.heading("Held-out metrics before and after training, per group"),
                htmlpage.table(rows, before_after_columns(rows)) if run.evals
                else htmlpage.para("(no evaluation lines)")]
+    if run.eval_sets:
+        blocks += [htmlpage.heading("Held-out sets", 3), htmlpage.table(eval_set_rows(run))]
     if _summary_rows(run):
         blocks += [htmlpage.heading("Run summary", 3), htmlpage.table(_summary_rows(run))]
     if _data_rows(run):
@@ -316,3 +327,25 @@ def cli_main(argv: list[str]) -> int:
     for d in a.run_dirs:
         print(write_run_report(d))
     return 0
+
+
+def held_out_table(before: dict, after: dict, *, run_dir: Path) -> str:
+    """The held-out table per group: accuracy before (`before`, an evaluation line) and after
+    (`after`), the margin, the model's own preference and the no-cue accuracy after."""
+    from dpolab.rundir import group_names, load_run, metric, reference_free
+
+    nan = float("nan")
+    lines = [f"{'held-out':14s} {'acc before':>10s} {'acc after':>10s} {'margin':>8s} "
+             f"{'model pref':>10s} {'acc no-cue':>10s}"]
+    for g in [None, *group_names(after)]:
+        acc0, acc, margin, pref, nc = (metric(row, "eval/", g, what) for row, what in (
+            (before, "accuracy"), (after, "accuracy"), (after, "margin"), (after, "preference"),
+            (after, "accuracy_no_cue")))
+        lines.append(f"{g or '(all)':14s} {nan if acc0 is None else acc0:10.3f} "
+                     f"{nan if acc is None else acc:10.3f} {nan if margin is None else margin:8.3f} "
+                     f"{nan if pref is None else pref:10.3f} {'' if nc is None else f'{nc:.3f}':>10s}")
+    if reference_free(load_run(run_dir).config):
+        lines.append("no reference (reference-free loss): acc is the policy's own preference "
+                     "log pi(y_w) > log pi(y_l), per-token means for simpo/orpo/sft, sums for "
+                     "cpo; margin is beta times that difference")
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ KNOWN_EVAL = {
     "logps/chosen", "logps/rejected", "margins/p10", "margins/p50", "margins/p90",
     "margins/negative_fraction", "displacement/chosen", "displacement/rejected",
     "displacement/chosen_per_token", "displacement/rejected_per_token",
-    "displacement/chosen_fell_fraction", "preference/model", "gradient_weight/mean",
+    "displacement/chosen_fell_fraction", "preference/model", "gradient_weight/mean", "loss",
 }
 # Held-out diagnostics shown as small panels: fractions and the mean gradient weight.
 DIAGNOSTICS = ["margins/negative_fraction", "displacement/chosen_fell_fraction",
@@ -87,9 +87,28 @@ def loss_figure(run: Run, out: Path) -> list[Figure]:
     _plot(ax, run.train, "loss", "loss (weighted total)", lw=2, color="k")
     for key in sorted({k for r in run.train for k in r if k.startswith("loss/")}):
         _plot(ax, run.train, key)
+    _plot(ax, run.evals, "eval/loss", "held-out loss", color="C0", lw=2)
+    _plot(ax, run.evals, "train_eval/loss", "train-pairs loss (eval)", color="C1", ls=":")
     _finish(ax, ylabel="loss per pair")
     return [("Loss", _png(fig, out / "loss.png"),
-             "Training loss per optimizer step and each loss term (unweighted).")]
+             "Training loss per optimizer step and each loss term (unweighted); the objective "
+             "on the held-out pairs (eval/loss) and on the training pairs at each evaluation.")]
+
+
+def eval_sets_figure(run: Run, out: Path) -> list[Figure]:
+    """Reward accuracy and loss of each named held-out set (eval/<name>/...)."""
+    sets = run.eval_sets
+    if not sets:
+        return []
+    fig, (a1, a2) = subplots(1, 2, figsize=(10, 3.5))
+    for i, name in enumerate(sets):
+        _plot(a1, run.evals, f"eval/{name}/rewards/accuracies", name, color=f"C{i % 10}")
+        _plot(a2, run.evals, f"eval/{name}/loss", name, color=f"C{i % 10}")
+    _finish(a1, xlabel="step", ylabel="reward accuracy")
+    _finish(a2, xlabel="step", ylabel="loss per pair")
+    return [("Held-out sets", _png(fig, out / "eval_sets.png"),
+             "Each named held-out set on its own: reward accuracy (ties count 1/2) and the "
+             "objective per pair.")]
 
 
 def margins_figure(run: Run, out: Path) -> list[Figure]:
@@ -211,12 +230,14 @@ def _panels(rows: list[dict[str, Any]], keys: list[str], path: Path) -> Path:
 
 def other_keys(run: Run) -> list[str]:
     """Numeric evaluation keys (prefix stripped) with no figure of their own, sorted."""
-    keys = set()
+    keys, sets = set(), set(run.eval_sets)
     for r in run.evals:
         for k, v in r.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or k == "step":
                 continue
             base = k.split("/", 1)[1] if k.startswith(("eval/", "train_eval/")) else None
+            if base is not None and base.split("/", 1)[0] in sets:
+                continue  # a named held-out set: its own figure and table
             if base is not None and base not in KNOWN_EVAL and not base.startswith("groups/"):
                 keys.add(base)
             elif base is None:
@@ -241,7 +262,7 @@ def run_figures(run: Run, out: Path) -> list[Figure]:
     """Every figure the run's data allows, in page order."""
     figs: list[Figure] = []
     for build in (loss_figure, margins_figure, displacement_figure, group_figures,
-                  diagnostics_figure, lr_throughput_figure, other_figure):
+                  eval_sets_figure, diagnostics_figure, lr_throughput_figure, other_figure):
         figs += build(run, out)
     return figs
 

@@ -179,6 +179,10 @@ class Run:
         return group_names({k for r in self.evals for k in r})
 
     @property
+    def eval_sets(self) -> list[str]:
+        return eval_set_names({k for r in self.evals for k in r})
+
+    @property
     def before(self) -> dict[str, Any]:
         return self.evals[0] if self.evals else {}
 
@@ -189,7 +193,7 @@ class Run:
 
 # The overall key of each per-group metric name (a group's keys are eval/groups/<g>/<name>).
 _OVERALL = {"accuracy": "rewards/accuracies", "margin": "rewards/margins",
-            "preference": "preference/model"}
+            "preference": "preference/model", "accuracy_no_cue": "accuracy_no_cue"}
 
 
 def metric(row: dict[str, Any], prefix: str, group: str | None, what: str) -> Any:
@@ -206,6 +210,14 @@ def group_names(keys) -> list[str]:
     pre, post = "eval/groups/", "/accuracy"
     return sorted({k[len(pre):-len(post)] for k in keys
                    if k.startswith(pre) and k.endswith(post) and len(k) > len(pre + post)})
+
+
+def eval_set_names(keys) -> list[str]:
+    """The named held-out sets of `eval/<name>/rewards/accuracies` keys, sorted (a set's name
+    holds no '/'; dpolab.splits.eval_rows)."""
+    pre, post = "eval/", "/rewards/accuracies"
+    return sorted({k[len(pre):-len(post)] for k in keys if k.startswith(pre) and k.endswith(post)
+                   and len(k) > len(pre + post) and "/" not in k[len(pre):-len(post)]})
 
 
 def loss_name(config: dict[str, Any]) -> str:
@@ -282,4 +294,5 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path=run_dir, config=config,
                summary=_read_json(run_dir / "summary.json"), data=_read_json(run_dir / "data.json"),
                train=[r for r in rows if "loss" in r],
-               evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)])
+               evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)
+                      and "evaluate" not in r])  # `dpolab evaluate`'s lines: not the run's curve

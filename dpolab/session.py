@@ -14,7 +14,7 @@ with a reference out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,12 +22,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpolab import cachedir, datachecks, forward_check, moe, reference, rundir, trajectory
+from dpolab import (cachedir, datachecks, forward_check, moe, reference, reference_model,
+                    rundir, scoring, trajectory)
 from dpolab import splits as splits_mod
 from dpolab.config import RunConfig
 from dpolab.config import to_dict as config_dict
-from dpolab.diagnostics import (PairStats, group_summaries, reference_free_stats, summarize,
-                                unflippable, without_reference_metrics)
+from dpolab.diagnostics import PairStats
 from dpolab.distributed import Distributed, Engine
 from dpolab.errors import UserError
 from dpolab.identity import RunIdentity, warm_caches
@@ -52,6 +52,7 @@ class Split:
     weights: Tensor  # (N,) float32 data.group_weights of each pair's group
     group_ids: np.ndarray  # (N,) int, index into Session.groups (-1: no group)
     no_cue: np.ndarray  # (N,) bool, pairs without a surface cue (rho_data.surface_cue)
+    sets: np.ndarray | None = None  # (N,) int, index into Session.eval_sets (held-out split)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Session:
     theta0: Theta0 | None = None  # a model from memory: its starting weights, kept on the CPU
     router: moe.RouterLoss | None = None  # MoE load balancing trained with the scope, or None
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
+    eval_sets: list[str] = field(default_factory=list)  # names of the held-out sets (none: one)
+    compute_metrics: Callable | None = None  # a user's per-pair metrics (dpolab.scoring)
+    reference_is_start: bool = True  # pi_ref is the starting weights (not model.reference)
 
     @cached_property
     def needs_reference(self) -> bool:
@@ -98,6 +102,10 @@ class Session:
         are LD-DPO's sums (:func:`dpolab.losses.ld_flat_logps`), as in TRL."""
         flat = self.engine([self.splits[split].examples[i] for i in idx], split=split)
         self.tokens_processed += flat.n_processed
+        return self.logps_of(split, idx, flat)
+
+    def logps_of(self, split: str, idx: Sequence[int], flat) -> PairLogps:
+        """`pair_logps` of the pairs at `idx` of `split` from their forward's `flat` output."""
         nc, nr = flat.counts()
         sp, dev, alpha = self.splits[split], self.dist.device, self.cfg.loss.ld_alpha
         if alpha == 1.0:
@@ -105,7 +113,8 @@ class Session:
         else:
             pc, pr = ld_flat_logps(flat.tokens.double(), flat.seg, flat.n_pairs, alpha=alpha)
         if sp.ref is None:
-            return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss)
+            return PairLogps(pc, pr, None, None, nc, nr, router_loss=flat.aux_loss,
+                             token_sums=scoring.per_response_sums(flat))
         if alpha == 1.0:
             i = torch.as_tensor(list(idx), dtype=torch.long)
             rc, rr = sp.ref_chosen[i], sp.ref_rejected[i]
@@ -115,7 +124,8 @@ class Session:
             seg = torch.repeat_interleave(torch.arange(len(seqs)),
                                           torch.tensor([t.numel() for t in seqs]))
             rc, rr = ld_flat_logps(torch.cat(seqs).double(), seg, len(idx), alpha=alpha)
-        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss)
+        return PairLogps(pc, pr, rc.to(dev), rr.to(dev), nc, nr, router_loss=flat.aux_loss,
+                         token_sums=scoring.per_response_sums(flat))
 
     def group_weights(self, split: str, idx: Sequence[int]) -> Tensor:
         return self.splits[split].weights[torch.as_tensor(list(idx), dtype=torch.long)].to(
@@ -130,31 +140,16 @@ class Session:
     def pair_stats(self, split: str) -> PairStats:
         """Policy vs reference on every pair of `split` ("train" or "held_out"), no grad;
         in a reference-free run the policy's own preference (`reference_free_stats`)."""
-        sp = self.splits[split]
-        bs = self.cfg.train.eval_batch_size
-        pcs, prs, ncs, nrs = [], [], [], []
-        with torch.no_grad():
-            for s in range(0, len(sp.examples), bs):
-                flat = self.engine(sp.examples[s:s + bs], split=split)
-                pc, pr = flat.sums()
-                nc, nr = flat.counts()
-                pcs.append(pc.double().cpu())
-                prs.append(pr.double().cpu())
-                ncs.append(nc.cpu())
-                nrs.append(nr.cpu())
-        pc, pr = torch.cat(pcs).numpy(), torch.cat(prs).numpy()
-        nc, nr = torch.cat(ncs).numpy(), torch.cat(nrs).numpy()
-        if sp.ref is None:
-            return reference_free_stats(pc, pr, nc, nr, beta=self.cfg.loss.beta,
-                                        average=self.reward_average)
-        return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
-                         beta=self.cfg.loss.beta)
+        return scoring.score(self, split).stats
 
     def evaluate(self, *, step: int, train_split: bool = True,
-                 check: Callable[[str, PairStats], None] | None = None) -> dict[str, float]:
+                 check: Callable[[str, PairStats], None] | None = None,
+                 keep_pairs: bool = True) -> dict[str, float]:
         """Held-out metrics as `eval/...` (plus per-group ones), and with `train_split` the
         same of the training pairs as `train_eval/...` (they are usually the larger split).
-        `check(split, stats)` sees each split's statistics (the step-0 check of every pair)."""
+        `check(split, stats)` sees each split's statistics (the step-0 check of every pair).
+        `keep_pairs`: every pair's numbers go to RUN/pairs/ (training's evaluations; not a
+        finished run scored again on other data, dpolab.evaluate)."""
         row: dict[str, float] = {"step": step}
         scored: dict[str, PairStats] = {}  # every pair's numbers: RUN/pairs/ (dpolab.trajectory)
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):
@@ -163,22 +158,19 @@ class Session:
                 continue
             if not sp.examples:
                 continue
-            stats = scored[split] = self.pair_stats(split)
+            result = scoring.score(self, split)
+            scored[split] = result.stats
             if check is not None:
-                check(split, stats)
-            if sp.ref is None:  # the policy's own preference; nothing to compare with
-                row.update({prefix + k: v for k, v in
-                            without_reference_metrics(summarize(stats)).items()})
-            else:
-                row.update({prefix + k: v for k, v in summarize(stats).items()})
-                flags = unflippable(stats.ref_chosen, stats.ref_rejected, beta=stats.beta)
-                row[prefix + "unflippable/fraction"] = float(flags.mean())
-                if flags.any():  # did training flip the model's own preference on them anyway?
-                    pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
-                    row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
-            row.update({prefix + k: v for k, v in group_summaries(
-                stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
-        if scored and self.dist.is_main:
+                check(split, result.stats)
+            parts = [(prefix, np.arange(len(sp.examples)))]
+            if split == "held_out":  # each named eval set on its own too
+                parts += [(f"eval/{name}/", np.flatnonzero(sp.sets == k))
+                          for k, name in enumerate(self.eval_sets)]
+            for pre, sel in parts:
+                row.update({pre + k: v for k, v in scoring.split_metrics(
+                    result.subset(sel), sp, sel, self.groups,
+                    own=self.compute_metrics if split == "held_out" else None).items()})
+        if scored and keep_pairs and self.dist.is_main:
             trajectory.write_step(self.run_dir, step, scored)
         return row
 
@@ -193,8 +185,9 @@ class Session:
         from dpolab.did_probe import did_summary, score_samples
 
         tc = self.cfg.train
-        if tc.did_samples <= 0 or not self.held_out or not self.needs_reference:
-            self.export(out)  # DID is measured against the reference: none without one
+        if (tc.did_samples <= 0 or not self.held_out or not self.needs_reference
+                or not self.reference_is_start):  # DID against the starting weights only
+            self.export(out)
             return {}
         seen, prompts = set(), []
         for ex in self.held_out:
@@ -235,10 +228,11 @@ class Session:
 
 
 def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | None = None,
-          *, resuming: tuple[Path, dict] | None = None) -> Session:
+          *, resuming: tuple[Path, dict] | None = None, records: bool = True) -> Session:
     """`inputs`: what is already in memory (model, tokenizer, rows) instead of what `cfg` names.
     `resuming`: the checkpoint (folder, state) a resume continues, whose run identity must be
-    this one's (checked before anything is computed or written)."""
+    this one's (checked before anything is computed or written). `records`: write data.json
+    and unflippable.json (not when a finished run is evaluated again, dpolab.evaluate)."""
     from dpolab import ches, scopes
 
     tc = cfg.train
@@ -261,12 +255,19 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
         raise UserError("no training pairs left after tokenization "
                         f"({tok['train'].dropped_identical} made identical by truncation)")
     model_hash = weights_key(model)  # before the scope changes anything
-    identity = RunIdentity.of(model_hash, tok, world=dist.world, train=tc)
-    keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
     has_reference = needs_reference(cfg)
+    spec = inputs.reference or cfg.model.reference  # another model as pi_ref (its store only)
+    explicit = (reference_model.Explicit(cfg, spec, tokenizer, device)
+                if spec and has_reference else None)
+    ref_hash = model_hash if explicit is None else explicit.hash
+    identity = RunIdentity.of(model_hash if explicit is None else f"{model_hash}+ref-{ref_hash}",
+                              tok, world=dist.world, train=tc)
+    keys = {split: reference.store_key(model_hash, d["hash"]) for split, d in identity.data.items()}
+    ref_keys = {split: reference.store_key(ref_hash, d["hash"])
+                for split, d in identity.data.items()}
     # Under torchrun, before the first collective: the ranks agree on what they train, and
     # a cache that one rank lacks is computed by every rank (a warm rank ignores its copy).
-    warm = (warm_caches(tok, {s: keys[s] if has_reference else None for s in keys},
+    warm = (warm_caches(tok, {s: ref_keys[s] if has_reference else None for s in keys},
                         {s: _states_path(k) for s, k in keys.items()})
             if dist.world > 1 else {})
     everywhere = dist.agree(identity.facts(config_dict(cfg)), warm)
@@ -318,11 +319,19 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
     # which under FSDP2 (full scope only) must run as the engine's forward. A run whose terms
     # read no reference has none.
     ref_forward = engine if engine.sharded else scope.reference
-    refs = {split: reference.reference_for(model_hash, ref_forward, t.examples, cfg, dist,
-                                           split, collective=engine.sharded,
+    if explicit is not None:  # model.reference: its own weights through the run's forward
+        ref_forward = explicit.forward(cfg, name=choice.name, pad_id=tokenizer.pad_token_id,
+                                       device=device, autocast=body_autocast(
+                                           explicit.model.dtype, device, tc.bf16_autocast))
+    refs = {split: reference.reference_for(ref_hash, ref_forward, t.examples, cfg, dist,
+                                           split, collective=engine.sharded and explicit is None,
                                            reuse=everywhere.get(f"reference {split}", True))
             if has_reference else None for split, t in tok.items()}
+    if explicit is not None:  # the step-0 check's part for it; then no second model is held
+        explicit.check(tok, refs, device)
+        del explicit, ref_forward
     gindex = {g: i for i, g in enumerate(groups)}
+    eval_sets = list(dict.fromkeys(r.eval_set for r in rows["held_out"] if r.eval_set))
     splits = {}
     for split, t in tok.items():
         rc, rr = refs[split].sums() if refs[split] is not None else (None, None)
@@ -330,15 +339,18 @@ def build(cfg: RunConfig, run_dir: Path, dist: Distributed, inputs: Inputs | Non
             t.examples, refs[split], rc, rr, weights=weights[split],
             group_ids=np.array([gindex.get(e.group, -1) for e in t.examples]),
             no_cue=np.array([not rows[split][e.index].meta.get("surface_cue", False)
-                             for e in t.examples]))
-    if dist.is_main:
+                             for e in t.examples]),
+            sets=np.array([eval_sets.index(rows[split][e.index].eval_set)
+                           if rows[split][e.index].eval_set else -1 for e in t.examples]))
+    if dist.is_main and records:
         rundir.write_data_report(run_dir, tok, forward=choice.record())
         trajectory.write_start(run_dir, tok, rows, ches=ches_scores, beta=cfg.loss.beta,
                                reference=has_reference, average=reward_average(cfg))
         if has_reference:  # unflippable is a property of the reference
             _report_unflippable(cfg, run_dir, splits, groups)
     return Session(cfg, run_dir, dist, model, tokenizer, scope, splits, groups, engine,
-                   identity, theta0=theta0, router=router)
+                   identity, theta0=theta0, router=router, eval_sets=eval_sets,
+                   compute_metrics=inputs.compute_metrics, reference_is_start=not spec)
 
 
 def weights_key(model) -> str:

@@ -7,7 +7,8 @@ row-by-row message would say what is wrong:
     several splits   a JSON file holding an object of row lists, or a folder saved by
                      `DatasetDict.save_to_disk`: one source is one split (the message names
                      the splits and which setting takes which); a DatasetDict or a dict of
-                     splits in memory is refused by dpolab.api, which names the arguments
+                     splits in memory is refused by dpolab.api as training data, naming
+                     the arguments, and taken as named eval sets (dpolab.splits.eval_rows)
     vision columns   a column of images or videos (`VISION_COLUMNS`): the models dpolab trains
                      read text only, so training on the text alone would silently be another
                      task than the data set's
@@ -41,6 +42,11 @@ def read_source(source: Any, name: str | None = None) -> tuple[str, Iterator[tup
     splits = split_names(source)
     if splits is not None:   # a folder saved by DatasetDict.save_to_disk
         raise DataError(splits_message(str(source), splits, holder=holder_name(source)))
+    if _iterable_dataset(source):  # read once, in order, as a list of rows is
+        name = name or "<dataset>"
+        if source.column_names is not None:
+            _refuse_vision(source.column_names, name)
+        return name, _checked(name, enumerate(source, start=1))
     if hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
         name = name or "<dataset>"
         _refuse_vision(source.column_names, name)
@@ -61,6 +67,13 @@ def read_source(source: Any, name: str | None = None) -> tuple[str, Iterator[tup
         raise DataError(f"{name}: unknown extension {path.suffix or '(none)'!r}; "
                         "valid: .jsonl, .json, .parquet")
     return name, _checked(name, readers[suffix](path, name))
+
+
+def _iterable_dataset(source: Any) -> bool:
+    """A `datasets.IterableDataset` (streamed rows; it must end), told without importing
+    `datasets`."""
+    kind = type(source)
+    return kind.__name__ == "IterableDataset" and kind.__module__.startswith("datasets")
 
 
 def _checked(name: str, records: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:

@@ -4,11 +4,14 @@ split serves training, `dpolab inspect` and the benchmarks."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from dpolab.config import RunConfig
+from dpolab.errors import UserError
 
 
 def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
@@ -25,11 +28,40 @@ def load_split_rows(cfg: RunConfig) -> tuple[list, list]:
                             groups=list(d.groups) or None)
     rows = load_rows(d.path, skip_invalid=d.skip_invalid)
     report_skipped(rows, d.path)
-    if d.eval_path:
-        held = load_rows(d.eval_path, skip_invalid=d.skip_invalid)
-        report_skipped(held, d.eval_path)
-        return list(rows.rows), list(held.rows)
+    if d.eval_path or d.eval:
+        return list(rows.rows), eval_rows(dict(d.eval) or d.eval_path, cfg, name=None)
     return split_held_out(rows.rows, cfg)
+
+
+# Names an eval set cannot take: the first part of the evaluation's own metric keys.
+RESERVED_SET_NAMES = frozenset({
+    "rewards", "logps", "logits", "margins", "displacement", "preference", "gradient_weight",
+    "unflippable", "groups", "loss", "entropy", "mean_token_accuracy", "num_tokens", "did"})
+
+
+def eval_rows(data: Any, cfg: RunConfig, *, name: str | None) -> list:
+    """Validated held-out rows of `data`: a file path, a `datasets.Dataset` or finite
+    `IterableDataset`, a list of dicts, or a dict of named sets of those (a `DatasetDict`
+    too), whose rows carry their set's name (`PreferenceRow.eval_set`). `name`: how errors
+    name an in-memory source ("eval_dataset"; a named set's is `eval_dataset[NAME]`)."""
+    from dpolab.data import load_rows
+    from dpolab.sources import split_names
+
+    if isinstance(data, dict) and split_names(data) is not None:
+        out = []
+        for key, part in data.items():
+            key = str(key)
+            if not key or "/" in key or key in RESERVED_SET_NAMES:
+                raise UserError(f"{name or 'data.eval'}: eval set name {key!r} is not usable: it "
+                                f"must be non-empty, without '/', and none of "
+                                f"{', '.join(sorted(RESERVED_SET_NAMES))}")
+            rows = eval_rows(part, cfg, name=None if isinstance(part, (str, Path))
+                             else f"{name or 'data.eval'}[{key}]")
+            out += [replace(r, eval_set=key) for r in rows]
+        return out
+    loaded = load_rows(data, skip_invalid=cfg.data.skip_invalid, name=name)
+    report_skipped(loaded, name or str(data))
+    return list(loaded.rows)
 
 
 def split_held_out(rows: Sequence, cfg: RunConfig) -> tuple[list, list]:

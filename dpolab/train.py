@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from dpolab import atomic, checkpoint, memory, rundir, runlock, session
@@ -29,10 +30,12 @@ from dpolab.diagnostics import PairStats, reference_free_stats, reward_sums
 from dpolab.distributed import Distributed
 from dpolab.errors import Stopped, UserError
 from dpolab.inputs import Inputs
+from dpolab.logps import STAT_COLUMNS
 from dpolab.losses import Objective, PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir
 from dpolab.progress import Progress
 from dpolab.report import write_run_report
+from dpolab.scoring import token_metrics
 from dpolab.stopping import NAMES, StopSignals
 from dpolab.trackers import open_trackers
 
@@ -122,10 +125,12 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
 
     # ---- loop --------------------------------------------------------------------------
     batches = global_batches(len(s.train), seed=tc.seed, epochs=epochs, global_batch=global_batch)
+    num_tokens = 0  # TRL's num_tokens: the training pairs' tokens so far, a prompt per row
     signals.armed = True  # SIGTERM, SIGHUP: stop after the step, with a checkpoint
     for step, (epoch, positions) in enumerate(batches):
         if step >= total:
             break
+        num_tokens += sum(pair_tokens(s.train[i]) for i in positions)
         if step < start:
             continue  # already trained before the checkpoint; the order is deterministic
         # schedule
@@ -155,7 +160,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
                     0.0 if stand_in else len(idx) / len(positions))
             if not stand_in:
                 loss = loss + aux.penalty(idx, n_global=len(positions))
-            if step == 0 and start == 0 and micro == 0:
+            if step == 0 and start == 0 and micro == 0 and s.reference_is_start:
                 check_step0(pairs, terms, objective.at_reference())
             if not torch.isfinite(loss):
                 raise checkpoint.nonfinite_error(run_dir, step + 1, "loss", loss.item())
@@ -174,7 +179,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
         row = stats.summary(dist, n_global=len(positions))
         tokens = (s.tokens_processed - tokens0) * dist.world
         row.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
-                   tokens_per_s=tokens / max(time.monotonic() - t0, 1e-9),
+                   num_tokens=num_tokens, tokens_per_s=tokens / max(time.monotonic() - t0, 1e-9),
                    elapsed_s=time.monotonic() - t_start)
         metrics.write(row)
         bar.update(step + 1, loss=row["loss"], acc=row["rewards/accuracies"])
@@ -213,6 +218,12 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
     return run_dir
 
 
+def pair_tokens(ex) -> int:
+    """A pair's tokens as TRL's `num_tokens` counts them: two rows, prompt + chosen and
+    prompt + rejected (the attention mask's ones), whatever layout the forward uses."""
+    return 2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
+
+
 def stopped(signum: int, step: int, total: int, saved: Path, *, is_main: bool) -> Stopped:
     """The end of a run stopped by a signal after `step`, checkpointed at `saved` (said by
     the main process only)."""
@@ -248,6 +259,12 @@ class StepStats:
                           for t in (pairs.ref_chosen, pairs.ref_rejected))
                 add = reward_sums(PairStats(pc, pr, rc, rr, nc, nr, beta=beta))
             add["loss"] = float((weights * per_example.detach().double()).sum())
+            if pairs.token_sums is not None:  # token-weighted: their own denominators
+                ts = pairs.token_sums.double()
+                add.update({"_tokens/chosen": float(nc.sum()), "_tokens/rejected": float(nr.sum()),
+                            **{f"_sums/{r}/{c}": float(ts[:, i, j].sum())
+                               for i, r in enumerate(("chosen", "rejected"))
+                               for j, c in enumerate(STAT_COLUMNS)}})
             if pairs.router_loss is not None:  # logged per batch, as TRL does: a pair-weighted mean
                 add["aux_loss"] = float(pairs.router_loss) * len(pc)
             for name, t in terms.items():
@@ -257,8 +274,14 @@ class StepStats:
 
     def summary(self, dist: Distributed, *, n_global: int) -> dict[str, float]:
         keys = sorted(self.sums)
-        totals = dist.all_sum([self.sums[k] for k in keys])
-        return {k: v / n_global for k, v in zip(keys, totals)}
+        totals = dict(zip(keys, dist.all_sum([self.sums[k] for k in keys])))
+        out = {k: v / n_global for k, v in totals.items() if not k.startswith("_")}
+        if "_tokens/chosen" in totals:  # TRL's token-weighted metrics (dpolab.scoring)
+            sums = np.array([[[totals[f"_sums/{r}/{c}"] for c in STAT_COLUMNS]
+                              for r in ("chosen", "rejected")]])  # (1, 2, 3)
+            out.update(token_metrics(sums, np.array([totals["_tokens/chosen"]]),
+                                     np.array([totals["_tokens/rejected"]])))
+        return out
 
 
 def clip(params: list[Tensor], max_norm: float) -> float:
@@ -316,7 +339,7 @@ def check_reference(s: session.Session, split: str, stats: PairStats) -> None:
     from dpolab.reference import check_at_reference, store_path
 
     sp, cached, tc, dev = s.splits[split], s.scope.head_states, s.cfg.train, s.dist.device
-    if sp.ref is None:
+    if sp.ref is None or not s.reference_is_start:  # model.reference: checked when stored
         return
     states = cached.stores.get(split) if cached is not None else None
 
@@ -349,6 +372,6 @@ def make_adamw(groups: list[dict], *, lr: float) -> torch.optim.Optimizer:
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The last evaluation line of a run, for callers and tests."""
     rows = rundir.read_metrics(run_dir / "metrics.jsonl")
-    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r) and "evaluate" not in r]
     return evals[-1] if evals else {}
 

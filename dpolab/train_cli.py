@@ -100,21 +100,9 @@ def print_summary(run_dir: Path) -> None:
     print(f"\nrun directory: {run_dir}")
     print(f"wall time {summary['wall_s']:.0f} s, peak RSS {summary['peak_rss_mib']:.0f} MiB, "
           f"{summary['steps']} steps")
-    from dpolab.rundir import group_names, load_run, metric, reference_free
+    from dpolab.report import held_out_table
 
-    print(f"{'held-out':14s} {'acc before':>10s} {'acc after':>10s} {'margin':>8s} "
-          f"{'model pref':>10s} {'acc no-cue':>10s}")
-    for g in [None, *group_names(after)]:
-        acc0, acc, margin, pref, nc = (metric(row, "eval/", g, what) for row, what in (
-            (before, "accuracy"), (after, "accuracy"), (after, "margin"), (after, "preference"),
-            (after, "accuracy_no_cue")))
-        nan = float("nan")
-        print(f"{g or '(all)':14s} {nan if acc0 is None else acc0:10.3f} "
-              f"{nan if acc is None else acc:10.3f} {nan if margin is None else margin:8.3f} "
-              f"{nan if pref is None else pref:10.3f} {'' if nc is None else f'{nc:.3f}':>10s}")
-    if reference_free(load_run(run_dir).config):
-        print("no reference (reference-free loss): acc is the policy's own preference "
-              "log pi(y_w) > log pi(y_l), per-token means for simpo/orpo/sft, sums for cpo; "
-              "margin is beta times that difference")
+    print(held_out_table(before, after, run_dir=run_dir))
     print(f"exported model: {run_dir / 'model'}")
     sys.stdout.flush()
+

@@ -59,8 +59,8 @@ def test_vision_column_in_memory_is_refused(tiny_dir):
 
 # ------------------------------------------------------------------------------- splits
 def test_dataset_dict_is_refused_naming_its_splits(tiny_dir):
-    """A DatasetDict or a plain dict of splits as train_dataset or eval_dataset: which split
-    goes to which argument."""
+    """A DatasetDict or a plain dict of splits as train_dataset: which split goes to which
+    argument."""
     from datasets import Dataset, DatasetDict
 
     dd = DatasetDict(train=Dataset.from_list(ROWS), test=Dataset.from_list(ROWS[:2]))
@@ -69,12 +69,11 @@ def test_dataset_dict_is_refused_naming_its_splits(tiny_dir):
     assert str(err.value) == ("train_dataset: a DatasetDict of 2 splits ('train', 'test'); pass "
                               "dataset['train'] as train_dataset and dataset['test'] as "
                               "eval_dataset")
-    with pytest.raises(UserError) as err:
-        dpolab.Trainer(str(tiny_dir), ROWS, eval_dataset={"validation": ROWS[:2],
-                                                          "train": ROWS})
-    assert str(err.value) == ("eval_dataset: a dict of 2 splits ('validation', 'train'); "
-                              "eval_dataset takes one split: pass dataset['validation'] as "
-                              "eval_dataset (and dataset['train'] as train_dataset)")
+    # as eval_dataset, a dict of splits is a set of named eval sets (tests/test_evaluate.py)
+    named = dpolab.Trainer(str(tiny_dir), ROWS, eval_dataset={"validation": ROWS[:2],
+                                                              "train": ROWS})
+    assert named.config.data.eval == {"validation": "<in-memory eval_dataset[validation]>",
+                                      "train": "<in-memory eval_dataset[train]>"}
     with pytest.raises(UserError, match=r"^train_dataset: a dict of 1 splits \('dev'\); pass "
                                         r"dataset\['dev'\] as train_dataset$"):
         dpolab.Trainer(str(tiny_dir), {"dev": ROWS})

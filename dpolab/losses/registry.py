@@ -64,6 +64,7 @@ class PairLogps:
     delta_chosen: Tensor | None = None  # AuxDPO auxiliary rewards, when trained
     delta_rejected: Tensor | None = None
     router_loss: Tensor | None = None  # () MoE routers' load-balancing loss (dpolab.moe), when trained
+    token_sums: Tensor | None = None  # (B, 2, 3) per response, sums of the head's per-token statistics (dpolab.scoring; metrics only, no loss reads it)
 
     def view(self, reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(policy_chosen, policy_rejected, ref_chosen, ref_rejected) as sums or per-token means."""
