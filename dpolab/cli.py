@@ -22,6 +22,8 @@ REPRODUCE = {
 # subcommand -> (module, one-line help); each module has cli_main(argv: list[str]) -> int
 COMMANDS = {
     "train": ("dpolab.train_cli", "train a causal LM with a DPO-family objective"),
+    "sweep": ("dpolab.sweep_cli", "train a grid of configs (loss.beta=0.1,0.5 ...), sharing "
+                                  "what the points have in common"),
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
     "report": ("dpolab.report", "write report.html and figures for a run directory"),
     "compare": ("dpolab.report", "overlay several runs in one report"),

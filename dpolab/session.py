@@ -179,8 +179,10 @@ class Session:
                 if flags.any():  # did training flip the model's own preference on them anyway?
                     pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
                     row[prefix + "unflippable/flipped_fraction"] = float(pref.mean())
-            row.update({prefix + k: v for k, v in group_summaries(
-                stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue}).items()})
+            per_group = group_summaries(stats, sp.group_ids, self.groups, {"no_cue": sp.no_cue})
+            if sp.ref is None:  # no reference: no displacement per group either
+                per_group = without_reference_metrics(per_group)
+            row.update({prefix + k: v for k, v in per_group.items()})
         return row
 
     def export_and_probe(self, out: Path) -> dict[str, float]:
