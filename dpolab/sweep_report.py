@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from dpolab import atomic, htmlpage
+from dpolab.errors import UserError
 from dpolab.rundir import group_names, load_run, reference_free
+
+RECORD = "sweep.json"  # the axes, the fixed overrides and the points (dpolab.sweeps writes it)
 
 # (summary key, metric of the last evaluation, heading of its heat map)
 METRICS = (("accuracy", "eval/rewards/accuracies", "held-out reward accuracy"),
@@ -43,9 +46,20 @@ def point_summary(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summarize_sweep(sweep_dir: Path) -> dict[str, Any]:
-    from dpolab.sweeps import read_record
+def read_record(out: Path) -> dict[str, Any]:
+    path = Path(out) / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"{out}: not a sweep folder (no {RECORD})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("points"), list):
+        raise UserError(f"{path}: field points: expected a list of grid points")
+    return record
 
+
+def summarize_sweep(sweep_dir: Path) -> dict[str, Any]:
     record = read_record(sweep_dir)
     points = [point_summary(sweep_dir / p["name"], p) for p in record["points"]]
     return {"axes": record.get("axes", {}), "fixed": record.get("fixed", {}), "points": points}

@@ -28,8 +28,8 @@ import yaml
 from dpolab import atomic
 from dpolab import config as C
 from dpolab.errors import UserError
+from dpolab.sweep_report import RECORD, read_record
 
-RECORD = "sweep.json"
 # Axes whose points may train their heads together (last_layer): they change the loss and
 # the optimizer of the head, never the data, the model, the cached states, the batches or
 # the evaluation schedule that the points share.
@@ -169,19 +169,6 @@ def write_record(grid: Grid) -> None:
     record = {"axes": grid.axes, "fixed": grid.fixed,
               "points": [{"name": p.name, "values": p.values} for p in grid.points]}
     atomic.write_text(grid.out / RECORD, json.dumps(record, indent=1, default=str) + "\n")
-
-
-def read_record(out: Path) -> dict[str, Any]:
-    path = Path(out) / RECORD
-    try:
-        record = json.loads(path.read_text())
-    except OSError:
-        raise UserError(f"{out}: not a sweep folder (no {RECORD})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("points"), list):
-        raise UserError(f"{path}: field points: expected a list of grid points")
-    return record
 
 
 def sweep(config: C.RunConfig | str | Path | None = None, *, grid: dict[str, list] | None = None,
