@@ -69,6 +69,9 @@ class Session:
     theta0: Theta0 | None = None  # a model from memory: its starting weights, kept on the CPU
     router: moe.RouterLoss | None = None  # MoE load balancing trained with the scope, or None
     tokens_processed: int = 0  # tokens through the model in pair_logps, for throughput
+    # split -> the policy's log-probs, scored once and reused while the policy is known to be
+    # unchanged (a sweep's heads at theta0: dpolab.stacked_heads); None: always scored
+    unchanged_logps: dict | None = None
 
     @cached_property
     def needs_reference(self) -> bool:
@@ -135,7 +138,22 @@ class Session:
         """Policy vs reference on every pair of `split` ("train" or "held_out"), no grad;
         in a reference-free run the policy's own preference (`reference_free_stats`)."""
         sp = self.splits[split]
-        bs = self.cfg.train.eval_batch_size
+        memo = self.unchanged_logps
+        if memo is not None and split in memo:
+            pc, pr, nc, nr = memo[split]
+        else:
+            pc, pr, nc, nr = self._policy_logps(split)
+            if memo is not None:
+                memo[split] = (pc, pr, nc, nr)
+        if sp.ref is None:
+            return reference_free_stats(pc, pr, nc, nr, beta=self.cfg.loss.beta,
+                                        average=self.reward_average)
+        return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
+                         beta=self.cfg.loss.beta)
+
+    def _policy_logps(self, split: str) -> tuple[np.ndarray, ...]:
+        """(N,) summed log pi(y_w), log pi(y_l) (float64) and completion token counts."""
+        sp, bs = self.splits[split], self.cfg.train.eval_batch_size
         pcs, prs, ncs, nrs = [], [], [], []
         with torch.no_grad():
             for s in range(0, len(sp.examples), bs):
@@ -146,13 +164,8 @@ class Session:
                 prs.append(pr.double().cpu())
                 ncs.append(nc.cpu())
                 nrs.append(nr.cpu())
-        pc, pr = torch.cat(pcs).numpy(), torch.cat(prs).numpy()
-        nc, nr = torch.cat(ncs).numpy(), torch.cat(nrs).numpy()
-        if sp.ref is None:
-            return reference_free_stats(pc, pr, nc, nr, beta=self.cfg.loss.beta,
-                                        average=self.reward_average)
-        return PairStats(pc, pr, sp.ref_chosen.numpy(), sp.ref_rejected.numpy(), nc, nr,
-                         beta=self.cfg.loss.beta)
+        return (torch.cat(pcs).numpy(), torch.cat(prs).numpy(), torch.cat(ncs).numpy(),
+                torch.cat(nrs).numpy())
 
     def evaluate(self, *, step: int, train_split: bool = True,
                  check: Callable[[str, PairStats], None] | None = None) -> dict[str, float]:

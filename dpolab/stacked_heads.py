@@ -166,8 +166,11 @@ def _train_heads(cfgs: list[RunConfig], base: RunConfig, inputs: Inputs,
     total = tc.max_steps or tc.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     every = eval_interval(tc.eval_every, total)
-    for h in heads:  # every pair of both splits at the reference point, checked
-        view = h.use()
+    # Every pair of both splits at the reference point, checked. Every head is theta0's
+    # here: the pairs are scored once and each point summarises them with its own beta.
+    at_theta0: dict = {}
+    for h in heads:
+        view = replace(h.use(), unchanged_logps=at_theta0)
         h.metrics.write(view.evaluate(
             step=0, check=lambda split, st, v=view: check_reference(v, split, st)))
     bar = Progress(total, f"train {len(heads)} heads", enabled=tc.progress)
