@@ -176,7 +176,7 @@ def _heat_maps(points: list[dict[str, Any]], axes: dict[str, list], path: Path):
     return ("Heat maps", htmlpage.save_figure(fig, path, dpi=90),
             f"Final held-out metrics of every grid point over {ky} (rows) and {kx} (columns); "
             "each cell is labelled with its value. Accuracy: 0 to 1 (0.5 chance); margin and "
-            "displacement: red below 0, blue above. Blank: no number (no reference, or not run); "
+            "displacement: red below 0, blue above. 'none': no number (no reference, or not run); "
             "*: reference-free loss (accuracy and margin are the policy's own preference).")
 
 
@@ -191,7 +191,9 @@ def _draw_map(ax, grid, starred, key: str) -> None:
         im = ax.imshow(grid, cmap="RdBu", vmin=-lim or -1, vmax=lim or 1, aspect="auto")
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     for (i, j), v in np.ndenumerate(grid):
-        if math.isfinite(v):
+        if not math.isfinite(v):
+            ax.text(j, i, "none", ha="center", va="center", fontsize=9, color="grey")
+        else:
             rgba = im.cmap(im.norm(v))
             dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
             ax.text(j, i, f"{v:.2f}{'*' if starred[i, j] else ''}", ha="center", va="center",
