@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,13 +196,12 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
-def run_grid(grid: Grid, *, say=print) -> Path:
+def run_grid(grid: Grid, *, say=None) -> Path:
     """Train every point of `grid` (a sweep folder that already holds points is refused:
     `resume` finishes one) and write the sweep's report; returns the sweep folder."""
-    import os
-
     from dpolab.sweep_report import write_sweep_report
 
+    say = say or _main_print
     taken = [p.name for p in grid.points if (grid.out / p.name / "metrics.jsonl").exists()]
     if taken:
         raise UserError(f"{grid.out}: point {taken[0]} has run already; use dpolab sweep "
@@ -224,13 +224,12 @@ def run_grid(grid: Grid, *, say=print) -> Path:
     return grid.out
 
 
-def resume_sweep(out: Path, *, say=print) -> Path:
+def resume_sweep(out: Path, *, say=None) -> Path:
     """Finish every unfinished point of the sweep in `out` (each from its last checkpoint,
     or from the start when it has none) and write the sweep's report again."""
-    import os
-
     from dpolab.sweep_report import write_sweep_report
 
+    say = say or _main_print
     record = read_record(out)
     todo = []
     for entry in record["points"]:
@@ -250,6 +249,12 @@ def resume_sweep(out: Path, *, say=print) -> Path:
     if int(os.environ.get("RANK", "0")) == 0:
         write_sweep_report(Path(out))
     return Path(out)
+
+
+def _main_print(line: str) -> None:
+    """print, by the main process only (under torchrun every rank runs the sweep)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def _one_after_another(runs: list[tuple[C.RunConfig, bool]], axes: dict, *, say) -> None:
