@@ -1,7 +1,7 @@
 """dpolab: the DPO family, trainable and understandable."""
 
 __version__ = "0.1.0"
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "sweep"]
 
 
 def __getattr__(name: str):
@@ -10,4 +10,8 @@ def __getattr__(name: str):
         from dpolab.api import Trainer
 
         return Trainer
+    if name == "sweep":  # the function; the module holding it is dpolab.sweeps
+        from dpolab.sweeps import sweep
+
+        return sweep
     raise AttributeError(f"module 'dpolab' has no attribute {name!r}")

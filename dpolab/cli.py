@@ -23,6 +23,8 @@ REPRODUCE = {
 COMMANDS = {
     "train": ("dpolab.train_cli", "train a causal LM with a DPO-family objective"),
     "config": ("dpolab.config_cli", "list every config field: default, meaning, allowed values"),
+    "sweep": ("dpolab.sweep_cli", "train a grid of configs (loss.beta=0.1,0.5 ...), sharing "
+                                  "what the points have in common"),
     "inspect": ("dpolab.inspect", "audit a preference data set before training"),
     "evaluate": ("dpolab.evaluate", "score a run's weights (or a checkpoint's, or the base "
                                     "model's) on held-out pairs against its reference"),

@@ -89,7 +89,7 @@ def summarize(s: PairStats) -> dict[str, float]:
 
 def group_summaries(s: PairStats, groups: np.ndarray, names: list[str],
                     extra_masks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """`groups/<name>/{accuracy, margin, preference, n}` per group; `extra_masks` adds
+    """`groups/<name>/{accuracy, margin, preference, n, displacement/chosen}` per group; `extra_masks` adds
     `groups/<name>/accuracy_<tag>` over a subset of pairs (e.g. tag 'no_cue')."""
     out: dict[str, float] = {}
     for gi, name in enumerate(names):
@@ -101,6 +101,7 @@ def group_summaries(s: PairStats, groups: np.ndarray, names: list[str],
         out[f"groups/{name}/margin"] = float(np.mean(sub.margins))
         out[f"groups/{name}/preference"] = float(np.mean(tie_half(sub.policy_chosen - sub.policy_rejected)))
         out[f"groups/{name}/n"] = float(len(idx))
+        out[f"groups/{name}/displacement/chosen"] = float(np.mean(sub.logratio_chosen))
         for tag, mask in (extra_masks or {}).items():
             sel = idx[mask[idx]]
             if len(sel):

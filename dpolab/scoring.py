@@ -58,7 +58,7 @@ def score(session, split: str) -> Scored:
     with torch.no_grad():
         for s in range(0, len(sp.examples), bs):
             idx = list(range(s, min(s + bs, len(sp.examples))))
-            flat = session.engine([sp.examples[i] for i in idx], split=split)
+            flat = _forward(session, split, idx)
             pc, pr = flat.sums()
             nc, nr = flat.counts()
             sums.append(torch.stack([pc, pr], 1).double().cpu())
@@ -83,6 +83,19 @@ def score(session, split: str) -> Scored:
     return Scored(stats, torch.cat(losses).numpy(),
                   {k: torch.cat(v).numpy() for k, v in terms.items()},
                   torch.cat(token_sums).numpy(), sp.weights.double().numpy())
+
+
+def _forward(session, split: str, idx: list[int]):
+    """The session's pair forward over the pairs `idx` of `split`; reused from
+    `session.unchanged_logps` while the policy is known not to have changed (a sweep's heads
+    at theta0, dpolab.stacked_heads)."""
+    memo, key = session.unchanged_logps, (split, idx[0], len(idx))
+    if memo is not None and key in memo:
+        return memo[key]
+    flat = session.engine([session.splits[split].examples[i] for i in idx], split=split)
+    if memo is not None:
+        memo[key] = flat
+    return flat
 
 
 def per_response_sums(flat) -> torch.Tensor | None:
@@ -137,7 +150,10 @@ def split_metrics(scored: Scored, sp, sel: np.ndarray, groups: list[str],
             pref = stats.policy_chosen[flags] > stats.policy_rejected[flags]
             out["unflippable/flipped_fraction"] = float(pref.mean())
     out.update(heldout_metrics(scored))
-    out.update(group_summaries(stats, sp.group_ids[sel], groups, {"no_cue": sp.no_cue[sel]}))
+    per_group = group_summaries(stats, sp.group_ids[sel], groups, {"no_cue": sp.no_cue[sel]})
+    if sp.ref is None:  # no reference: no displacement per group either
+        per_group = without_reference_metrics(per_group)
+    out.update(per_group)
     if own is not None:
         mine = user_metrics(own, scored, sp.group_ids[sel], groups)
         taken = sorted(set(mine) & set(out))

@@ -73,6 +73,7 @@ class Session:
     eval_sets: list[str] = field(default_factory=list)  # names of the held-out sets (none: one)
     compute_metrics: Callable | None = None  # a user's per-pair metrics (dpolab.scoring)
     reference_is_start: bool = True  # pi_ref is the starting weights (not model.reference)
+    unchanged_logps: dict | None = None  # forward outputs reused at theta0 (dpolab.scoring)
 
     @cached_property
     def needs_reference(self) -> bool:
@@ -148,8 +149,7 @@ class Session:
         """Held-out metrics as `eval/...` (plus per-group ones), and with `train_split` the
         same of the training pairs as `train_eval/...` (they are usually the larger split).
         `check(split, stats)` sees each split's statistics (the step-0 check of every pair).
-        `keep_pairs`: every pair's numbers go to RUN/pairs/ (training's evaluations; not a
-        finished run scored again on other data, dpolab.evaluate)."""
+        `keep_pairs`: every pair's numbers into RUN/pairs/ (not for dpolab.evaluate)."""
         row: dict[str, float] = {"step": step}
         scored: dict[str, PairStats] = {}  # every pair's numbers: RUN/pairs/ (dpolab.trajectory)
         for split, prefix in (("held_out", "eval/"), ("train", "train_eval/")):

@@ -92,3 +92,16 @@ def test_unflippable_threshold_by_hand():
     assert unflippable(rc, rr, beta=0.5).tolist() == [True, False, False]
     assert unflippable_threshold(0.0) is None
     assert not unflippable(rc, rr, beta=0.0).any()
+
+
+def test_group_chosen_displacement_is_the_groups_mean_log_ratio():
+    """groups/<g>/displacement/chosen is the mean of log pi(y_w) - log pi_ref(y_w) over the
+    group's pairs: a = ((-1) - (-1.5) + (-2) - (-2)) / 2 = 0.25,
+    b = ((-3) - (-2) + (-4) - (-4.5)) / 2 = (-1 + 0.5) / 2 = -0.25."""
+    from dpolab.diagnostics import group_summaries
+
+    s = PairStats(np.array([-1.0, -2, -3, -4]), np.zeros(4), np.array([-1.5, -2, -2, -4.5]),
+                  np.zeros(4), np.ones(4), np.ones(4), beta=0.1)
+    out = group_summaries(s, np.array([0, 0, 1, 1]), ["a", "b"])
+    assert out["groups/a/displacement/chosen"] == pytest.approx(0.25, abs=1e-15)
+    assert out["groups/b/displacement/chosen"] == pytest.approx(-0.25, abs=1e-15)

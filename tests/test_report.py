@@ -56,6 +56,8 @@ def _eval_line(step: int, *, chosen_rate: float = -1.0) -> dict:
             prefix + "groups/cats/n_no_cue": 4.0,
             prefix + "groups/dogs/margin": 0.1 * t, prefix + "groups/dogs/preference": 0.55,
             prefix + "groups/dogs/n": 8.0,
+            prefix + "groups/cats/displacement/chosen": chosen_rate * t,
+            prefix + "groups/dogs/displacement/chosen": 0.5 * chosen_rate * t,
         })
     row["eval/groups/dogs/accuracy"] = 0.5 + 0.1 * t
     row["train_eval/groups/dogs/accuracy"] = 0.5 + 0.45 * t
