@@ -38,7 +38,7 @@ from dpolab.report import write_run_report
 from dpolab.stopping import NAMES, StopSignals
 from dpolab.trackers import open_trackers
 from dpolab.train import (StepStats, check_reference, check_step0, clip, eval_interval,
-                          global_batches, lr_at, make_adamw)
+                          global_batches, lr_at, make_adamw, pair_tokens)
 
 Tensor = torch.Tensor
 
@@ -72,7 +72,7 @@ class PointHead:
         return self.view
 
     def train_step(self, step: int, epoch: int, positions: list[int], *, total: int,
-                   t_start: float) -> dict[str, float]:
+                   t_start: float, num_tokens: int) -> dict[str, float]:
         """One optimizer step of this point on `positions` (schedule, forward, loss,
         backward, step, log), as dpolab.train.train takes it with one process."""
         s, tc, lc = self.use(), self.cfg.train, self.cfg.loss
@@ -98,7 +98,7 @@ class PointHead:
             raise checkpoint.nonfinite_error(s.run_dir, step + 1, "gradient norm", grad_norm)
         self.optimizer.step()
         row = stats.summary(s.dist, n_global=len(positions))
-        row.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm,
+        row.update(step=step + 1, epoch=epoch, lr=lr, grad_norm=grad_norm, num_tokens=num_tokens,
                    tokens_per_s=(s.tokens_processed - tokens0) / max(time.monotonic() - t0, 1e-9),
                    elapsed_s=time.monotonic() - t_start)
         self.metrics.write(row)
@@ -179,11 +179,14 @@ def _train_heads(cfgs: list[RunConfig], base: RunConfig, inputs: Inputs,
     batches = global_batches(len(shared.train), seed=tc.seed, epochs=epochs,
                              global_batch=global_batch)
     signals.armed = True
+    num_tokens = 0  # TRL's num_tokens, as dpolab.train counts it
     for step, (epoch, positions) in enumerate(batches):
         if step >= total:
             break
+        num_tokens += sum(pair_tokens(shared.train[i]) for i in positions)
         for h in heads:
-            h.train_step(step, epoch, positions, total=total, t_start=t_start)
+            h.train_step(step, epoch, positions, total=total, t_start=t_start,
+                         num_tokens=num_tokens)
         done = step + 1 == total
         if not done and every and (step + 1) % every == 0:
             for h in heads:
