@@ -191,7 +191,10 @@ def digest(tensors: dict) -> str:
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, not a copy
+            flat = t.reshape(-1)
+            if flat.stride(0) != 1:  # one element under any stride counts as contiguous
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            h.update(flat.view(torch.uint8).numpy())  # the bytes, not a copy
     return h.hexdigest()
 
 

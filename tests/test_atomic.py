@@ -51,3 +51,17 @@ def test_recover_dir_after_kill_between_renames(tmp_path):
     os.replace(d, atomic._aside(d))  # the state right after the first of the two renames
     atomic.recover_dir(d)
     assert (d / "a").read_text() == "old" and not atomic._aside(d).exists()
+
+
+def test_digest_of_a_one_element_tensor_under_any_stride():
+    """numpy and torch count a one-element array as contiguous whatever its stride (the
+    transpose of a (1, 2) array: stride 2); its digest is that of the same value laid out
+    plainly, not an error from viewing its bytes."""
+    import numpy as np
+    import torch
+
+    from dpolab.atomic import digest
+
+    strided = torch.as_tensor(np.ascontiguousarray(np.array([[1.5, 2.0]]).T[0]))
+    assert strided.stride() == (2,)
+    assert digest({"x": strided}) == digest({"x": torch.tensor([1.5], dtype=torch.float64)})
