@@ -202,6 +202,7 @@ def run_grid(grid: Grid, *, say=None) -> Path:
     from dpolab.sweep_report import write_sweep_report
 
     say = say or _main_print
+    refuse_torchrun()
     taken = [p.name for p in grid.points if (grid.out / p.name / "metrics.jsonl").exists()]
     if taken:
         raise UserError(f"{grid.out}: point {taken[0]} has run already; use dpolab sweep "
@@ -230,6 +231,7 @@ def resume_sweep(out: Path, *, say=None) -> Path:
     from dpolab.sweep_report import write_sweep_report
 
     say = say or _main_print
+    refuse_torchrun()
     record = read_record(out)
     todo = []
     for entry in record["points"]:
@@ -249,6 +251,16 @@ def resume_sweep(out: Path, *, say=None) -> Path:
     if int(os.environ.get("RANK", "0")) == 0:
         write_sweep_report(Path(out))
     return Path(out)
+
+
+def refuse_torchrun() -> None:
+    """A sweep runs in one process. Under torchrun its points would each form and tear down
+    a process group in turn, and a second group formed in the same workers was seen to hang;
+    until that is made safe, one line says what to do instead."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("dpolab sweep runs in one process, not under torchrun; train a point "
+                        "on several processes with torchrun ... dpolab train --config "
+                        "SWEEP/<point>/config.yaml")
 
 
 def _main_print(line: str) -> None:

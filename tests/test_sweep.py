@@ -205,26 +205,10 @@ def test_sweep_report_opens_in_a_browser(synthetic_sweep, tmp_path):
     assert re.findall(r'data-images-loaded="([^"]*)"', proc.stdout) == ["1/1"], proc.stderr[-2000:]
 
 
-def test_torchrun_runs_points_data_parallel(tiny_dir, tmp_path):
-    """Under torchrun (2 processes, gloo) the points run one after another, each trained
-    data-parallel: a point's per-step losses are those of one process taking the global
-    batch (2 x 2 pairs against 1 x 4, to 1e-6), and the sweep is said once, by rank 0."""
-    from tests.test_distributed import _env, _run
-
-    data = write_pairs(tmp_path / "pairs.jsonl", n=12)
-    common = [f"model.name={tiny_dir}", f"data.path={data}", "train.lr=0.01",
-              "train.progress=false", "data.max_length=48", "data.max_prompt_length=16",
-              "train.did_samples=0", "train.report=false", "train.eval_batch_size=5",
-              "train.max_steps=3"]
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-              "--nproc_per_node=2", "-m", "dpolab", "sweep", "--out", str(tmp_path / "sw"),
-              "loss.beta=0.1,0.5", "train.batch_size=2", *common], _env(tmp_path / "cache2"))
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.count("one after another (under torchrun") == 1
-    r = _run([sys.executable, "-m", "dpolab", "train", "--out", str(tmp_path / "one"),
-              "loss.beta=0.5", "train.batch_size=4", *common], _env(tmp_path / "cache1"))
-    assert r.returncode == 0, r.stderr[-4000:]
-    two, one = (read_metrics(d / "metrics.jsonl") for d in (tmp_path / "sw" / "beta0.5",
-                                                            tmp_path / "one"))
-    steps = [(a["loss"], b["loss"]) for a, b in zip(two, one, strict=True) if "loss" in a]
-    assert len(steps) == 3 and all(abs(a - b) <= 1e-6 for a, b in steps)
+def test_torchrun_is_refused_in_one_line(monkeypatch, tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) a sweep is refused before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    grid = sweeps.make_grid({}, {"loss.beta": [0.1, 0.5]}, {}, out=tmp_path / "sw")
+    with pytest.raises(UserError, match="not under torchrun"):
+        sweeps.run_grid(grid)
+    assert not (tmp_path / "sw").exists()
