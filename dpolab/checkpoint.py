@@ -179,26 +179,14 @@ def restore(found: tuple[Path, dict], named: dict[str, torch.Tensor],
     """Load checkpoint `found` (from `resume_point`) into `named` tensors (in place) and the
     optimizer; returns (its step, the text of metrics.jsonl up to it: the checkpoint's own
     copy, or for an older checkpoint without one the first lines of `metrics_path`)."""
-    path, state = found
-    try:
-        tensors = load_file(str(path / "trainable.safetensors"))
-        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
-    except Exception as err:  # checksums match, yet the files do not load: written so
-        raise UserError(f"{path}: checkpoint files cannot be read ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    missing = sorted(set(named) - set(tensors))
-    if missing:
-        raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), e.g. "
-                        f"{missing[0]!r}; was the config changed since the run started?")
     from dpolab import sharding
 
-    for k, t in named.items():
-        if tensors[k].shape != t.shape:
-            raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the "
-                            f"model's is {tuple(t.shape)}; was the config changed?")
+    path, state = found
+    tensors = _trainable(path, named)
+    opt_state = _read(path, lambda: torch.load(path / "optimizer.pt", weights_only=True))
     opt_state = _keyed_by_name(path, opt_state, optimizer, named)
     try:
-        sharding.load_state(named, optimizer, {k: tensors[k] for k in named}, opt_state)
+        sharding.load_state(named, optimizer, tensors, opt_state)
     except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise UserError(f"{path}: the optimizer state does not fit this run "
                         f"({type(err).__name__}: {err})") from None
@@ -210,21 +198,35 @@ def load_weights(path: Path, named: dict[str, torch.Tensor]) -> None:
     optimizer; tensors the checkpoint holds beyond `named` (AuxDPO's delta) are left out."""
     from dpolab import sharding
 
+    tensors = _trainable(path, named)
+    with torch.no_grad():
+        for k, t in named.items():
+            t.copy_(sharding.like(tensors[k], t))
+
+
+def _read(path: Path, load):
+    """load() of a checkpoint file whose checksum matched; a file that still does not load
+    was written so: one line naming the checkpoint."""
     try:
-        tensors = load_file(str(path / "trainable.safetensors"))
-    except Exception as err:  # checksums match, yet the file does not load: written so
+        return load()
+    except Exception as err:
         raise UserError(f"{path}: checkpoint files cannot be read ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _trainable(path: Path, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of every name in `named`, each of that tensor's shape, or one
+    line saying what the checkpoint lacks or holds otherwise."""
+    tensors = _read(path, lambda: load_file(str(path / "trainable.safetensors")))
     missing = sorted(set(named) - set(tensors))
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensor(s), e.g. "
                         f"{missing[0]!r}; was the config changed since the run started?")
-    with torch.no_grad():
-        for k, t in named.items():
-            if tensors[k].shape != t.shape:
-                raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
-                                f"the model's is {tuple(t.shape)}; was the config changed?")
-            t.copy_(sharding.like(tensors[k], t))
+    for k, t in named.items():
+        if tensors[k].shape != t.shape:
+            raise UserError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, the "
+                            f"model's is {tuple(t.shape)}; was the config changed?")
+    return {k: tensors[k] for k in named}
 
 
 def _keyed_by_name(path: Path, saved: dict, optimizer: torch.optim.Optimizer,
