@@ -15,14 +15,14 @@ import numpy as np
 TIE = 1e-6  # nats of |h| below which a pair is a tie (float32 sums of equal log-probs)
 
 
-@dataclass(frozen=True)
-class PairStats:
-    policy_chosen: np.ndarray  # (N,) summed log pi(y_w)
+class LogRatios:
+    """The log-ratios and margins of summed log-probs `policy_*`, `ref_*` and `beta`, whatever
+    their shape ((N,) pairs, or (T, N) evaluations x pairs: dpolab.trajectory)."""
+
+    policy_chosen: np.ndarray
     policy_rejected: np.ndarray
     ref_chosen: np.ndarray
     ref_rejected: np.ndarray
-    n_chosen: np.ndarray  # (N,) completion tokens
-    n_rejected: np.ndarray
     beta: float
 
     @property
@@ -40,6 +40,17 @@ class PairStats:
     @property
     def margins(self) -> np.ndarray:
         return self.beta * self.h
+
+
+@dataclass(frozen=True)
+class PairStats(LogRatios):
+    policy_chosen: np.ndarray  # (N,) summed log pi(y_w)
+    policy_rejected: np.ndarray
+    ref_chosen: np.ndarray
+    ref_rejected: np.ndarray
+    n_chosen: np.ndarray  # (N,) completion tokens
+    n_rejected: np.ndarray
+    beta: float
 
     def subset(self, idx: np.ndarray) -> "PairStats":
         return PairStats(*(getattr(self, f)[idx] for f in (

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dpolab import atomic
-from dpolab.diagnostics import TIE, PairStats
+from dpolab.diagnostics import TIE, LogRatios, PairStats
 from dpolab.errors import UserError
 
 SPLITS = ("held_out", "train")
@@ -149,7 +149,7 @@ def step_files(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 @dataclass(frozen=True)
-class Trajectory:
+class Trajectory(LogRatios):
     """One split's pairs over the evaluations that scored them. Notation as in
     dpolab.diagnostics; arrays are (T, N): T evaluations (`steps`), N pairs (`pairs`)."""
 
@@ -164,18 +164,6 @@ class Trajectory:
     reference: bool  # False: the reference-free form (ref 0, dpolab.diagnostics)
     ches: np.ndarray | None = None  # (N,) CHES at the reference, None when not computed
     ln_ches: np.ndarray | None = None
-
-    @property
-    def logratio_chosen(self) -> np.ndarray:
-        return self.policy_chosen - self.ref_chosen
-
-    @property
-    def logratio_rejected(self) -> np.ndarray:
-        return self.policy_rejected - self.ref_rejected
-
-    @property
-    def margins(self) -> np.ndarray:
-        return self.beta * (self.logratio_chosen - self.logratio_rejected)
 
     @property
     def groups(self) -> list[str | None]:
