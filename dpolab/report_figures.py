@@ -112,6 +112,8 @@ def eval_sets_figure(run: Run, out: Path) -> list[Figure]:
 
 
 def margins_figure(run: Run, out: Path) -> list[Figure]:
+    """Reward margins: the held-out and train-pair spread at each evaluation and the
+    training batches' mean."""
     if not run.train and not run.evals:
         return []
     fig, ax = subplots(figsize=(8, 3.5))
@@ -130,6 +132,8 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
 
 
 def displacement_figure(run: Run, out: Path) -> list[Figure]:
+    """The change of chosen and rejected log-probs against the reference (held-out and
+    train pairs), beside the training batches' implicit rewards."""
     if not run.train and not run.evals:
         return []
     fig, (a1, a2) = subplots(1, 2, figsize=(12, 3.5))  # room for two outside legends
@@ -155,6 +159,8 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
 
 
 def group_figures(run: Run, out: Path) -> list[Figure]:
+    """Reward accuracy per group over the run, and before against after (none without
+    groups)."""
     groups = run.groups
     if not groups:
         return []

