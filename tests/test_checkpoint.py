@@ -13,19 +13,12 @@ import torch
 
 from dpolab import checkpoint
 from dpolab.cli import main
-from tests.test_reliability import TINY_ARGS, pair_rows, strip, write_jsonl
+from tests.test_reliability import TINY_ARGS, strip, tiny_env
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A tiny model and data, and a private reference cache for the whole module."""
-    from dpolab.tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("ckpt")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPOLAB_CACHE", str(root / "cache"))
-        yield {"root": root, "tiny": save_tiny(root / "tiny", vocab_size=512, seed=0),
-               "data": write_jsonl(root / "pairs.jsonl", pair_rows())}
+    yield from tiny_env(tmp_path_factory, "ckpt")
 
 
 def train_args(env, out, *extra):

@@ -16,6 +16,7 @@ from dpolab.cli import main
 from dpolab.data import DataError, parse_row, split_shared_text
 from dpolab.tiny import tiny_model, tiny_tokenizer
 from dpolab.tokenize import tokenize_pair, tokenize_rows
+from tests.test_data import _bot, _user
 
 # DeepSeek-V3.1's pattern: the generation prompt opens "<think>", a rendered final answer starts
 # with "</think>" (the two share the text "<", not a token).
@@ -47,14 +48,6 @@ NEMOTRON = (
     "{{- '<|im_start|>' + m.role + '\\n' + c + '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
-
-
-def _user(text):
-    return {"role": "user", "content": text}
-
-
-def _bot(text):
-    return {"role": "assistant", "content": text}
 
 
 def _tokenizer(template=None):

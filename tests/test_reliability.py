@@ -39,16 +39,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def tiny_env(tmp_path_factory, name: str):
     """A tiny model and data, and a private reference cache for the whole module."""
     from dpolab.tiny import save_tiny
 
-    root = tmp_path_factory.mktemp("rel")
+    root = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DPOLAB_CACHE", str(root / "cache"))
         yield {"root": root, "tiny": save_tiny(root / "tiny", vocab_size=512, seed=0),
                "data": write_jsonl(root / "pairs.jsonl", pair_rows())}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from tiny_env(tmp_path_factory, "rel")
 
 
 def train_args(env, out, *extra):

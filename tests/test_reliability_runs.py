@@ -21,19 +21,12 @@ from dpolab import checkpoint
 from dpolab.cli import main
 from dpolab.errors import UserError
 from tests.test_distributed import _common, _env, _run, _steps
-from tests.test_reliability import TINY_ARGS, pair_rows, strip, write_jsonl
+from tests.test_reliability import TINY_ARGS, pair_rows, strip, tiny_env, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A tiny model and data, and a private reference cache for the whole module."""
-    from dpolab.tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPOLAB_CACHE", str(root / "cache"))
-        yield {"root": root, "tiny": save_tiny(root / "tiny", vocab_size=512, seed=0),
-               "data": write_jsonl(root / "pairs.jsonl", pair_rows())}
+    yield from tiny_env(tmp_path_factory, "runs")
 
 
 def train_args(env, out, *extra, model=None, data=None):

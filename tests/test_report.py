@@ -271,16 +271,22 @@ def test_cli(tmp_path, capsys):
     assert "--out is for" in capsys.readouterr().err
 
 
+def chromium_dom(page: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The DOM of `page` after headless Chromium loaded it (--dump-dom), offline, with a
+    private profile under `tmp_path`."""
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not on PATH")
 def test_report_opens_in_a_browser(full_report, tmp_path):
     """Headless Chromium decodes every embedded figure: the page's load handler counts
     images with naturalWidth > 0 and writes n/total into the DOM that --dump-dom prints."""
     _, page = full_report
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = chromium_dom(page, tmp_path)
     n = len(RUN_FIGURES)
     loaded = re.findall(r'data-images-loaded="([^"]*)"', proc.stdout)
     assert loaded == [f"{n}/{n}"], proc.stderr[-2000:]

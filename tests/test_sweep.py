@@ -19,6 +19,7 @@ from dpolab import sweeps
 from dpolab.errors import UserError
 from dpolab.rundir import read_metrics
 from dpolab.train import train
+from tests.test_report import chromium_dom
 from tests.test_train import write_pairs
 
 TIMING = {"tokens_per_s", "elapsed_s"}  # wall-clock numbers: the only keys allowed to differ
@@ -197,11 +198,7 @@ def test_sweep_report_opens_in_a_browser(synthetic_sweep, tmp_path):
     """Headless Chromium decodes the heat map: the page's load handler counts the images
     with naturalWidth > 0."""
     _, page = synthetic_sweep
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = chromium_dom(page, tmp_path)
     assert re.findall(r'data-images-loaded="([^"]*)"', proc.stdout) == ["1/1"], proc.stderr[-2000:]
 
 
