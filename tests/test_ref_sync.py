@@ -71,10 +71,10 @@ def _ckpt(run: Path, step: int) -> tuple[dict, dict]:
     (["loss.ref_sync={every: 2, alpha: 1}", "train.scope=full", "train.distributed=fsdp2"],
      "loss.ref_sync needs train.distributed=ddp"),
 ])
-def test_bad_ref_sync_exits_2_with_one_line(env, extra, said, capsys):
+def test_bad_ref_sync_exits_2_with_one_line(env, extra, said, capsys, tmp_path):
     """`every: 0`, `alpha: 0`, `alpha: 1.5`, an unknown key, a loss without a reference
     term, AuxDPO and fsdp2: exit 2, one line naming loss.ref_sync, no traceback, no run."""
-    out = env["root"] / "bad"
+    out = tmp_path / "bad"
     assert main(train_args(env, out, *extra)) == 2
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.strip()]
@@ -266,3 +266,32 @@ def test_a_reference_that_does_not_hash_as_recorded_is_refused(env, capsys):
     assert len(lines) == 1 and "Traceback" not in err, err
     assert (f"step-000002: the reference weights read back hash to {kept}, the checkpoint "
             f"recorded {'0' * 16}") in lines[0]
+
+
+# --------------------------------------------------- from Python, and the report's marks
+def test_python_route_syncs_and_the_report_marks_each_sync(env):
+    """`dpolab.Trainer(..., **{"loss.ref_sync": {...}})` takes the field as the command line
+    does: 5 steps syncing every 2 write a `ref_sync/count` line after steps 2 and 4 (none
+    after the last), config.yaml keeps the field, and the run read back for the report has
+    those syncs, each drawn as one vertical line at its step."""
+    import yaml
+
+    import dpolab
+    from dpolab.htmlpage import subplots
+    from dpolab.report_figures import _syncs
+    from dpolab.rundir import load_run
+
+    overrides = {"train.batch_size": 4, "train.progress": False, "train.did_samples": 0,
+                 "train.report": False, "data.max_length": 48, "data.max_prompt_length": 16,
+                 "train.max_steps": 5, "loss.ref_sync": {"every": 2, "alpha": 0.5}}
+    run = dpolab.Trainer(str(env["tiny"]), str(env["data"]), out=str(env["root"] / "api"),
+                         **overrides).train()
+    lines = [r for r in strip(run / "metrics.jsonl") if "ref_sync/count" in r]
+    assert lines == [{"step": 2, "ref_sync/count": 1}, {"step": 4, "ref_sync/count": 2}]
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["ref_sync"] == {
+        "every": 2, "alpha": 0.5}
+    r = load_run(run)
+    assert r.syncs == (2, 4)
+    _, ax = subplots()
+    assert "reference synced" in _syncs(ax, r)
+    assert [list(line.get_xdata()) for line in ax.lines] == [[2, 2], [4, 4]]
