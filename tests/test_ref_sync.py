@@ -161,6 +161,32 @@ def _own_sums(model, examples) -> tuple[torch.Tensor, torch.Tensor]:
                  for side in ("chosen", "rejected"))
 
 
+def _assert_store_is_the_models(run: Path, state: dict, model, cache: Path | None = None):
+    """The store of each split of `run` under the reference hash that checkpoint `state`
+    records holds the summed log-probs that `model`'s own forward gives every pair."""
+    from dpolab import reference
+    from dpolab.config import build_config, load_yaml
+    from dpolab.dedup import dedupe_split
+    from dpolab.models import load_tokenizer
+    from dpolab.session import tokenize_split
+    from dpolab.splits import load_split_rows
+    from dpolab.threads import single_thread
+
+    cfg = build_config(load_yaml(run / "config.yaml"))
+    tokenizer = load_tokenizer(cfg.model.name)
+    for split, rows in zip(("train", "held_out"), dedupe_split(*load_split_rows(cfg))):
+        examples = tokenize_split(rows, tokenizer, cfg.data).examples  # as the run made them
+        key = reference.store_key(state["reference"]["hash"],
+                                  state["identity"]["data"][split]["hash"])
+        stored = reference.load(reference.store_path(cache, key), key, examples) if cache else \
+            reference.stored(key, examples)
+        assert stored is not None and len(examples) == stored.n > 0, split
+        with single_thread():  # a tiny model's forward: thread start-up would dominate
+            want = _own_sums(model, examples)
+        for got, ref in zip(stored.sums(), want):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("scope", ["last_layer", "full", "lora"])
 def test_soft_sync_reference_is_the_mixture_and_its_store_that_models(env, scope):
     """One sync with alpha 0.6 after step 2: the reference tensors the step-2 checkpoint
@@ -169,13 +195,6 @@ def test_soft_sync_reference_is_the_mixture_and_its_store_that_models(env, scope
     lora_alpha / r = 16 / 8 = 2, with B = 0 at the start); and the store under the hash the
     checkpoint records holds, for every pair of both splits, the log-probs of a model with
     those weights scored by its own forward (full logits, log_softmax), within 1e-4 nats."""
-    from dpolab import reference
-    from dpolab.config import build_config, load_yaml
-    from dpolab.dedup import dedupe_split
-    from dpolab.models import load_tokenizer
-    from dpolab.session import tokenize_split
-    from dpolab.splits import load_split_rows
-    from dpolab.threads import single_thread
 
     run = env["root"] / f"soft-{scope}"
     args = [f"train.scope={scope}", "train.max_steps=3", "train.save_every=2",
@@ -203,18 +222,7 @@ def test_soft_sync_reference_is_the_mixture_and_its_store_that_models(env, scope
     with torch.no_grad():
         for name, t in mixed.items():
             params[name].copy_(t)
-    cfg = build_config(load_yaml(run / "config.yaml"))
-    tokenizer = load_tokenizer(str(env["tiny"]))
-    for split, rows in zip(("train", "held_out"), dedupe_split(*load_split_rows(cfg))):
-        examples = tokenize_split(rows, tokenizer, cfg.data).examples  # as the run made them
-        key = reference.store_key(state["reference"]["hash"],
-                                  state["identity"]["data"][split]["hash"])
-        stored = reference.stored(key, examples)
-        assert stored is not None and len(examples) == stored.n > 0, split
-        with single_thread():  # a tiny model's forward: thread start-up would dominate
-            want = _own_sums(model, examples)
-        for got, ref in zip(stored.sums(), want):
-            torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    _assert_store_is_the_models(run, state, model)
 
 
 # ----------------------------------------- kill -9 after a sync: the resume is bitwise
@@ -295,3 +303,28 @@ def test_python_route_syncs_and_the_report_marks_each_sync(env):
     _, ax = subplots()
     assert "reference synced" in _syncs(ax, r)
     assert [list(line.get_xdata()) for line in ax.lines] == [[2, 2], [4, 4]]
+
+
+# ------------------------------------------------------ torchrun: the stores data-parallel
+def test_two_processes_sync_data_parallel(env, tmp_path):
+    """Under torchrun (2 processes x 2 pairs, DDP over gloo) a full-scope run syncing every
+    2 steps with alpha 0.5 syncs after steps 2 and 4 (not 5, the last), and the store of the
+    reference it keeps at step 4, computed data-parallel (each rank a share of the batches,
+    every rank the whole), holds for every pair of both splits the log-probs of a model with
+    the checkpoint's reference weights, scored here by its own forward, within 1e-4 nats."""
+    from tests.test_distributed import _common, _train
+
+    run = tmp_path / "two"
+    _train([*_common(env["tiny"], env["data"], "train.scope=full", "train.max_steps=5",
+                     "train.save_every=4", "loss.ref_sync={every: 2, alpha: 0.5}",
+                     "train.batch_size=2", "--out", str(run))], cache=tmp_path / "c", nproc=2)
+    assert [r for r in strip(run / "metrics.jsonl") if "ref_sync/count" in r] == [
+        {"step": 2, "ref_sync/count": 1}, {"step": 4, "ref_sync/count": 2}]
+    tensors, state = _ckpt(run, 4)
+    model = _model(env["tiny"], "full")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name.startswith("ref_sync."):
+                params[name[len("ref_sync."):]].copy_(t)
+    _assert_store_is_the_models(run, state, model, cache=tmp_path / "c")
