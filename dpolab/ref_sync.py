@@ -143,14 +143,14 @@ def lora_reference(peft_model, named: dict[str, Tensor], forward: Callable) -> M
         raise UserError(f"loss.ref_sync under train.scope=lora merges W + B A into the "
                         f"reference, which needs plain LoRA adapters on linear layers: {why[0]}")
 
-    def merged() -> dict[str, Tensor]:
-        return {f"{n}.weight": m.get_base_layer().weight + m.get_delta_weight(adapter)
-                for n, m in layers.items()}
-    with torch.no_grad():  # in the base weights' dtype: swapped into their place
-        kept = {f"{n}.weight": torch.nn.Parameter((m.get_base_layer().weight + m.get_delta_weight(
-            adapter)).to(m.get_base_layer().weight.dtype), requires_grad=False)
-                for n, m in layers.items()}
-    pairs = [(m.get_base_layer().weight, kept[f"{n}.weight"]) for n, m in layers.items()]
+    base = {f"{n}.weight": (m.get_base_layer().weight, m) for n, m in layers.items()}
+
+    def merged() -> dict[str, Tensor]:  # the policy's W + s B A of each target module
+        return {k: w + m.get_delta_weight(adapter) for k, (w, m) in base.items()}
+    with torch.no_grad():  # kept in the base weights' dtype: swapped into their place
+        kept = {k: torch.nn.Parameter(t.to(base[k][0].dtype), requires_grad=False)
+                for k, t in merged().items()}
+    pairs = [(w, kept[k]) for k, (w, _) in base.items()]
 
     def ref_forward(examples, *, split=None):
         with torch.no_grad(), peft_model.disable_adapter(), _swapped(pairs):

@@ -328,3 +328,25 @@ def test_two_processes_sync_data_parallel(env, tmp_path):
             if name.startswith("ref_sync."):
                 params[name[len("ref_sync."):]].copy_(t)
     _assert_store_is_the_models(run, state, model, cache=tmp_path / "c")
+
+
+# ------------------------------------------------------------- an explicit reference
+def test_explicit_reference_syncs_hard_and_refuses_a_mixture(env, tmp_path, capsys):
+    """With model.reference set the starting reference is that model: a hard sync (alpha 1)
+    replaces it by the policy, so the step after the sync starts at the reference (loss
+    ln 2 = 0.693147); alpha < 1 would mix the policy into weights the run does not hold, and
+    exits 2 with one line."""
+    ref = tmp_path / "ref"
+    shutil.copytree(env["tiny"], ref)
+    common = ["train.max_steps=3", f"model.reference={ref}"]
+    run = tmp_path / "hard"
+    assert main(train_args(env, run, *common, "loss.ref_sync={every: 2, alpha: 1}")) == 0
+    steps = [r for r in strip(run / "metrics.jsonl") if "loss" in r and "eval/loss" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[2]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    capsys.readouterr()
+    assert main(train_args(env, tmp_path / "soft", *common,
+                           "loss.ref_sync={every: 2, alpha: 0.5}")) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert len(err) == 1 and "loss.ref_sync with alpha < 1 mixes the policy into the " \
+                             "explicit reference model's weights" in err[0]
