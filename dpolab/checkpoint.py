@@ -41,9 +41,10 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
          optimizer: torch.optim.Optimizer, *, metrics: str, identity: dict | None = None,
-         is_main: bool = True, keep: int = 2) -> Path:
+         is_main: bool = True, keep: int = 2, reference: dict | None = None) -> Path:
     """Collective under FSDP2: every rank calls it (sharded tensors are gathered), rank 0
-    writes. `metrics`: metrics.jsonl's text so far; `identity`: RunIdentity.record().
+    writes. `metrics`: metrics.jsonl's text so far; `identity`: RunIdentity.record();
+    `reference`: a moving reference's record (dpolab.ref_sync), its tensors among `named`.
     Keeps the newest `keep` checkpoints (at least one: the one just written)."""
     from dpolab import sharding
 
@@ -59,7 +60,8 @@ def save(run_dir: Path, step: int, named: dict[str, torch.Tensor],
             torch.save(opt_state, f)                  # its errno (dpolab.atomic.writing)
         (tmp / METRICS).write_text(metrics, encoding="utf-8")
         state = {"step": step, "metrics_lines": metrics.count("\n"), "identity": identity,
-                 "sha256": {name: sha256(tmp / name) for name in (*FILES, METRICS)}}
+                 "sha256": {name: sha256(tmp / name) for name in (*FILES, METRICS)},
+                 **({"reference": reference} if reference is not None else {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     atomic.write_text(root / "latest", final.name)
     # Folders of later steps are what a resume skipped as damaged (this run redoes those

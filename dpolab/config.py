@@ -7,8 +7,6 @@ run directory (`config.yaml`) so a run can be read, resumed and compared later.
 from __future__ import annotations
 
 import dataclasses
-import math
-import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,19 +17,7 @@ import yaml
 
 from dpolab import atomic
 from dpolab.errors import UserError
-
-
-def setting(default: Any, help: str, *, choices: tuple = (), ge: float | None = None,
-            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
-    """One config field in one line: its default, its meaning (printed by `dpolab config` and
-    `dpolab train --help`) and the values `validate` allows: one of `choices`, or a number
-    within the bounds (for a mapping, each of its values). Every float must be finite too."""
-    bounds = tuple((op, v) for op, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
-                   if v is not None)
-    meta = {"help": help, "choices": tuple(choices), "bounds": bounds}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from dpolab.settings import allowed, check_field, setting
 
 
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype names (torch's own)
@@ -88,6 +74,7 @@ class LossConfig:
     aux_form: str = setting("seed", "AuxDPO: seed (free delta, +lambda_amp ||delta||^2) or authors (delta = aux_cap tanh(raw), -lambda_amp/2 (mean dc^2 + mean dr^2)); dpolab.losses.core", choices=("seed", "authors"))
     aux_cap: float = setting(1.0, "AuxDPO authors' form: the bound on |delta| (delta = cap tanh(raw))", gt=0)
     aux_max_gib: float = setting(2.0, "AuxDPO: memory allowed for the per-response gradients of A (GiB)", gt=0)
+    ref_sync: dict[str, int | float] = setting({}, "TR-DPO (arXiv 2404.09656): {every: tau, alpha: a}: after every tau-th optimizer step the reference becomes a * policy + (1 - a) * reference (a = 1: a hard update) and its stored log-probs are recomputed; {} = off. The full scope holds one more copy of the trained weights, lora one of its target modules' weights (dpolab.ref_sync)", keys={"every": {"integer": True, "ge": 1}, "alpha": {"gt": 0, "le": 1}})
 
     def __post_init__(self):
         # The loss terms read these fields directly (dpolab.losses' Objective takes this class),
@@ -329,7 +316,7 @@ def validate(cfg: RunConfig) -> None:
     for name in SECTIONS:
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
-            _check_field(f"{name}.{f.name}", f, getattr(section, f.name))
+            check_field(f"{name}.{f.name}", f, getattr(section, f.name))
     from dpolab.losses import LOSSES
 
     for name in cfg.loss.term_weights():
@@ -347,6 +334,19 @@ def validate(cfg: RunConfig) -> None:
          "data.eval (named held-out files) and data.eval_path (one) exclude each other"),
         (cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length must be < max_length"),
     ]
+    if cfg.loss.ref_sync:  # TR-DPO (dpolab.ref_sync): what has no reference to move, or keeps it
+        from dpolab.losses import Objective
+
+        obj, terms = Objective(cfg.loss.term_weights(), cfg.loss), "+".join(cfg.loss.term_weights())
+        checks += [
+            (obj.needs_reference, f"loss.ref_sync: the loss {terms} has no reference term, so "
+                                  f"there is no reference to sync; remove loss.ref_sync"),
+            (not obj.needs_delta, "loss.ref_sync: AuxDPO's null space is taken at the starting "
+                                  "reference and is not recomputed at a sync; remove one of them"),
+            (cfg.train.distributed != "fsdp2", "loss.ref_sync needs train.distributed=ddp: under "
+                                               "fsdp2 the reference's copy of the weights is not "
+                                               "sharded like the policy's"),
+        ]
     for ok, msg in checks:
         if not ok:
             raise UserError(f"config: {msg}")
@@ -355,32 +355,6 @@ def validate(cfg: RunConfig) -> None:
         check_template_kwargs(cfg.data.chat_template_kwargs, "data.chat_template_kwargs")
     except RowProblem as err:
         raise UserError(f"config: {err}") from None
-
-
-_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le),
-        "lt": ("<", operator.lt)}
-
-
-def allowed(f: dataclasses.Field) -> str:
-    """The values field `f` takes, in words ("" when its type says it all)."""
-    if f.metadata.get("choices"):
-        return "one of " + " | ".join(f.metadata["choices"])
-    return " and ".join(f"{_OPS[op][0]} {v}" for op, v in f.metadata.get("bounds", ()))
-
-
-def _check_field(key: str, f: dataclasses.Field, value: Any) -> None:
-    """UserError naming `key` when `value` is outside what its `setting` allows."""
-    choices, bounds = f.metadata.get("choices", ()), f.metadata.get("bounds", ())
-    if choices and value not in choices:
-        raise UserError(f"config: {key} must be one of {', '.join(choices)}, got {value!r}")
-    numbers = value.items() if isinstance(value, dict) else [(None, value)]
-    for sub, v in numbers:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            continue
-        where = key if sub is None else f"{key}.{sub}"
-        if not math.isfinite(v) or not all(_OPS[op][1](v, bound) for op, bound in bounds):
-            raise UserError(f"config: {where} = {v} is out of range: it must be a finite number"
-                            f"{' ' + allowed(f) if bounds else ''} ({f.metadata['help']})")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

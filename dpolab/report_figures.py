@@ -76,6 +76,16 @@ def _finish(ax, xlabel="optimizer step", ylabel="", legend=True) -> None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
+def _syncs(ax, run: Run) -> str:
+    """A TR-DPO run's reference syncs (loss.ref_sync) as dotted vertical lines on a panel
+    against the step; the caption's sentence on them ("" when the run has none)."""
+    for i, step in enumerate(run.syncs):
+        ax.axvline(step, color="grey", ls=":", lw=1, label="reference sync" if i == 0 else None)
+    return (" Dotted vertical lines: the reference synced with the policy after that step "
+            "(loss.ref_sync); rewards and margins after it are against the new reference."
+            if run.syncs else "")
+
+
 # ---------------------------------------------------------------------------------------
 # One run
 
@@ -89,10 +99,12 @@ def loss_figure(run: Run, out: Path) -> list[Figure]:
         _plot(ax, run.train, key)
     _plot(ax, run.evals, "eval/loss", "held-out loss", color="C0", lw=2)
     _plot(ax, run.evals, "train_eval/loss", "train-pairs loss (eval)", color="C1", ls=":")
+    synced = _syncs(ax, run)
     _finish(ax, ylabel="loss per pair")
     return [("Loss", _png(fig, out / "loss.png"),
              "Training loss per optimizer step and each loss term (unweighted); the objective "
-             "on the held-out pairs (eval/loss) and on the training pairs at each evaluation.")]
+             "on the held-out pairs (eval/loss) and on the training pairs at each evaluation."
+             + synced)]
 
 
 def eval_sets_figure(run: Run, out: Path) -> list[Figure]:
@@ -125,10 +137,12 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
         _plot(ax, run.evals, prefix + "margins/p50", f"{what} median", color=color, ls="--")
     _plot(ax, run.train, "rewards/margins", "train batch mean", color="k", alpha=0.7)
     ax.axhline(0, color="grey", lw=0.8)
+    synced = _syncs(ax, run)
     _finish(ax, ylabel="reward margin beta*h")
     return [("Reward margins", _png(fig, out / "margins.png"),
              "Reward margins: p10-p90 band and median at each evaluation, and the mean over "
-             "each training batch. A band reaching below 0 means pairs still ranked wrongly.")]
+             "each training batch. A band reaching below 0 means pairs still ranked wrongly."
+             + synced)]
 
 
 def displacement_figure(run: Run, out: Path) -> list[Figure]:
@@ -146,6 +160,7 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
         drawn[a2] |= _plot(a2, run.train, f"rewards/{side}", f"rewards/{side}", color=color)
     for ax, ok in drawn.items():
         ax.axhline(0, color="grey", lw=0.8)
+        synced = _syncs(ax, run)
         if not ok:  # say so on the panel rather than leave an unexplained blank
             ax.text(0.5, 0.5, "no data yet", ha="center", transform=ax.transAxes, color="grey")
     a1.set_title("displacement (eval lines)", fontsize=10)
@@ -155,7 +170,7 @@ def displacement_figure(run: Run, out: Path) -> list[Figure]:
     return [("Chosen and rejected displacement", _png(fig, out / "displacement.png"),
              "Left: mean change of the sequence log-prob against the reference, held-out "
              "(solid) and train pairs (dotted; dots alone when scored only before and after). "
-             "Right: training-batch rewards. Both below 0 is likelihood displacement.")]
+             "Right: training-batch rewards. Both below 0 is likelihood displacement." + synced)]
 
 
 def group_figures(run: Run, out: Path) -> list[Figure]:
@@ -171,10 +186,11 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
         _plot(ax, run.evals, f"train_eval/groups/{g}/accuracy", f"{g} train",
               color=f"C{i % 10}", ls=":")
     ax.set_ylim(-0.02, 1.02)
+    synced = _syncs(ax, run)
     _finish(ax, ylabel="reward accuracy")
     figs = [("Per-group accuracy", _png(fig, out / "group_accuracy.png"),
              "Reward accuracy per group at each evaluation: held-out (solid), train pairs "
-             "(dotted; dots alone when scored only before and after training).")]
+             "(dotted; dots alone when scored only before and after training)." + synced)]
     return figs + [_group_bars(run, groups, out)]
 
 

@@ -169,6 +169,7 @@ class Run:
     train: list[dict[str, Any]]  # lines with a training `loss`
     evals: list[dict[str, Any]]  # lines with `eval/` or `train_eval/` keys
     name: str = ""  # how the run is named in a comparison; empty = the directory's name
+    syncs: tuple[int, ...] = ()  # the steps after which the reference synced (loss.ref_sync)
 
     @property
     def label(self) -> str:
@@ -294,5 +295,6 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path=run_dir, config=config,
                summary=_read_json(run_dir / "summary.json"), data=_read_json(run_dir / "data.json"),
                train=[r for r in rows if "loss" in r],
+               syncs=tuple(r["step"] for r in rows if "ref_sync/count" in r),
                evals=[r for r in rows if any(k.startswith(("eval/", "train_eval/")) for k in r)
                       and "evaluate" not in r])  # `dpolab evaluate`'s lines: not the run's curve

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dpolab import ref_sync
 from dpolab.logps import Head
 from dpolab.head_cache import CachedHeadForward
 from dpolab.policy import FlatLogps, make_forward
@@ -48,6 +49,9 @@ class Scope:
     # every other row is zeroed); AuxDPO's A has only these rows. None otherwise.
     trained_rows: Tensor | None = None
     forward_name: str = "shared_prompt"  # the FORWARDS layout of every forward of the body
+    # trained tensors by name -> the reference that TR-DPO moves (dpolab.ref_sync), its
+    # tensors kept as this scope allows without a second model
+    moving_reference: Callable[[dict], ref_sync.MovingReference] | None = None
 
     def text_forwards(self, *, pad_id: int, chunk_size: int, device
                       ) -> tuple[Forward, Callable[[], Forward]]:
@@ -96,7 +100,8 @@ def _full(cfg, model, tok, kw, *, forward, reload, dist, state_store) -> Scope:
     return Scope(params=tuple(p for p in model.parameters() if p.requires_grad), forward=fwd,
                  reference=fwd, model=model, head_states=None, reference_head=None,
                  text_reference=lambda kw: _reference_in_place(cfg, model, kw, reload),
-                 reference_replaces_policy=True, forward_name=forward)
+                 reference_replaces_policy=True, forward_name=forward,
+                 moving_reference=lambda named: ref_sync.swapped_reference(named, fwd))
 
 
 def _lora(cfg, model, tok, kw, *, forward, reload, dist, state_store) -> Scope:
@@ -112,7 +117,8 @@ def _lora(cfg, model, tok, kw, *, forward, reload, dist, state_store) -> Scope:
                 else (lambda kw: _adapter_off_forward(peft_model, kw)))
     return Scope(params=tuple(p for p in peft_model.parameters() if p.requires_grad),
                  forward=fwd, reference=fwd, model=peft_model, head_states=None,
-                 reference_head=None, text_reference=text_ref, forward_name=forward)
+                 reference_head=None, text_reference=text_ref, forward_name=forward,
+                 moving_reference=lambda named: ref_sync.lora_reference(peft_model, named, fwd))
 
 
 def _head(cfg, model, tok, kw, *, forward, reload, dist, state_store,
@@ -152,7 +158,8 @@ def _head(cfg, model, tok, kw, *, forward, reload, dist, state_store,
     return Scope(params=tuple(params), forward=fwd, reference=reference, model=model,
                  head_states=fwd, reference_head=head0,
                  text_reference=lambda kw: _text_forward(kw, body, lambda: head0, model.dtype),
-                 trained_rows=rows, forward_name=forward)
+                 trained_rows=rows, forward_name=forward,
+                 moving_reference=lambda named: ref_sync.head_reference(fwd, named, head0, rows))
 
 
 @dataclass(frozen=True)

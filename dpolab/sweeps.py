@@ -162,6 +162,9 @@ def shared_pass_reason(grid: Grid, world: int = 1) -> str | None:
            if Objective(p.cfg.loss.term_weights(), p.cfg.loss).needs_delta]
     if aux:
         return f"point {aux[0]}: AuxDPO's per-pair rewards train with their own session"
+    moving = [p.name for p in grid.points if p.cfg.loss.ref_sync]
+    if moving:  # the shared session has one reference store
+        return f"point {moving[0]}: loss.ref_sync moves each point's reference with its own head"
     return None
 
 

@@ -34,6 +34,7 @@ from dpolab.logps import STAT_COLUMNS
 from dpolab.losses import Objective, PairLogps
 from dpolab.models import dpolab_cache_dir as cache_dir
 from dpolab.progress import Progress
+from dpolab.ref_sync import RefSync
 from dpolab.report import write_run_report
 from dpolab.scoring import token_metrics
 from dpolab.stopping import NAMES, StopSignals
@@ -100,6 +101,7 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
     tc, lc = cfg.train, cfg.loss
     objective = Objective(lc.term_weights(), lc)
     aux = AuxRewards.maybe(objective, s, lc)
+    sync = RefSync.maybe(s)  # TR-DPO's moving reference, or the null object
 
     # ---- optimizer and schedule ----------------------------------------------------------
     groups = [{"params": s.params, "lr": tc.lr, "weight_decay": tc.weight_decay},
@@ -111,8 +113,9 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
     epochs = math.ceil(total / steps_per_epoch)
     start, kept = 0, ""
     if found is not None:
-        start, kept = checkpoint.restore(found, s.trainable_named(aux), optimizer,
-                                         run_dir / "metrics.jsonl")
+        start, kept = checkpoint.restore(found, {**s.trainable_named(aux), **sync.named()},
+                                         optimizer, run_dir / "metrics.jsonl")
+        sync.resumed(found)  # the reference read back checked, its stores
     tracker = open_trackers(tc.report_to, run_dir, project=tc.tracker_project,
                             config=config_dict(cfg), is_main=dist.is_main)
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, kept=kept,
@@ -187,12 +190,14 @@ def _train(cfg: RunConfig, *, resume: bool, inputs: Inputs, signals: StopSignals
         done = step + 1 == total
         if not done and every and (step + 1) % every == 0:
             metrics.write(s.evaluate(step=step + 1, train_split=False))  # train pairs: start, end
+        metrics.write(sync.after_step(step + 1, total))  # the reference moves (TR-DPO)
         # checkpoint (and stop, when a signal reached any rank)
         stop = dist.all_max(signals.received)
         if done or stop or (tc.save_every and (step + 1) % tc.save_every == 0):
-            saved = checkpoint.save(run_dir, step + 1, s.trainable_named(aux), optimizer,
-                                    metrics=metrics.text(), identity=s.identity.record(),
-                                    is_main=dist.is_main, keep=tc.keep_checkpoints)  # collective
+            saved = checkpoint.save(run_dir, step + 1, {**s.trainable_named(aux), **sync.named()},
+                                    optimizer, metrics=metrics.text(), identity=s.identity.record(),
+                                    is_main=dist.is_main, keep=tc.keep_checkpoints,
+                                    reference=sync.record())  # collective
             dist.barrier()
         if stop:
             bar.close()

@@ -127,7 +127,7 @@ def test_items_axes_and_point_names():
 
 def test_shared_pass_only_for_head_axes():
     """The heads train together only under last_layer with axes of the loss and the head's
-    optimizer, in one process."""
+    optimizer, in one process, and with references that stay put (no loss.ref_sync)."""
     def grid(axes, **fixed):
         return sweeps.make_grid({}, axes, fixed, out="unused")
     assert sweeps.shared_pass_reason(grid({"loss.beta": [0.1, 0.5], "train.lr": [1e-3, 1e-2]})) is None
@@ -136,6 +136,8 @@ def test_shared_pass_only_for_head_axes():
                                                     **{"train.scope": "lora"}))
     assert "torchrun" in sweeps.shared_pass_reason(grid({"loss.beta": [0.1, 0.5]}), world=2)
     assert "AuxDPO" in sweeps.shared_pass_reason(grid({"loss.name": ["dpo", "auxdpo"]}))
+    assert "loss.ref_sync moves each point's reference" in sweeps.shared_pass_reason(
+        grid({"loss.beta": [0.1, 0.5]}, **{"loss.ref_sync": {"every": 2, "alpha": 1}}))
 
 
 def test_bad_point_is_one_line_before_anything_runs(tmp_path):
