@@ -86,6 +86,14 @@ def _syncs(ax, run: Run) -> str:
             if run.syncs else "")
 
 
+def _step_panel(fig, ax, run: Run, path: Path, title: str, ylabel: str, caption: str) -> Figure:
+    """A one-panel figure against the optimizer step, finished: the run's reference syncs
+    marked, axes labelled, saved to `path`, its caption with the syncs' sentence."""
+    synced = _syncs(ax, run)
+    _finish(ax, ylabel=ylabel)
+    return (title, _png(fig, path), caption + synced)
+
+
 # ---------------------------------------------------------------------------------------
 # One run
 
@@ -99,12 +107,10 @@ def loss_figure(run: Run, out: Path) -> list[Figure]:
         _plot(ax, run.train, key)
     _plot(ax, run.evals, "eval/loss", "held-out loss", color="C0", lw=2)
     _plot(ax, run.evals, "train_eval/loss", "train-pairs loss (eval)", color="C1", ls=":")
-    synced = _syncs(ax, run)
-    _finish(ax, ylabel="loss per pair")
-    return [("Loss", _png(fig, out / "loss.png"),
-             "Training loss per optimizer step and each loss term (unweighted); the objective "
-             "on the held-out pairs (eval/loss) and on the training pairs at each evaluation."
-             + synced)]
+    return [_step_panel(fig, ax, run, out / "loss.png", "Loss", "loss per pair",
+                        "Training loss per optimizer step and each loss term (unweighted); the "
+                        "objective on the held-out pairs (eval/loss) and on the training pairs "
+                        "at each evaluation.")]
 
 
 def eval_sets_figure(run: Run, out: Path) -> list[Figure]:
@@ -137,12 +143,11 @@ def margins_figure(run: Run, out: Path) -> list[Figure]:
         _plot(ax, run.evals, prefix + "margins/p50", f"{what} median", color=color, ls="--")
     _plot(ax, run.train, "rewards/margins", "train batch mean", color="k", alpha=0.7)
     ax.axhline(0, color="grey", lw=0.8)
-    synced = _syncs(ax, run)
-    _finish(ax, ylabel="reward margin beta*h")
-    return [("Reward margins", _png(fig, out / "margins.png"),
-             "Reward margins: p10-p90 band and median at each evaluation, and the mean over "
-             "each training batch. A band reaching below 0 means pairs still ranked wrongly."
-             + synced)]
+    return [_step_panel(fig, ax, run, out / "margins.png", "Reward margins",
+                        "reward margin beta*h",
+                        "Reward margins: p10-p90 band and median at each evaluation, and the "
+                        "mean over each training batch. A band reaching below 0 means pairs "
+                        "still ranked wrongly.")]
 
 
 def displacement_figure(run: Run, out: Path) -> list[Figure]:
@@ -186,12 +191,11 @@ def group_figures(run: Run, out: Path) -> list[Figure]:
         _plot(ax, run.evals, f"train_eval/groups/{g}/accuracy", f"{g} train",
               color=f"C{i % 10}", ls=":")
     ax.set_ylim(-0.02, 1.02)
-    synced = _syncs(ax, run)
-    _finish(ax, ylabel="reward accuracy")
-    figs = [("Per-group accuracy", _png(fig, out / "group_accuracy.png"),
-             "Reward accuracy per group at each evaluation: held-out (solid), train pairs "
-             "(dotted; dots alone when scored only before and after training)." + synced)]
-    return figs + [_group_bars(run, groups, out)]
+    return [_step_panel(fig, ax, run, out / "group_accuracy.png", "Per-group accuracy",
+                        "reward accuracy",
+                        "Reward accuracy per group at each evaluation: held-out (solid), train "
+                        "pairs (dotted; dots alone when scored only before and after training)."),
+            _group_bars(run, groups, out)]
 
 
 def _group_bars(run: Run, groups: list[str], out: Path) -> Figure:

@@ -261,10 +261,10 @@ def test_auxdpo_lora_soft_and_exact(tiny_dir, tmp_path, cache, capsys):
     """LoRA scope: soft mode trains; exact mode with more responses than LoRA parameters
     finds a nontrivial null space and keeps delta in it (A delta = 0); too little memory
     for A is a clear error."""
-    data = write_pairs(tmp_path / "pairs.jsonl", n=150)
+    data = write_pairs(tmp_path / "pairs.jsonl", n=150)  # 300 responses: more than LoRA's parameters
     lora = ["train.scope=lora", "train.lora_r=1", "train.lora_targets=[q_proj]",
             "train.max_steps=3", "loss.name=auxdpo"]
-    train(cfg_for(tiny_dir, data, tmp_path / "soft", *lora))
+    train(cfg_for(tiny_dir, write_pairs(tmp_path / "few.jsonl", n=20), tmp_path / "soft", *lora))
     run = train(cfg_for(tiny_dir, data, tmp_path / "exact", *lora, "loss.aux_mode=exact"))
     assert "the null space of A has dimension" in capsys.readouterr().out
     assert (run / "model" / "model.safetensors").exists()
