@@ -104,6 +104,37 @@ class CachedHeadForward:
         return FlatLogps(tok, seg.to(self.device), len(examples), int(seg.numel()), stats=stats)
 
 
+class SharedBodyText:
+    """New text (the DID probe's samples) scored under the trained head and under the
+    reference head from one pass of the frozen body: in the head scopes the reference differs
+    from the policy in the head alone. `policy(examples)` runs the body (`forward.hidden`,
+    `forward` a dpolab.policy pair forward) and keeps its states until `reference(examples)`
+    reads them, keyed by the examples' token ids (same tokens, same frozen body, same
+    states: the numbers are those of a second body pass, without it)."""
+
+    def __init__(self, forward, reference_head: Head):
+        self.forward, self.reference_head = forward, reference_head
+        self.kept: dict[tuple, tuple] = {}  # token ids of a batch -> its `hidden` states
+
+    def policy(self, examples: Sequence, *, split: str | None = None) -> FlatLogps:
+        states = self.forward.hidden(examples)
+        self.kept[_token_key(examples)] = states
+        return self.forward.through_head(states, self.forward.head_fn(), len(examples))
+
+    def reference(self, examples: Sequence, *, split: str | None = None) -> FlatLogps:
+        """Read once: the states are dropped here (a batch the policy never scored runs
+        through the body)."""
+        states = self.kept.pop(_token_key(examples), None)
+        if states is None:
+            states = self.forward.hidden(examples)
+        return self.forward.through_head(states, self.reference_head, len(examples))
+
+
+def _token_key(examples: Sequence) -> tuple:
+    return tuple((tuple(e.prompt_ids), tuple(e.chosen_ids), tuple(e.rejected_ids))
+                 for e in examples)
+
+
 def stored_states(path: Path, examples: Sequence, width: int | None = None) -> dict | None:
     """The tensors of the cached-state file `path` when they are the states of `examples`:
     kind and checksum (dpolab.atomic.read_tensors), then keys, float32 (tokens, `width`)

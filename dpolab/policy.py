@@ -91,8 +91,14 @@ class _BodyPairs:
         # The router loss only trains: evaluation and the reference pass skip it.
         router = self.router if torch.is_grad_enabled() else None
         h, labels, seg, n_tokens, aux = self._run(list(examples), router)
-        tok, stats = label_logps_and_stats(h, self.head_fn(), labels, chunk_size=self.chunk_size)
-        return FlatLogps(tok, seg, len(examples), n_tokens, aux, stats)
+        return self.through_head((h, labels, seg, n_tokens), self.head_fn(), len(examples), aux=aux)
+
+    def through_head(self, states: tuple, head: Head, n_pairs: int, *,
+                     aux: Tensor | None = None) -> FlatLogps:
+        """The log-probs under `head` of `n_pairs` pairs whose `hidden` output is `states`."""
+        h, labels, seg, n_tokens = states
+        tok, stats = label_logps_and_stats(h, head, labels, chunk_size=self.chunk_size)
+        return FlatLogps(tok, seg, n_pairs, n_tokens, aux, stats)
 
     def _body(self, ids: Tensor, weights: Tensor, router, **kw) -> tuple[Tensor, Tensor | None]:
         """The body on `ids` (B, T) under the forward's autocast -> (hidden (B, T, D), the

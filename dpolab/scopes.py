@@ -16,7 +16,7 @@ import torch
 
 from dpolab import ref_sync
 from dpolab.logps import Head
-from dpolab.head_cache import CachedHeadForward
+from dpolab.head_cache import CachedHeadForward, SharedBodyText
 from dpolab.policy import FlatLogps, make_forward
 from dpolab.progress import Progress
 
@@ -58,13 +58,18 @@ class Scope:
         """(policy forward, a function making the reference forward) over any pairs, in the
         run's layout (`forward_name`), no autocast: the training forward's log-probs without
         its caches. Make the reference's only after the policy's last use: for the full scope
-        it takes the policy's place in memory."""
+        it takes the policy's place in memory. Where the reference is another head on the same
+        frozen body (`reference_head`), the reference reads the states of the policy's body
+        pass over the same examples instead of running the body again."""
         from dpolab.models import body_and_head
 
         kw = dict(forward=self.forward_name, pad_id=pad_id, chunk_size=chunk_size,
                   device=device, autocast=False)
         body, _ = body_and_head(self.model)
         policy = _text_forward(kw, body, lambda: body_and_head(self.model)[1], self.model.dtype)
+        if self.reference_head is not None:  # the head scopes: one body pass serves both
+            shared = SharedBodyText(policy, self.reference_head)
+            return shared.policy, lambda: shared.reference
         return policy, lambda: self.text_reference(kw)
 
 
