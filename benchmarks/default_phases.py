@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     rc = dpolab_main(["train", "--out", str(a.out), *a.overrides])
     total = time.monotonic() - t0
+    if rc != 0:  # the run said why on stderr; a failed run times nothing worth keeping
+        return rc
     phases: dict[str, list] = {}
     for label, seconds in log:
         entry = phases.setdefault(label, [0, 0.0])
