@@ -61,8 +61,8 @@ def _common(tiny_dir, data, *extra) -> list[str]:
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_two_processes_take_the_steps_of_one(grad_accum, tiny_dir, tmp_path):
     """2 processes x batch 2 (DDP, and FSDP2 with every weight sharded) give the per-step
-    losses of 1 process x batch 4 to float32 rounding (2e-6 relative), with and without gradient accumulation, the same
-    gradient norms and exported weights. 21 training pairs make the last batch of the epoch
+    losses of 1 process x batch 4 to float32 rounding (2e-6 relative), with and without
+    gradient accumulation, the same gradient norms and exported weights. 21 training pairs make the last batch of the epoch
     short (1 pair of 4; 5 of 8), so one rank runs a stand-in micro-batch there."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=23)  # 2 held out, 21 train
     common = _common(tiny_dir, data, "train.scope=full", f"train.grad_accum={grad_accum}",
